@@ -1,0 +1,1 @@
+"""Fruits!: fruit photos to compact feature vectors, locally or on AWS EMR."""

@@ -1,0 +1,218 @@
+"""featurize: images -> 1280-d MobileNetV2 features, with Spark.
+
+The weights are read once on the driver and broadcast; each Python worker builds the model once
+(`weights=None`, filled from the broadcast) and keeps it for every later task and batch. A pandas
+Iterator UDF decodes, resizes and predicts in fixed-size batches. Files that cannot be decoded go to
+a rejects table with the reason; the job checks inputs = featurized + rejected.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from fruits import model as backbone
+from fruits.images import RejectedImage, parse_image_path, prepare
+
+log = logging.getLogger(__name__)
+
+RESULT_SCHEMA = "split string, label string, features array<float>, reject_reason string"
+
+
+def featurize_batch(
+    extract: Callable[[np.ndarray], np.ndarray],
+    paths: list[str],
+    contents: list[bytes | None],
+    input_size: int,
+    batch_size: int,
+) -> pd.DataFrame:
+    """One Arrow batch -> split, label, features (None if rejected), reject_reason (None if not).
+
+    Decodes and predicts batch_size images at a time, so memory stays bounded whatever the Arrow
+    batch size.
+    """
+    rows = len(paths)
+    splits: list[str | None] = [None] * rows
+    labels: list[str | None] = [None] * rows
+    features: list[np.ndarray | None] = [None] * rows
+    reasons: list[str | None] = [None] * rows
+    for start in range(0, rows, batch_size):
+        good, arrays = [], []
+        for i in range(start, min(start + batch_size, rows)):
+            try:
+                splits[i], labels[i] = parse_image_path(paths[i])
+                arrays.append(prepare(contents[i], input_size))
+                good.append(i)
+            except RejectedImage as err:
+                reasons[i] = str(err)
+            except Exception as err:  # anything unforeseen is a reject with its reason, not a lost file
+                reasons[i] = f"unexpected {type(err).__name__}: {err}"
+        if arrays:
+            vectors = extract(np.stack(arrays))
+            for i, vector in zip(good, vectors):
+                features[i] = vector
+    return pd.DataFrame({"split": splits, "label": labels, "features": features, "reject_reason": reasons})
+
+
+def build_udf(broadcast_weights, weights_key: str, cfg: DictConfig, builds_accumulator=None):
+    """The pandas Iterator UDF (path, content) -> struct; the model is cached per worker process."""
+    from pyspark.sql.functions import pandas_udf
+
+    input_size, alpha = cfg.model.input_size, cfg.model.alpha
+    batch_size, tf_threads = cfg.featurize.batch_size, cfg.featurize.tf_threads
+
+    @pandas_udf(RESULT_SCHEMA)
+    def featurize_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        builds_before = backbone.BUILD_COUNT.get(weights_key, 0)
+        extract = backbone.cached_extractor(
+            weights_key, lambda: broadcast_weights.value, input_size, alpha, tf_threads
+        )
+        if builds_accumulator is not None:
+            builds_accumulator.add({os.getpid(): backbone.BUILD_COUNT[weights_key] - builds_before})
+        for paths, contents in batches:
+            yield featurize_batch(extract, paths.tolist(), contents.tolist(), input_size, batch_size)
+
+    return featurize_images
+
+
+class PidCounts:
+    """Accumulator param: {worker pid: model builds}, summed across tasks."""
+
+    @staticmethod
+    def zero(value):
+        return {}
+
+    @staticmethod
+    def addInPlace(left, right):
+        for pid, count in right.items():
+            left[pid] = left.get(pid, 0) + count
+        return left
+
+
+def image_glob(extensions) -> str:
+    """A case-insensitive glob for binaryFile's pathGlobFilter: *.{jpg,JPG,...}."""
+    names = sorted({e.lower() for e in extensions} | {e.upper() for e in extensions})
+    return "*.{" + ",".join(names) + "}"
+
+
+def extract(spark, cfg: DictConfig):
+    """Every image file under env.paths.images (recursively): path, content."""
+    return (
+        spark.read.format("binaryFile")
+        .option("recursiveFileLookup", "true")
+        .option("pathGlobFilter", image_glob(cfg.featurize.extensions))
+        .load(cfg.env.paths.images)
+        .select("path", "content")
+    )
+
+
+def transform(images, featurize_udf):
+    """path, content -> path, split, label, features, reject_reason."""
+    from pyspark.sql import functions as F
+
+    result = featurize_udf(F.col("path"), F.col("content"))
+    return images.select(
+        "path",
+        result["split"].alias("split"),
+        result["label"].alias("label"),
+        result["features"].alias("features"),
+        result["reject_reason"].alias("reject_reason"),
+    )
+
+
+def load(results, cfg: DictConfig) -> None:
+    """Features and rejects to Parquet (the results are persisted, so the UDF runs once)."""
+    from pyspark.sql import functions as F
+
+    features = results.where(F.col("reject_reason").isNull()).select("path", "label", "split", "features")
+    rejects = results.where(F.col("reject_reason").isNotNull()).select("path", "reject_reason")
+    features.write.mode("overwrite").parquet(cfg.env.paths.features)
+    rejects.write.mode("overwrite").parquet(cfg.env.paths.rejects)
+
+
+def check_accounting(inputs: int, featurized: int, rejected: int) -> None:
+    """Nothing lost: every input file is featurized or rejected with a reason."""
+    if inputs != featurized + rejected:
+        raise RuntimeError(
+            f"featurize lost files: {inputs} inputs but {featurized} featurized + {rejected} rejected "
+            f"= {featurized + rejected}"
+        )
+
+
+def broadcast_weights(spark, cfg: DictConfig):
+    """Read the weights file once on the driver and broadcast its arrays; returns (broadcast, key)."""
+    path = Path(cfg.env.paths.weights)
+    if not path.exists():
+        raise FileNotFoundError(f"weights file {path} not found: run `python -m fruits.model` first")
+    arrays = backbone.load_weight_arrays(path, cfg.model.input_size, cfg.model.alpha)
+    key = f"{backbone.sha256_file(path)}/{cfg.model.input_size}/{cfg.model.alpha}"
+    return spark.sparkContext.broadcast(arrays), key
+
+
+def run(cfg: DictConfig, spark=None) -> dict:
+    from pyspark import StorageLevel
+
+    from fruits.spark import get_session
+
+    spark = spark or get_session(cfg)
+    # Bounds the raw bytes per Arrow batch (decoding then goes model-batch by model-batch).
+    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.arrow_batch_rows))
+    started = time.perf_counter()
+    weights, key = broadcast_weights(spark, cfg)
+    builds = spark.sparkContext.accumulator({}, PidCounts())
+    images = extract(spark, cfg)
+    results = transform(images, build_udf(weights, key, cfg, builds)).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        load(results, cfg)
+        seconds = time.perf_counter() - started
+        inputs = images.count()
+        featurized = spark.read.parquet(cfg.env.paths.features).count()
+        rejects = spark.read.parquet(cfg.env.paths.rejects)
+        rejected = rejects.count()
+        reasons = {row["reject_reason"]: row["count"] for row in rejects.groupBy("reject_reason").count().collect()}
+        partitions = images.rdd.getNumPartitions()
+    finally:
+        results.unpersist()
+        weights.unpersist()
+    check_accounting(inputs, featurized, rejected)
+    provenance = json.loads(Path(cfg.env.paths.provenance).read_text()) if Path(cfg.env.paths.provenance).exists() else {}
+    metrics = {
+        "images": inputs,
+        "featurized": featurized,
+        "rejected": rejected,
+        "reject_reasons": reasons,
+        "seconds": round(seconds, 3),
+        "images_per_second": round(inputs / seconds, 2) if seconds else None,
+        "partitions": partitions,
+        "model_builds_per_worker": {str(pid): count for pid, count in builds.value.items()},
+        "input_size": cfg.model.input_size,
+        "weights_pretrained": provenance.get("pretrained"),
+        "weights_source": provenance.get("source"),
+        "weights_sha256": provenance.get("sha256"),
+    }
+    metrics_path = Path(cfg.env.paths.metrics) / "featurize.json"
+    metrics_path.parent.mkdir(parents=True, exist_ok=True)
+    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    log.info("featurize: %d images, %d featurized, %d rejected, %.1f img/s", inputs, featurized, rejected,
+             metrics["images_per_second"] or 0)
+    if provenance and not provenance.get("pretrained"):
+        log.warning(backbone.RANDOM_WEIGHTS_BANNER)
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fruits.config import stage_config
+
+    run(stage_config("Featurize the images with MobileNetV2 on Spark.", argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Pure image helpers: paths to labels, bytes to model-ready arrays. No Spark, no TensorFlow."""
+
+from __future__ import annotations
+
+import io
+from pathlib import PurePosixPath
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+SPLITS = ("Training", "Test")
+WHITE = (255, 255, 255)
+
+
+class RejectedImage(ValueError):
+    """A file that cannot be turned into an image; the message is the reject reason."""
+
+
+def parse_image_path(path: str) -> tuple[str, str]:
+    """(split, label) from `<...>/<split>/<label>/<file>`, for local paths and URIs alike.
+
+    Spark's binaryFile gives URIs (`file:/...`, `s3://...`) with percent-escapes (a space is `%20`).
+    """
+    parsed = urlparse(path)
+    raw = parsed.path if parsed.scheme else path
+    parts = PurePosixPath(unquote(raw) if parsed.scheme else raw).parts
+    if len(parts) < 3:
+        raise RejectedImage(f"path {path!r} is not <split>/<label>/<file>")
+    return parts[-3], parts[-2]
+
+
+def decode_image(content: bytes | None) -> Image.Image:
+    """Decode any Pillow-readable bytes into an RGB image; raises RejectedImage with the reason."""
+    if not content:
+        raise RejectedImage("empty file")
+    try:
+        image = Image.open(io.BytesIO(content))
+        image.load()  # forces the full decode, so truncated files fail here and not later
+    except UnidentifiedImageError:
+        raise RejectedImage("not an image (format not recognised)") from None
+    except Image.DecompressionBombError as err:
+        raise RejectedImage(f"too large: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise RejectedImage(f"corrupt image: {err}") from None
+    return to_rgb(image)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB from any mode; transparency is laid on white, the Fruits-360 background."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        background = Image.new("RGB", image.size, WHITE)
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        return background
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        # 16/32-bit grayscale: rescale to 8 bits before the RGB conversion, which would clip it.
+        array = np.asarray(image, dtype=np.float64)
+        span = float(array.max() - array.min()) or 1.0
+        array = (array - array.min()) * (255.0 / span)
+        image = Image.fromarray(array.astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
+def to_model_input(image: Image.Image, size: int) -> np.ndarray:
+    """Resize to size x size and scale to [-1, 1], MobileNetV2's preprocessing, as float32 HWC."""
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+
+
+def prepare(content: bytes | None, size: int) -> np.ndarray:
+    """Bytes to one model-ready array; raises RejectedImage."""
+    return to_model_input(decode_image(content), size)

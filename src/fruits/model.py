@@ -1,0 +1,269 @@
+"""The MobileNetV2 backbone: build, weights (ImageNet, offline seeded, or a file), provenance, and the
+per-process feature extractor that Spark workers keep for their whole life.
+
+Stage: `python -m fruits.model` writes the weights file and its provenance, the only weights that
+featurize uses. Workers never download anything: they build with `weights=None` and take the
+broadcast arrays.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+
+# oneDNN kernels are off by default on some CPUs (AMD here) and double the speed: set before TF loads.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+log = logging.getLogger(__name__)
+
+FEATURE_DIM = 1280
+RANDOM_WEIGHTS_BANNER = "RANDOM WEIGHTS - NOT PRETRAINED: features are for testing the pipeline only"
+
+# Per Python process: how many times each extractor was built (Spark reuses worker processes, so
+# this stays at 1 per process however many tasks and batches go through it).
+BUILD_COUNT: dict[str, int] = {}
+_EXTRACTORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
+class WeightsUnavailable(RuntimeError):
+    """The configured weights cannot be had; the message says which setting and what to do."""
+
+
+def build_backbone(input_size: int, alpha: float = 1.0, weights: str | None = None):
+    """MobileNetV2, no top, global average pooling: (N, size, size, 3) in [-1, 1] -> (N, 1280)."""
+    import keras
+
+    return keras.applications.MobileNetV2(
+        input_shape=(input_size, input_size, 3),
+        alpha=alpha,
+        include_top=False,
+        weights=weights,
+        pooling="avg",
+    )
+
+
+def recalibrate_batchnorm(model, calibration: np.ndarray) -> None:
+    """Set every batch-norm's moving statistics to those of the calibration images, in one pass.
+
+    With Keras' default initialisation the activations shrink layer after layer (features ~1e-11).
+    In training mode each batch-norm normalises with its batch statistics, so every layer sees
+    well-scaled inputs; with momentum 0 the moving statistics become exactly those statistics.
+    """
+    import keras
+
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    saved = [layer.momentum for layer in norms]
+    for layer in norms:
+        layer.momentum = 0.0
+    try:
+        model(calibration, training=True)
+    finally:
+        for layer, momentum in zip(norms, saved):
+            layer.momentum = momentum
+
+
+def seeded_random_backbone(input_size: int, alpha: float, seed: int, calibration: np.ndarray):
+    """Offline weights: variance-preserving seeded initialisation, batch-norm recalibrated."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = build_backbone(input_size, alpha, weights=None)
+    recalibrate_batchnorm(model, calibration)
+    return model
+
+
+def imagenet_backbone(input_size: int, alpha: float):
+    """Keras' real download of the pretrained ImageNet weights (driver side only)."""
+    try:
+        return build_backbone(input_size, alpha, weights="imagenet")
+    except Exception as err:  # urllib raises several kinds, all meaning "not downloadable here"
+        raise WeightsUnavailable(
+            f"model.weights=imagenet: the pretrained weights could not be downloaded ({err}). "
+            "Give a saved file with model.weights=<path or s3 URI>, or use model.weights=random "
+            "(offline, not pretrained) where the config allows it."
+        ) from err
+
+
+def sha256_file(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_weights(model, path: str | Path) -> None:
+    """Write atomically: an interrupted save never leaves a half-written weights file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = Path(tmp) / path.name
+        model.save_weights(partial)
+        os.replace(partial, path)
+
+
+def load_weight_arrays(path: str | Path, input_size: int, alpha: float) -> list[np.ndarray]:
+    """The weight arrays of a saved file, checked against the architecture (driver side)."""
+    model = build_backbone(input_size, alpha, weights=None)
+    try:
+        model.load_weights(str(path))
+    except Exception as err:
+        raise WeightsUnavailable(
+            f"{path} does not hold MobileNetV2 weights for model.input_size={input_size}, "
+            f"model.alpha={alpha}: {err}. Re-run `python -m fruits.model`."
+        ) from err
+    return model.get_weights()
+
+
+def configure_tf_threads(threads: int) -> None:
+    """One intra-op thread per task: Spark already runs one task per core. Settable once per process."""
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TF already initialised in this process: the first setting stands
+
+
+def make_extractor(weights: Sequence[np.ndarray], input_size: int, alpha: float):
+    """A traced function (N, size, size, 3) -> (N, 1280) float32, one fixed signature: no retracing."""
+    import tensorflow as tf
+
+    model = build_backbone(input_size, alpha, weights=None)
+    model.set_weights(list(weights))
+    signature = [tf.TensorSpec([None, input_size, input_size, 3], tf.float32)]
+    call = tf.function(lambda batch: model(batch, training=False), input_signature=signature)
+    return lambda batch: call(tf.constant(batch, dtype=tf.float32)).numpy()
+
+
+def cached_extractor(
+    key: str,
+    weights: Callable[[], Sequence[np.ndarray]],
+    input_size: int,
+    alpha: float,
+    tf_threads: int,
+):
+    """The extractor of this process, built at most once per key (weights fetched lazily)."""
+    if key not in _EXTRACTORS:
+        configure_tf_threads(tf_threads)
+        _EXTRACTORS[key] = make_extractor(weights(), input_size, alpha)
+        BUILD_COUNT[key] = BUILD_COUNT.get(key, 0) + 1
+    return _EXTRACTORS[key]
+
+
+def extract_in_batches(extract, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run the extractor over images in batches of batch_size; float32 (N, 1280)."""
+    outputs = [extract(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, FEATURE_DIM), np.float32)
+
+
+# ---------------------------------------------------------------------------------------------
+# The `model` stage: produce the weights file featurize uses, with its provenance.
+
+
+def calibration_images(cfg: DictConfig) -> np.ndarray:
+    """Training images of the dataset, model-ready, for the batch-norm recalibration of random weights."""
+    from fruits.images import RejectedImage, prepare
+
+    files = sorted(Path(cfg.data.root, "Training").glob("*/*"))
+    if not files:
+        raise WeightsUnavailable(
+            f"model.weights=random needs calibration images under {cfg.data.root}/Training; "
+            "run the sample stage first (python -m fruits.sample)"
+        )
+    # An even spread over the labels, deterministic.
+    chosen = files[:: max(1, len(files) // cfg.model.calibration_images)][: cfg.model.calibration_images]
+    batch = []
+    for path in chosen:
+        try:
+            batch.append(prepare(path.read_bytes(), cfg.model.input_size))
+        except RejectedImage:
+            continue
+    return np.stack(batch)
+
+
+def fetch_weights_file(source: str, destination: Path) -> None:
+    """Copy a weights file from a local path or any fsspec URI (s3://...)."""
+    import fsspec
+
+    try:
+        with fsspec.open(source, "rb") as src, open(destination, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+    except FileNotFoundError as err:
+        raise WeightsUnavailable(f"model.weights={source}: file not found") from err
+
+
+def produce_weights(cfg: DictConfig) -> dict:
+    """Write cfg.env.paths.weights; return its provenance."""
+    from fruits.config import random_weights_allowed
+
+    target = Path(cfg.env.paths.weights)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    size, alpha, choice = cfg.model.input_size, cfg.model.alpha, str(cfg.model.weights)
+    provenance = {"architecture": "MobileNetV2", "include_top": False, "pooling": "avg",
+                  "input_size": size, "alpha": alpha, "feature_dim": FEATURE_DIM}
+    if choice == "imagenet":
+        try:
+            save_weights(imagenet_backbone(size, alpha), target)
+            provenance.update(source="keras.applications imagenet download", pretrained=True)
+        except WeightsUnavailable as err:
+            if cfg.model.offline_fallback != "random" or not random_weights_allowed(cfg):
+                raise WeightsUnavailable(
+                    f"{err} This configuration (env={cfg.env.name}, data={cfg.data.name}) requires real weights."
+                ) from err
+            log.warning("!" * 80)
+            log.warning("ImageNet weights not downloadable: FALLING BACK TO %s", RANDOM_WEIGHTS_BANNER)
+            log.warning("!" * 80)
+            choice = "random"
+            provenance["fallback_from"] = "imagenet"
+    if choice == "random":
+        if not random_weights_allowed(cfg):
+            raise WeightsUnavailable(
+                f"model.weights=random is refused for env={cfg.env.name}, data={cfg.data.name}: "
+                "they require real weights (model.weights=imagenet or a saved file)"
+            )
+        model = seeded_random_backbone(size, alpha, cfg.model.seed, calibration_images(cfg))
+        save_weights(model, target)
+        provenance.update(source=f"seeded random initialisation (seed {cfg.model.seed}), batch-norm "
+                          "recalibrated on the sample's Training images", pretrained=False,
+                          warning=RANDOM_WEIGHTS_BANNER)
+    elif choice != "imagenet":
+        fetch_weights_file(choice, target)
+        load_weight_arrays(target, size, alpha)  # fail here, not on the workers
+        provenance.update(source=choice, pretrained=True)
+    provenance.update(sha256=sha256_file(target), file=str(target),
+                      created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return provenance
+
+
+def run(cfg: DictConfig) -> dict:
+    provenance = produce_weights(cfg)
+    path = Path(cfg.env.paths.provenance)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(provenance, indent=2) + "\n")
+    log.info("weights %s (%s), provenance %s", provenance["file"], provenance["source"], path)
+    if not provenance["pretrained"]:
+        log.warning(RANDOM_WEIGHTS_BANNER)
+    return provenance
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fruits.config import stage_config
+
+    run(stage_config("Produce the backbone weights file and its provenance.", argv))
+
+
+if __name__ == "__main__":
+    main()
