@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONF_DIR = PROJECT_ROOT / "conf"
@@ -65,7 +65,8 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
         key = key.lstrip("+")
         if not add and OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
             raise ConfigError(f"unknown setting {key!r} (use +{key}=... to add a new key)")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
+        with open_dict(cfg):
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{key}={value}"]))
     return cfg
 
 

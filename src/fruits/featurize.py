@@ -128,14 +128,29 @@ def transform(images, featurize_udf):
     )
 
 
-def load(results, cfg: DictConfig) -> None:
+def load(results, listing_rejects, cfg: DictConfig) -> None:
     """Features and rejects to Parquet (the results are persisted, so the UDF runs once)."""
     from pyspark.sql import functions as F
 
     features = results.where(F.col("reject_reason").isNull()).select("path", "label", "split", "features")
     rejects = results.where(F.col("reject_reason").isNotNull()).select("path", "reject_reason")
+    if listing_rejects:
+        spark = results.sparkSession
+        rejects = rejects.unionByName(spark.createDataFrame(listing_rejects, "path string, reject_reason string"))
     features.write.mode("overwrite").parquet(cfg.env.paths.features)
     rejects.write.mode("overwrite").parquet(cfg.env.paths.rejects)
+
+
+def unreadable_by_spark(listed) -> list[tuple[str, str]]:
+    """(uri, reject_reason) for listed files that Spark's file source never returns: empty files and
+    hidden names (a path part starting with '.' or '_'). Listed here so that they are not lost."""
+    rejects = []
+    for file in listed:
+        if any(part.startswith((".", "_")) for part in file.relative.split("/")):
+            rejects.append((file.uri, "hidden name (a part starts with '.' or '_'): Spark skips it, rename it"))
+        elif file.size == 0:
+            rejects.append((file.uri, "empty file"))
+    return rejects
 
 
 def check_accounting(inputs: int, featurized: int, rejected: int) -> None:
@@ -161,6 +176,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark import StorageLevel
 
     from fruits.spark import get_session
+    from fruits.storage import list_files
 
     spark = spark or get_session(cfg)
     # Bounds the raw bytes per Arrow batch (decoding then goes model-batch by model-batch).
@@ -168,12 +184,14 @@ def run(cfg: DictConfig, spark=None) -> dict:
     started = time.perf_counter()
     weights, key = broadcast_weights(spark, cfg)
     builds = spark.sparkContext.accumulator({}, PidCounts())
+    # Our own listing is the ground truth of what came in: Spark's file source skips some files.
+    listed = list_files(cfg.env.paths.images, cfg, cfg.featurize.extensions)
     images = extract(spark, cfg)
     results = transform(images, build_udf(weights, key, cfg, builds)).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        load(results, cfg)
+        load(results, unreadable_by_spark(listed), cfg)
         seconds = time.perf_counter() - started
-        inputs = images.count()
+        inputs = len(listed)
         featurized = spark.read.parquet(cfg.env.paths.features).count()
         rejects = spark.read.parquet(cfg.env.paths.rejects)
         rejected = rejects.count()

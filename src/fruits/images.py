@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import io
 from pathlib import PurePosixPath
-from urllib.parse import unquote, urlparse
+import re
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SPLITS = ("Training", "Test")
 WHITE = (255, 255, 255)
+SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 
 
 class RejectedImage(ValueError):
@@ -20,13 +21,12 @@ class RejectedImage(ValueError):
 def parse_image_path(path: str) -> tuple[str, str]:
     """(split, label) from `<...>/<split>/<label>/<file>`, for local paths and URIs alike.
 
-    Spark's binaryFile gives URIs (`file:/...`, `s3://...`) with percent-escapes (a space is `%20`).
+    Spark's binaryFile gives Hadoop path strings (`file:/a b/c.jpg`, `s3://b/k`): not percent-escaped,
+    so nothing is unescaped here (a literal `%20` in a name stays as it is).
     """
-    parsed = urlparse(path)
-    raw = parsed.path if parsed.scheme else path
-    parts = PurePosixPath(unquote(raw) if parsed.scheme else raw).parts
-    if len(parts) < 3:
-        raise RejectedImage(f"path {path!r} is not <split>/<label>/<file>")
+    parts = PurePosixPath(path.split(":", 1)[1] if SCHEME.match(path) else path).parts
+    if len(parts) < 3 or parts[-3] not in SPLITS:
+        raise RejectedImage(f"path {path!r} is not <{'|'.join(SPLITS)}>/<label>/<file>")
     return parts[-3], parts[-2]
 
 

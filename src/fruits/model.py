@@ -240,8 +240,15 @@ def produce_weights(cfg: DictConfig) -> dict:
                           "recalibrated on the sample's Training images", pretrained=False,
                           warning=RANDOM_WEIGHTS_BANNER)
     elif choice != "imagenet":
-        fetch_weights_file(choice, target)
-        load_weight_arrays(target, size, alpha)  # fail here, not on the workers
+        # Checked before it replaces anything: fail here, not on the workers.
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            candidate = Path(tmp) / target.name
+            fetch_weights_file(choice, candidate)
+            try:
+                load_weight_arrays(candidate, size, alpha)
+            except WeightsUnavailable as err:
+                raise WeightsUnavailable(f"model.weights={choice}: not usable. {err}") from err
+            os.replace(candidate, target)
         provenance.update(source=choice, pretrained=True)
     provenance.update(sha256=sha256_file(target), file=str(target),
                       created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))

@@ -1,0 +1,43 @@
+"""One filesystem abstraction (fsspec) for local paths and S3, configured from the guarded config."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from omegaconf import DictConfig
+
+
+def filesystem(uri: str, cfg: DictConfig):
+    """(fsspec filesystem, path inside it) for a local path or an s3:// URI.
+
+    S3 clients take the region (validated as EU by fruits.config) and the optional endpoint from config.
+    """
+    import fsspec
+
+    if uri.startswith(("s3://", "s3a://")):
+        options = {"client_kwargs": {"region_name": cfg.storage.region}}
+        if cfg.storage.endpoint_url:
+            options["endpoint_url"] = cfg.storage.endpoint_url
+        fs = fsspec.filesystem("s3", **options)
+        return fs, uri.split("://", 1)[1]
+    fs = fsspec.filesystem("file")
+    return fs, uri.removeprefix("file:")
+
+
+class ListedFile(NamedTuple):
+    uri: str  # as Spark names it: file:/abs/path or s3://bucket/key
+    relative: str  # below the listed root
+    size: int
+
+
+def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
+    """Every file under uri whose extension is one of extensions (any case), sorted by URI."""
+    fs, root = filesystem(uri, cfg)
+    root = fs._strip_protocol(root).rstrip("/")
+    wanted = {e.lower() for e in extensions}
+    scheme = "s3://" if uri.startswith(("s3://", "s3a://")) else "file:"
+    return [
+        ListedFile(scheme + path, path[len(root) + 1 :], int(info.get("size") or 0))
+        for path, info in sorted(fs.find(root, detail=True).items())
+        if info.get("type", "file") == "file" and path.rsplit(".", 1)[-1].lower() in wanted
+    ]

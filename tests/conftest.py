@@ -1,0 +1,92 @@
+"""Shared fixtures: one local[2] Spark session, a tiny generated sample, seeded offline weights (96 px)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from fruits.config import compose  # noqa: E402
+
+TINY_LABELS = ["Apple Red", "Banana", "Kiwi", "Lemon"]
+TINY_SIZE = 96  # the smallest supported input: fast tests, same code path
+
+
+def make_cfg(tmp: Path, *overrides: str):
+    """The real composed config, shrunk for speed, every path under tmp."""
+    paths = {
+        "images": tmp / "images",
+        "models": tmp / "models",
+        "weights": tmp / "models" / "mobilenetv2.weights.h5",
+        "provenance": tmp / "models" / "provenance.json",
+        "features": tmp / "features",
+        "rejects": tmp / "rejects",
+        "pca": tmp / "pca",
+        "metrics": tmp / "metrics",
+        "reports": tmp / "reports",
+    }
+    shrink = [
+        f"data.root={tmp / 'images'}",
+        f"data.labels=[{','.join(TINY_LABELS)}]",
+        "data.train_per_label=6",
+        "data.test_per_label=2",
+        f"model.input_size={TINY_SIZE}",
+        "model.weights=random",
+        "model.calibration_images=24",
+        "featurize.batch_size=8",
+        *(f"env.paths.{key}={value}" for key, value in paths.items()),
+    ]
+    return compose([*shrink, *overrides])
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from fruits.spark import get_session
+
+    cfg = make_cfg(tmp_path_factory.mktemp("spark-cfg"))
+    session = get_session(cfg)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_project(tmp_path_factory):
+    """A generated tiny sample and its seeded weights, built once for the whole session."""
+    from fruits import model, sample
+
+    tmp = tmp_path_factory.mktemp("tiny")
+    cfg = make_cfg(tmp)
+    sample.run(cfg)
+    model.run(cfg)
+    return tmp
+
+
+@pytest.fixture
+def tiny_cfg(tiny_project, tmp_path):
+    """The tiny project's sample and weights, with outputs in a fresh folder for each test."""
+    cfg = make_cfg(tmp_path)
+    for key in ("images", "weights", "provenance"):
+        cfg.env.paths[key] = str(Path(make_cfg(tiny_project).env.paths[key]))
+    cfg.data.root = cfg.env.paths.images
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_project):
+    from fruits import model
+
+    cfg = make_cfg(tiny_project)
+    return model.load_weight_arrays(cfg.env.paths.weights, TINY_SIZE, 1.0)
+
+
+def reference_features(weights, contents: list[bytes], size: int = TINY_SIZE) -> np.ndarray:
+    """A direct single-process model call, no Spark: what featurize must reproduce."""
+    from fruits import model
+    from fruits.images import prepare
+
+    extract = model.make_extractor(weights, size, 1.0)
+    return model.extract_in_batches(extract, np.stack([prepare(c, size) for c in contents]), 8)

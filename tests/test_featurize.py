@@ -1,0 +1,133 @@
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fruits import featurize, model
+from fruits.sample import draw_fruit
+
+from conftest import TINY_SIZE, make_cfg, reference_features
+
+
+# --- pure parts, no Spark -------------------------------------------------------------------------
+
+def fake_extract(batch):
+    return np.full((len(batch), 3), batch.mean(axis=(1, 2, 3))[:, None], np.float32)
+
+
+def test_featurize_batch_keeps_order_and_rejects_in_place():
+    good = io.BytesIO()
+    Image.new("RGB", (8, 8), (255, 255, 255)).save(good, "PNG")
+    paths = [f"file:/d/Training/Fig/{i}.png" for i in range(5)] + ["file:/loose.png"]
+    contents = [good.getvalue(), b"", good.getvalue(), b"junk", good.getvalue(), good.getvalue()]
+    out = featurize.featurize_batch(fake_extract, paths, contents, 96, batch_size=2)
+    assert out["reject_reason"].tolist() == [
+        None, "empty file", None, "not an image (format not recognised)", None,
+        "path 'file:/loose.png' is not <Training|Test>/<label>/<file>",
+    ]
+    assert [f is None for f in out["features"]] == [False, True, False, True, False, True]
+    assert out["label"].tolist()[:5] == ["Fig"] * 5 and out["split"][0] == "Training"
+    np.testing.assert_allclose(out["features"][0], [1.0, 1.0, 1.0])
+
+
+def test_accounting_check_fails_loudly():
+    featurize.check_accounting(10, 8, 2)
+    with pytest.raises(RuntimeError, match="lost files: 10 inputs but 8 featurized \\+ 1 rejected"):
+        featurize.check_accounting(10, 8, 1)
+
+
+def test_image_glob_matches_both_cases():
+    assert featurize.image_glob(["jpg", "png"]) == "*.{JPG,PNG,jpg,png}"
+
+
+# --- the Spark job ---------------------------------------------------------------------------------
+
+def read_features(spark, cfg):
+    rows = spark.read.parquet(cfg.env.paths.features).orderBy("path").collect()
+    return {row["path"]: row for row in rows}
+
+
+def local_path(uri: str) -> Path:
+    return Path(uri.removeprefix("file:"))
+
+
+def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny_weights):
+    metrics = featurize.run(tiny_cfg, spark)
+    rows = read_features(spark, tiny_cfg)
+    assert metrics["images"] == metrics["featurized"] == len(rows) == 32 and metrics["rejected"] == 0
+    paths = sorted(rows)
+    expected = reference_features(tiny_weights, [local_path(p).read_bytes() for p in paths])
+    actual = np.array([rows[p]["features"] for p in paths], dtype=np.float32)
+    assert actual.shape == (32, model.FEATURE_DIM)
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
+    for path in paths:
+        assert (rows[path]["split"], rows[path]["label"]) == (local_path(path).parts[-3], local_path(path).parts[-2])
+    written = json.loads((Path(tiny_cfg.env.paths.metrics) / "featurize.json").read_text())
+    assert written["featurized"] == 32 and written["weights_pretrained"] is False
+
+
+def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cfg, tmp_path):
+    # Fresh weights (another seed): no worker has this model cached yet.
+    calibration = model.calibration_images(tiny_cfg)
+    weights_file = tmp_path / "other.weights.h5"
+    model.save_weights(model.seeded_random_backbone(TINY_SIZE, 1.0, 11, calibration), weights_file)
+    tiny_cfg.env.paths.weights = str(weights_file)
+    spark.conf.set("spark.sql.files.maxPartitionBytes", "16384")
+    spark.conf.set("spark.sql.files.openCostInBytes", "8192")
+    try:
+        metrics = featurize.run(tiny_cfg, spark)
+    finally:
+        spark.conf.unset("spark.sql.files.maxPartitionBytes")
+        spark.conf.unset("spark.sql.files.openCostInBytes")
+    builds = metrics["model_builds_per_worker"]
+    assert metrics["partitions"] >= 8 > len(builds)
+    assert set(builds.values()) == {1}, builds
+
+
+def write_image(path: Path, image: Image.Image, fmt: str, **options) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, fmt, **options)
+
+
+def test_bad_files_are_rejected_with_a_reason_and_nothing_is_lost(spark, tiny_cfg, tmp_path):
+    root = tmp_path / "messy"
+    fruit = draw_fruit("Kiwi", 1)
+    write_image(root / "Training" / "Pêche plate" / "é 1.jpg", fruit, "JPEG")
+    write_image(root / "Training" / "Kiwi" / "cmyk.jpg", fruit.convert("CMYK"), "JPEG")
+    write_image(root / "Training" / "Kiwi" / "gray.jpg", fruit.convert("L"), "JPEG")
+    write_image(root / "Test" / "Kiwi" / "alpha.png", fruit.convert("RGBA"), "PNG")
+    write_image(root / "Test" / "Kiwi" / "palette.png", fruit.convert("P"), "PNG")
+    write_image(root / "Test" / "Kiwi" / "UPPER.JPG", fruit, "JPEG")
+    (root / "Training" / "Kiwi" / "empty.jpg").write_bytes(b"")
+    (root / "Training" / "Kiwi" / "text.jpg").write_text("not a picture")
+    truncated = io.BytesIO()
+    fruit.save(truncated, "JPEG")
+    (root / "Test" / "Kiwi" / "truncated.jpg").write_bytes(truncated.getvalue()[:300])
+    shutil.copy(root / "Test" / "Kiwi" / "UPPER.JPG", root / "loose.jpg")
+    (root / "Test" / "Kiwi" / "notes.txt").write_text("ignored: not an image extension")
+    shutil.copy(root / "Test" / "Kiwi" / "UPPER.JPG", root / "Test" / "Kiwi" / "_hidden.jpg")
+    tiny_cfg.env.paths.images = str(root)
+
+    metrics = featurize.run(tiny_cfg, spark)
+    rows = read_features(spark, tiny_cfg)
+    rejects = {local_path(r["path"]).name: r["reject_reason"] for r in spark.read.parquet(tiny_cfg.env.paths.rejects).collect()}
+    assert metrics["images"] == 11 == metrics["featurized"] + metrics["rejected"]
+    assert {local_path(p).name for p in rows} == {"é 1.jpg", "cmyk.jpg", "gray.jpg", "alpha.png", "palette.png", "UPPER.JPG"}
+    assert rejects["empty.jpg"] == "empty file"
+    assert rejects["text.jpg"].startswith("not an image")
+    assert rejects["truncated.jpg"].startswith("corrupt image")
+    assert "is not <Training|Test>/<label>/<file>" in rejects["loose.jpg"]
+    assert rejects["_hidden.jpg"].startswith("hidden name")
+    accented = next(r for p, r in rows.items() if local_path(p).name == "é 1.jpg")
+    assert (accented["split"], accented["label"]) == ("Training", "Pêche plate")
+    assert metrics["reject_reasons"]["empty file"] == 1
+
+
+def test_missing_weights_file_is_named(spark, tiny_cfg, tmp_path):
+    tiny_cfg.env.paths.weights = str(tmp_path / "nope.weights.h5")
+    with pytest.raises(FileNotFoundError, match="nope.weights.h5 not found: run `python -m fruits.model`"):
+        featurize.run(tiny_cfg, spark)

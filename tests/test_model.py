@@ -1,0 +1,93 @@
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fruits import model
+from fruits.images import prepare
+
+from conftest import TINY_SIZE, make_cfg, reference_features
+
+
+def sample_contents(root: Path, split: str = "Training") -> list[bytes]:
+    return [p.read_bytes() for p in sorted(Path(root, split).glob("*/*.jpg"))]
+
+
+def test_offline_weights_give_well_scaled_varied_features(tiny_project, tiny_weights):
+    features = reference_features(tiny_weights, sample_contents(tiny_project / "images"))
+    assert features.shape == (24, model.FEATURE_DIM)
+    assert 0.01 < np.abs(features).mean() < 10  # not the ~1e-11 of Keras' default initialisation
+    per_feature_std = features.std(axis=0)
+    assert np.median(per_feature_std) > 1e-3  # features vary across images, not constant
+    # Images of one label are closer to each other than to other labels (6 per label, sorted).
+    centred = features - features.mean(0)
+    labels = np.repeat(np.arange(4), 6)
+    distances = np.linalg.norm(centred[:, None] - centred[None], axis=-1)
+    same = distances[labels[:, None] == labels[None]].mean()
+    other = distances[labels[:, None] != labels[None]].mean()
+    assert same < other
+
+
+def test_keras_default_initialisation_collapses_features(tiny_project):
+    # Why random weights are recalibrated: the untouched default init gives ~1e-11 features.
+    backbone = model.build_backbone(TINY_SIZE)
+    batch = np.stack([prepare(c, TINY_SIZE) for c in sample_contents(tiny_project / "images")[:4]])
+    assert np.abs(backbone(batch).numpy()).max() < 1e-6
+
+
+def test_worker_build_never_downloads_and_happens_once(tiny_weights, monkeypatch):
+    from keras.src.utils import file_utils
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a worker tried to download weights")
+
+    monkeypatch.setattr(file_utils, "get_file", no_download)
+    calls = []
+
+    def weights():
+        calls.append(1)
+        return tiny_weights
+
+    key = "test-once"
+    first = model.cached_extractor(key, weights, TINY_SIZE, 1.0, 1)
+    second = model.cached_extractor(key, weights, TINY_SIZE, 1.0, 1)
+    assert first is second and model.BUILD_COUNT[key] == 1 and len(calls) == 1
+
+
+def test_imagenet_unavailable_falls_back_to_random_only_where_allowed(tiny_project, tmp_path, monkeypatch):
+    def offline(*args):
+        raise model.WeightsUnavailable("model.weights=imagenet: no network")
+
+    monkeypatch.setattr(model, "imagenet_backbone", offline)
+    cfg = make_cfg(tmp_path, "model.weights=imagenet", f"data.root={tiny_project / 'images'}")
+    provenance = model.run(cfg)
+    assert provenance["pretrained"] is False and provenance["fallback_from"] == "imagenet"
+    assert "NOT PRETRAINED" in json.loads(Path(cfg.env.paths.provenance).read_text())["warning"]
+
+    full = make_cfg(tmp_path, "data=fruits360", "model.weights=imagenet")
+    with pytest.raises(model.WeightsUnavailable, match="requires real weights"):
+        model.run(full)
+    with pytest.raises(model.WeightsUnavailable, match="model.weights=random is refused"):
+        model.run(make_cfg(tmp_path, "data=fruits360", "model.weights=random"))
+
+
+def test_weights_from_a_saved_file_keep_their_checksum(tiny_project, tmp_path):
+    source = make_cfg(tiny_project).env.paths.weights
+    provenance = model.run(make_cfg(tmp_path, f"model.weights={source}"))
+    assert provenance["sha256"] == model.sha256_file(source) and provenance["pretrained"] is True
+
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_bytes(b"not weights")
+    with pytest.raises(model.WeightsUnavailable, match="bad.weights.h5"):
+        model.run(make_cfg(tmp_path / "again", f"model.weights={bad}"))
+    with pytest.raises(model.WeightsUnavailable, match="file not found"):
+        model.run(make_cfg(tmp_path / "again", f"model.weights={tmp_path / 'missing.weights.h5'}"))
+
+
+def test_seeded_weights_are_reproducible(tiny_project):
+    cfg = make_cfg(tiny_project)
+    calibration = model.calibration_images(cfg)
+    first = model.seeded_random_backbone(TINY_SIZE, 1.0, 7, calibration).get_weights()
+    second = model.seeded_random_backbone(TINY_SIZE, 1.0, 7, calibration).get_weights()
+    assert all(np.array_equal(a, b) for a, b in zip(first, second))

@@ -1,0 +1,71 @@
+import hashlib
+import json
+import shutil
+
+from fruits import sample
+from fruits.images import decode_image
+
+from conftest import make_cfg
+
+
+def digest_tree(root):
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*.jpg"))
+    }
+
+
+def test_generated_sample_is_deterministic_in_fruits360_layout(tmp_path):
+    first = make_cfg(tmp_path / "a")
+    second = make_cfg(tmp_path / "b")
+    manifest = sample.run(first)
+    sample.run(second)
+    root = tmp_path / "a" / "images"
+    assert digest_tree(root) == digest_tree(tmp_path / "b" / "images")
+    files = sorted(root.rglob("*.jpg"))
+    assert len(files) == manifest["images"] == 4 * (6 + 2)
+    assert {f.parent.parent.name for f in files} == {"Training", "Test"}
+    assert {f.parent.name for f in files} == {"Apple Red", "Banana", "Kiwi", "Lemon"}
+    image = decode_image(files[0].read_bytes())
+    assert image.size == (100, 100)
+    assert image.getpixel((0, 0))[0] > 240  # white background
+    assert "not photos" in json.loads((root / "MANIFEST.json").read_text())["origin"]
+
+
+def test_labels_look_different_and_images_within_a_label_vary():
+    import numpy as np
+
+    apple = [np.asarray(sample.draw_fruit("Apple Red", seed), float) for seed in range(3)]
+    banana = np.asarray(sample.draw_fruit("Banana", 0), float)
+    assert np.abs(apple[0] - apple[1]).mean() > 1  # rotation / lighting vary
+    assert np.abs(apple[0] - banana).mean() > np.abs(apple[0] - apple[1]).mean()
+
+
+def test_a_real_fruits360_folder_or_zip_is_subsampled(tmp_path):
+    real = tmp_path / "fruits-360-main"
+    sample.generate(real, ["Cherry", "Fig", "Date"], {"Training": 5, "Test": 3}, 100, 1)
+    archive = shutil.make_archive(str(tmp_path / "fruits"), "zip", tmp_path, "fruits-360-main")
+    for source in (str(real), archive):
+        cfg = make_cfg(tmp_path / "out", f"data.source={source}", "data.labels=[Cherry,Fig]",
+                       "data.train_per_label=2", "data.test_per_label=1")
+        manifest = sample.run(cfg)
+        assert manifest["images"] == 2 * 2 + 2 * 1
+        assert manifest["labels"] == ["Cherry", "Fig"]
+        assert "Fruits-360 images" in manifest["origin"]
+
+
+def test_an_interrupted_rebuild_keeps_the_previous_sample(tmp_path, monkeypatch):
+    cfg = make_cfg(tmp_path)
+    sample.run(cfg)
+    before = digest_tree(tmp_path / "images")
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample, "generate", crash)
+    try:
+        sample.run(cfg)
+    except KeyboardInterrupt:
+        pass
+    assert digest_tree(tmp_path / "images") == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".images-")]
