@@ -73,19 +73,19 @@ def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny
 def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cfg, tmp_path):
     # Fresh weights (another seed): no worker has this model cached yet.
     calibration = model.calibration_images(tiny_cfg)
+    other = model.seeded_random_backbone(TINY_SIZE, 1.0, 11, calibration)
     weights_file = tmp_path / "other.weights.h5"
-    model.save_weights(model.seeded_random_backbone(TINY_SIZE, 1.0, 11, calibration), weights_file)
+    model.save_weights(other, weights_file)
     tiny_cfg.env.paths.weights = str(weights_file)
-    spark.conf.set("spark.sql.files.maxPartitionBytes", "16384")
-    spark.conf.set("spark.sql.files.openCostInBytes", "8192")
-    try:
-        metrics = featurize.run(tiny_cfg, spark)
-    finally:
-        spark.conf.unset("spark.sql.files.maxPartitionBytes")
-        spark.conf.unset("spark.sql.files.openCostInBytes")
+    tiny_cfg.featurize.images_per_partition = 3
+    metrics = featurize.run(tiny_cfg, spark)
     builds = metrics["model_builds_per_worker"]
     assert metrics["partitions"] >= 8 > len(builds)
     assert set(builds.values()) == {1}, builds
+    # And the workers used these weights, not a model cached for earlier ones.
+    rows = read_features(spark, tiny_cfg)
+    expected = reference_features(other.get_weights(), [local_path(p).read_bytes() for p in sorted(rows)])
+    np.testing.assert_allclose(np.array([rows[p]["features"] for p in sorted(rows)]), expected, atol=1e-5, rtol=1e-5)
 
 
 def write_image(path: Path, image: Image.Image, fmt: str, **options) -> None:
@@ -131,3 +131,13 @@ def test_missing_weights_file_is_named(spark, tiny_cfg, tmp_path):
     tiny_cfg.env.paths.weights = str(tmp_path / "nope.weights.h5")
     with pytest.raises(FileNotFoundError, match="nope.weights.h5 not found: run `python -m fruits.model`"):
         featurize.run(tiny_cfg, spark)
+
+
+def test_partition_settings_give_about_the_requested_images_per_task():
+    from fruits.storage import ListedFile
+
+    listed = [ListedFile(f"file:/d/{i}.jpg", f"{i}.jpg", 5000) for i in range(1000)]
+    settings = featurize.partition_settings(listed, 100)
+    open_cost = int(settings["spark.sql.files.openCostInBytes"])
+    per_task = int(settings["spark.sql.files.maxPartitionBytes"]) // (5000 + open_cost)
+    assert per_task == 100
