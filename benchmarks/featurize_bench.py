@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fruits import featurize, model
+from fruits import featurize, model, sample
 from fruits.config import load_config
 from fruits.images import prepare
 
@@ -90,11 +90,18 @@ def spark_runs(files: list[Path], cfg) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--per-label", type=int, default=96, help="generated Training images per label")
+    parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.input_size=160")
     args = parser.parse_args()
-    cfg = load_config(["env.paths.features=bench/features", "env.paths.rejects=bench/rejects",
+    cfg = load_config(["data.root=bench/sample", "env.paths.images=bench/sample", f"data.train_per_label={args.per_label}", "data.test_per_label=0",
+                       "env.paths.features=bench/features", "env.paths.rejects=bench/rejects",
                        "env.paths.metrics=bench/metrics", *args.overrides])
-    files = sorted(Path(cfg.env.paths.images).glob("*/*/*.jpg"))
+    files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
+    if len(files) != len(cfg.data.labels) * args.per_label:
+        sample.run(cfg)
+        files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
+    if not Path(cfg.env.paths.weights).exists():
+        model.run(cfg)
     weights = model.load_weight_arrays(cfg.env.paths.weights, cfg.model.input_size, cfg.model.alpha)
     print(f"{len(files)} images at {cfg.model.input_size} px, batch {cfg.featurize.batch_size}, "
           f"master {cfg.env.spark.master}, {os.cpu_count()} cores")

@@ -1,0 +1,65 @@
+# Fruits! pipeline. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BASE ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+export PYSPARK_PYTHON := $(abspath $(PY))
+export TF_ENABLE_ONEDNN_OPTS ?= 1
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: help install check-system params sample model featurize demo test test-fast bench clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+
+check-system: ## Check Java (Spark) and native BLAS/LAPACK (Spark ML's PCA); install them when root
+	@bash bootstrap/check-system.sh
+
+$(STAMP): requirements/*.txt pyproject.toml
+	@$(MAKE) --no-print-directory check-system
+	@test -x $(PY) || $(PYTHON_BASE) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c requirements/lock.txt -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps -e .
+	@touch $@
+
+install: $(STAMP) ## Create the virtual environment and install the pinned dependencies
+
+params: $(STAMP) ## Compose conf/ into params.yaml (what DVC's Hydra integration writes)
+	$(PY) -m fruits.config > params.yaml
+
+sample: $(STAMP) ## Build the sample subset under data/sample
+	$(PY) -m fruits.sample
+
+model: $(STAMP) ## Produce the backbone weights (ImageNet, else the offline fallback) and provenance
+	$(PY) -m fruits.model
+
+featurize: $(STAMP) ## Featurize the images with Spark (local[2] by default)
+	$(PY) -m fruits.featurize
+
+demo: $(STAMP) ## Build the sample and run the whole pipeline locally (no cloud account)
+	$(PY) -m fruits.sample
+	$(PY) -m fruits.model
+	$(PY) -m fruits.featurize
+	@echo
+	@echo "Results:"
+	@echo "  sample images    data/sample/  (MANIFEST.json says where they come from)"
+	@echo "  weights          models/mobilenetv2.weights.h5 + models/provenance.json"
+	@echo "  features         data/features/ (Parquet: path, label, split, features[1280])"
+	@echo "  rejects          data/rejects/  (Parquet: path, reject_reason)"
+	@echo "  metrics          metrics/featurize.json"
+
+test: $(STAMP) ## Run the whole test suite (slow tests included)
+	$(PY) -m pytest
+
+test-fast: $(STAMP) ## Run the tests not marked slow
+	$(PY) -m pytest -m "not slow"
+
+bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
+	$(PY) benchmarks/featurize_bench.py
+
+clean: ## Remove generated data and outputs (not the virtual environment)
+	rm -rf data models metrics/*.json reports/bench.* bench spark-warehouse
