@@ -25,7 +25,8 @@ def make_cfg(tmp: Path, *overrides: str):
         "provenance": tmp / "models" / "provenance.json",
         "features": tmp / "features",
         "rejects": tmp / "rejects",
-        "pca": tmp / "pca",
+        "pca_model": tmp / "pca" / "model",
+        "pca_vectors": tmp / "pca" / "vectors",
         "metrics": tmp / "metrics",
         "reports": tmp / "reports",
     }
