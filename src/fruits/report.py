@@ -1,0 +1,343 @@
+"""report: a critique report built from measured numbers only (HTML, self-contained, and a Markdown twin).
+
+Reads what the other stages wrote (metrics, provenance, manifest, features, rejects, PCA vectors) and
+the price table in conf/cluster; computes the critique (what k keeps, where the time went, what the
+run would cost on EMR at 10x and 100x the data, the alternatives) from those numbers.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import json
+import logging
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Section:
+    title: str
+    blocks: list[tuple] = field(default_factory=list)  # ("p", text) | ("table", headers, rows) | ("img", file, alt) | ("banner", text)
+
+
+# --- pure computations ---------------------------------------------------------------------------------
+
+
+def node_price(prices: DictConfig, instance_type: str) -> float:
+    """EC2 + EMR fee per hour for one node of that type."""
+    if instance_type not in prices.instances:
+        raise KeyError(f"cluster.prices.instances has no entry for {instance_type}: add its hourly prices")
+    entry = prices.instances[instance_type]
+    return float(entry.ec2) + float(entry.emr)
+
+
+def emr_estimate(images: int, per_core_rate: float, cluster: DictConfig) -> dict:
+    """Hours and USD to featurize `images` on the configured EMR cluster, from a measured per-core rate."""
+    prices = cluster.prices
+    cores = cluster.core_instance_count * prices.instances[cluster.core_instance_type].vcpu
+    hours = images / (per_core_rate * cores) / 3600 + prices.startup_hours
+    hourly = node_price(prices, cluster.primary_instance_type) + cluster.core_instance_count * node_price(
+        prices, cluster.core_instance_type
+    )
+    return {"images": images, "cores": cores, "hours": hours, "usd": hours * hourly, "usd_per_hour": hourly}
+
+
+def alternatives(images: int, per_core_rate: float, cluster: DictConfig) -> list[dict]:
+    """The same featurization elsewhere, priced from the config's list prices and the measured rate."""
+    prices = cluster.prices
+    emr = emr_estimate(images, per_core_rate, cluster)
+    vcpu_hours = images / per_core_rate / 3600
+    serverless = vcpu_hours * (prices.serverless.vcpu_hour + 4 * prices.serverless.gb_hour)
+    databricks_hours = emr["hours"]
+    databricks = databricks_hours * (1 + cluster.core_instance_count) * (
+        prices.databricks.dbu_per_node_hour * prices.databricks.usd_per_dbu + prices.instances[cluster.core_instance_type].ec2
+    )
+    gpu_hours = images / prices.gpu.images_per_second / 3600 + prices.startup_hours
+    gpu = gpu_hours * (node_price(prices, prices.gpu.instance_type) + node_price(prices, cluster.primary_instance_type))
+    return [
+        {"option": f"EMR on EC2 ({1 + cluster.core_instance_count} x {cluster.core_instance_type})",
+         "hours": emr["hours"], "usd": emr["usd"], "note": "cluster start included; idle auto-termination"},
+        {"option": "EMR Serverless", "hours": vcpu_hours / emr["cores"], "usd": serverless,
+         "note": "billed per vCPU-hour and GB-hour (4 GB/vCPU), no idle cluster"},
+        {"option": "Databricks jobs compute", "hours": databricks_hours, "usd": databricks,
+         "note": "DBUs on top of EC2; notebooks and MLflow included"},
+        {"option": f"one GPU node ({prices.gpu.instance_type}) + primary", "hours": gpu_hours, "usd": gpu,
+         "note": f"assumes {prices.gpu.images_per_second} img/s (not measured here)"},
+    ]
+
+
+def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConfig, local_cores: int) -> list[str]:
+    """The critique paragraphs, each from measured numbers."""
+    lines = []
+    kept = pca_m["explained_variance_at_k"]
+    lines.append(
+        f"k = {pca_m['k']} ({pca_m['k_rule']}) keeps {kept:.1%} of the variance and drops {1 - kept:.1%}; "
+        f"90% would need {pca_m['components_for_90pct']} components and 95% {pca_m['components_for_95pct']}, "
+        f"out of {pca_m['dimension']}. Storage per image: {pca_m['k'] * 8} bytes instead of "
+        f"{pca_m['dimension'] * 4} ({pca_m['dimension'] * 4 / (pca_m['k'] * 8):.0f}x smaller)."
+    )
+    if pca_m["rows_fitted"] <= pca_m["dimension"]:
+        lines.append(
+            f"The PCA was fitted on {pca_m['rows_fitted']} Training rows, fewer than the {pca_m['dimension']} "
+            "dimensions: at most rows - 1 components carry variance, so the curve says little about the full "
+            "dataset. Refit on the full data before trusting the choice of k."
+        )
+    rate = featurize_m["images_per_second"]
+    lines.append(
+        f"Featurize took {featurize_m['seconds']:.1f} s for {featurize_m['images']} images ({rate:.1f} img/s on "
+        f"{local_cores} cores, {featurize_m['partitions']} partitions, model built "
+        f"{sum(featurize_m['model_builds_per_worker'].values())} time(s) over "
+        f"{len(featurize_m['model_builds_per_worker'])} worker(s)); on a sample this small the fixed costs "
+        "(JVM and worker start, TensorFlow import, model build) weigh heavily: see `make bench` for warm rates."
+    )
+    per_core = rate / max(1, local_cores)
+    for scale in (10, 100):
+        estimate = emr_estimate(featurize_m["images"] * scale, per_core, cluster)
+        lines.append(
+            f"At {scale}x the data ({estimate['images']} images) the EMR cluster ({estimate['cores']} worker vCPUs) "
+            f"would need about {estimate['hours']:.2f} h, ${estimate['usd']:.2f} at ${estimate['usd_per_hour']:.2f}/h "
+            "(measured per-core rate, list prices from conf/cluster)."
+        )
+    if featurize_m["rejected"]:
+        lines.append(f"{featurize_m['rejected']} file(s) were rejected: {featurize_m['reject_reasons']}.")
+    if not provenance.get("pretrained", False):
+        lines.append(
+            "The weights are NOT pretrained (offline fallback): the features exercise the pipeline but carry "
+            "no ImageNet knowledge; the variance curve and the scatter are not evidence about real fruit."
+        )
+    return lines
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    out = [f"# {title}", ""]
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        for block in section.blocks:
+            if block[0] == "p":
+                out += [block[1], ""]
+            elif block[0] == "banner":
+                out += [f"> **{block[1]}**", ""]
+            elif block[0] == "img":
+                out += [f"![{block[2]}]({block[1].name})", ""]
+            elif block[0] == "table":
+                out += ["| " + " | ".join(block[1]) + " |", "|" + "---|" * len(block[1])]
+                out += ["| " + " | ".join(str(c) for c in row) + " |" for row in block[2]] + [""]
+    return "\n".join(out)
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    """Self-contained: the figures are embedded."""
+    esc = html.escape
+    body = [f"<h1>{esc(title)}</h1>"]
+    for section in sections:
+        body.append(f"<h2>{esc(section.title)}</h2>")
+        for block in section.blocks:
+            if block[0] == "p":
+                body.append(f"<p>{esc(block[1])}</p>")
+            elif block[0] == "banner":
+                body.append(f'<p class="banner">{esc(block[1])}</p>')
+            elif block[0] == "img":
+                data = base64.b64encode(block[1].read_bytes()).decode()
+                body.append(f'<img alt="{esc(block[2])}" src="data:image/png;base64,{data}">')
+            elif block[0] == "table":
+                head = "".join(f"<th>{esc(h)}</th>" for h in block[1])
+                rows = "".join("<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in row) + "</tr>" for row in block[2])
+                body.append(f"<table><tr>{head}</tr>{rows}</table>")
+    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.45}"
+             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}"
+             ".banner{background:#b00020;color:white;padding:.8em;font-weight:bold}img{max-width:100%}")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
+            f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
+
+
+# --- figures (matplotlib) ----------------------------------------------------------------------------------
+
+
+def plot_variance(curve_csv: Path, k: int, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(curve_csv) as stream:
+        rows = list(csv.DictReader(stream))
+    components = [int(r["component"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(components, [float(r["explained_variance"]) for r in rows], color="#9ab", label="per component")
+    ax.plot(components, [float(r["cumulative_explained_variance"]) for r in rows], color="#c30", label="cumulative")
+    ax.axvline(k, color="black", linestyle="--", label=f"k = {k}")
+    ax.set_xlabel("component")
+    ax.set_ylabel("explained variance share")
+    ax.set_ylim(0, 1.02)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def plot_scatter(points: list[tuple[float, float, str]], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = sorted({p[2] for p in points})
+    colours = plt.get_cmap("tab20")
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for i, label in enumerate(labels):
+        xs = [p[0] for p in points if p[2] == label]
+        ys = [p[1] for p in points if p[2] == label]
+        ax.scatter(xs, ys, s=12, color=colours(i % 20), label=label)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+# --- the stage -----------------------------------------------------------------------------------------
+
+
+def read_json(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: run the stage that writes it first (dvc repro)")
+    return json.loads(path.read_text())
+
+
+def extract(spark, cfg: DictConfig) -> dict:
+    """The small numbers the report needs; the big tables stay in Spark (aggregates and a bounded sample)."""
+    from pyspark.sql import functions as F
+
+    metrics = Path(cfg.env.paths.metrics)
+    features = spark.read.parquet(cfg.env.paths.features)
+    counts = features.groupBy("split", "label").count().orderBy("label", "split").collect()
+    rejects = spark.read.parquet(cfg.env.paths.rejects).groupBy("reject_reason").count().collect()
+    vectors = spark.read.parquet(cfg.env.paths.pca_vectors)
+    total = vectors.count()
+    fraction = min(1.0, cfg.report.scatter_points / max(1, total))
+    sample = vectors.sample(fraction=fraction, seed=0).limit(cfg.report.scatter_points)
+    points = sample.select(F.col("pca")[0], F.col("pca")[1], "label").collect()
+    manifest_path = Path(cfg.data.root) / "MANIFEST.json"
+    return {
+        "featurize": read_json(metrics / "featurize.json"),
+        "pca": read_json(metrics / "pca.json"),
+        "provenance": read_json(cfg.env.paths.provenance),
+        "manifest": json.loads(manifest_path.read_text()) if manifest_path.exists() else {},
+        "counts": [(r["label"], r["split"], r["count"]) for r in counts],
+        "rejects": [(r["reject_reason"], r["count"]) for r in rejects],
+        "points": [(float(p[0]), float(p[1]), p[2]) for p in points],
+        "spark_version": spark.version,
+        "master": spark.sparkContext.master,
+        "cores": spark.sparkContext.defaultParallelism,
+    }
+
+
+def transform(facts: dict, cfg: DictConfig, figures: Path) -> list[Section]:
+    featurize_m, pca_m, provenance = facts["featurize"], facts["pca"], facts["provenance"]
+    sections = []
+    header = Section("Summary")
+    if not provenance.get("pretrained", False):
+        header.blocks.append(("banner", f"{provenance.get('warning', 'RANDOM WEIGHTS')} (source: {provenance.get('source')})"))
+    header.blocks.append(("p", f"Data: {cfg.data.name} - {facts['manifest'].get('origin', 'origin unknown')}."))
+    header.blocks.append(("table", ["images", "featurized", "rejected", "img/s", "k", "variance kept"],
+                          [[featurize_m["images"], featurize_m["featurized"], featurize_m["rejected"],
+                            featurize_m["images_per_second"], pca_m["k"], f"{pca_m['explained_variance_at_k']:.1%}"]]))
+    sections.append(header)
+
+    per_label: dict[str, dict[str, int]] = {}
+    for label, split, count in facts["counts"]:
+        per_label.setdefault(label, {})[split] = count
+    sections.append(Section("Images per label and split", [("table", ["label", "Training", "Test"],
+                            [[label, c.get("Training", 0), c.get("Test", 0)] for label, c in sorted(per_label.items())])]))
+    sections.append(Section("Rejects", [("table", ["reason", "files"], sorted(facts["rejects"]))] if facts["rejects"]
+                            else [("p", "No file was rejected.")]))
+    sections.append(Section("Model and weights", [("table", ["key", "value"],
+                            [[k, provenance[k]] for k in ("architecture", "input_size", "alpha", "feature_dim",
+                                                          "source", "pretrained", "sha256") if k in provenance])]))
+    sections.append(Section("Featurize", [("table", ["measure", "value"], [
+        ["wall time (s)", featurize_m["seconds"]], ["images per second", featurize_m["images_per_second"]],
+        ["partitions", featurize_m["partitions"]], ["model builds per worker", featurize_m["model_builds_per_worker"]]])]))
+
+    variance_png = figures / "pca_variance.png"
+    plot_variance(Path(cfg.env.paths.metrics) / "pca_variance.csv", pca_m["k"], variance_png)
+    scatter_png = figures / "pca_scatter.png"
+    plot_scatter(facts["points"], scatter_png)
+    sections.append(Section("PCA", [
+        ("p", f"k = {pca_m['k']} ({pca_m['k_rule']}), {pca_m['explained_variance_at_k']:.1%} of the variance; "
+              f"fitted on {pca_m['rows_fitted']} Training rows, {pca_m['rows_projected']} rows projected; "
+              f"standardised: {pca_m['standardize']}; LAPACK: {pca_m['lapack']}."),
+        ("img", variance_png, "explained variance per component and cumulative"),
+        ("p", f"First two components of {len(facts['points'])} images, coloured by label:"),
+        ("img", scatter_png, "2-D projection coloured by label")]))
+
+    cluster = cfg.cluster
+    per_core = featurize_m["images_per_second"] / max(1, facts["cores"])
+    rows = []
+    for scale in (10, 100):
+        for option in alternatives(featurize_m["images"] * scale, per_core, cluster):
+            rows.append([f"{scale}x", option["option"], f"{option['hours']:.2f}", f"${option['usd']:.2f}", option["note"]])
+    sections.append(Section("Critique", [("p", line) for line in critique(featurize_m, pca_m, provenance, cluster,
+                                                                          facts["cores"])]
+                            + [("table", ["data", "option", "hours", "cost", "note"], rows)]))
+
+    environment = [["env", cfg.env.name], ["Spark master", facts["master"]], ["Spark", facts["spark_version"]],
+                   ["cores", facts["cores"]], ["Python", platform.python_version()], ["machine", platform.machine()]]
+    if cfg.env.name == "emr":
+        estimate = emr_estimate(featurize_m["images"], per_core, cluster)
+        environment += [["cluster", f"{cluster.release_label}, 1 x {cluster.primary_instance_type} + "
+                                    f"{cluster.core_instance_count} x {cluster.core_instance_type}"],
+                        ["estimated cost of this run", f"${estimate['usd']:.2f}"]]
+    sections.append(Section("Run environment", [("table", ["key", "value"], environment)]))
+    sections.append(Section("Configuration", [("p", "The composed config this run used (params.yaml):"),
+                                              ("table", ["key", "value"], flatten(OmegaConf.to_container(cfg)))]))
+    return sections
+
+
+def flatten(tree, prefix: str = "") -> list[list]:
+    if isinstance(tree, dict):
+        return [row for key, value in tree.items() for row in flatten(value, f"{prefix}{key}.")]
+    return [[prefix.rstrip("."), tree]]
+
+
+def load(sections: list[Section], cfg: DictConfig) -> tuple[Path, Path]:
+    out = Path(cfg.env.paths.reports)
+    title = f"Fruits! pipeline report ({cfg.env.name}, {cfg.data.name})"
+    html_path, md_path = out / "report.html", out / "report.md"
+    html_path.write_text(render_html(title, sections), encoding="utf-8")
+    md_path.write_text(render_markdown(title, sections), encoding="utf-8")
+    return html_path, md_path
+
+
+def run(cfg: DictConfig, spark=None) -> tuple[Path, Path]:
+    from fruits.spark import get_session
+
+    spark = spark or get_session(cfg)
+    figures = Path(cfg.env.paths.reports)
+    figures.mkdir(parents=True, exist_ok=True)
+    paths = load(transform(extract(spark, cfg), cfg, figures), cfg)
+    log.info("report: %s and %s", *paths)
+    return paths
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fruits.config import stage_config
+
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    run(stage_config("Build the critique report from the measured numbers.", argv))
+
+
+if __name__ == "__main__":
+    main()
