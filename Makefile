@@ -7,10 +7,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install check-system params sample model featurize demo test test-fast bench clean
+.PHONY: help install check-system params sample model featurize pca report demo test test-fast bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -40,17 +41,24 @@ model: $(STAMP) ## Produce the backbone weights (ImageNet, else the offline fall
 featurize: $(STAMP) ## Featurize the images with Spark (local[2] by default)
 	$(PY) -m fruits.featurize
 
-demo: $(STAMP) ## Build the sample and run the whole pipeline locally (no cloud account)
-	$(PY) -m fruits.sample
-	$(PY) -m fruits.model
-	$(PY) -m fruits.featurize
+pca: $(STAMP) ## Fit the PCA and project the features (k from pca.k or pca.variance)
+	$(PY) -m fruits.pca
+
+report: $(STAMP) ## Build reports/report.html and reports/report.md from the measured numbers
+	$(PY) -m fruits.report
+
+demo: $(STAMP) ## Build the sample and run the whole pipeline locally with DVC (no cloud account)
+	dvc repro
 	@echo
 	@echo "Results:"
 	@echo "  sample images    data/sample/  (MANIFEST.json says where they come from)"
 	@echo "  weights          models/mobilenetv2.weights.h5 + models/provenance.json"
 	@echo "  features         data/features/ (Parquet: path, label, split, features[1280])"
 	@echo "  rejects          data/rejects/  (Parquet: path, reject_reason)"
-	@echo "  metrics          metrics/featurize.json"
+	@echo "  PCA              data/pca/vectors (Parquet) + data/pca/model (Spark PipelineModel)"
+	@echo "  metrics          metrics/*.json  (dvc metrics show), metrics/pca_variance.csv (dvc plots show)"
+	@echo "  report           reports/report.html (self-contained) and reports/report.md"
+	@grep -q '"pretrained": false' models/provenance.json && echo "  !! weights: RANDOM, NOT PRETRAINED (ImageNet was not downloadable): see the report banner" || true
 
 test: $(STAMP) ## Run the whole test suite (slow tests included)
 	$(PY) -m pytest
@@ -62,4 +70,4 @@ bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe 
 	$(PY) benchmarks/featurize_bench.py
 
 clean: ## Remove generated data and outputs (not the virtual environment)
-	rm -rf data models metrics/*.json reports/bench.* bench spark-warehouse
+	rm -rf data models bench spark-warehouse

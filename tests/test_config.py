@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from fruits.config import (
-    CONF_DIR,
+    conf_dir,
     PROJECT_ROOT,
     ConfigError,
     apply_overrides,
@@ -16,7 +16,7 @@ from fruits.config import (
 
 
 def group_options():
-    for group in sorted(p for p in CONF_DIR.iterdir() if p.is_dir()):
+    for group in sorted(p for p in conf_dir().iterdir() if p.is_dir()):
         for option in sorted(group.glob("*.yaml")):
             yield f"{group.name}={option.stem}"
 
@@ -27,7 +27,7 @@ def test_every_config_group_option_composes_and_validates(override):
     validate(cfg)
     group, option = override.split("=")
     # The chosen file is what landed in the group (keys, and values that are not interpolations).
-    chosen = yaml.safe_load((CONF_DIR / group / f"{option}.yaml").read_text())
+    chosen = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text())
     assert set(chosen) == set(cfg[group])
     for key, value in chosen.items():
         if not (isinstance(value, str) and "${" in value) and not isinstance(value, dict):

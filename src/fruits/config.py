@@ -15,8 +15,14 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = PROJECT_ROOT / "conf"
 PARAMS_FILE = "params.yaml"
+
+
+def conf_dir() -> Path:
+    """conf/ of the project being run (the working directory, as for DVC), else of this checkout."""
+    here = Path.cwd() / "conf"
+    return here if (here / "config.yaml").exists() else PROJECT_ROOT / "conf"
+
 
 # GDPR: data stays in the EU. Every AWS client takes its region from the config, checked here.
 EU_REGIONS = (
@@ -36,18 +42,18 @@ class ConfigError(ValueError):
     """A setting is missing or wrong; the message names it and says what to do."""
 
 
-def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONF_DIR) -> DictConfig:
+def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | None = None) -> DictConfig:
     """Compose conf/ exactly as DVC's Hydra integration does, interpolations resolved."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    with initialize_config_dir(str(Path(config_dir).resolve()), version_base=None):
+    with initialize_config_dir(str(Path(config_dir or conf_dir()).resolve()), version_base=None):
         cfg = hydra_compose(config_name="config", overrides=list(overrides))
     OmegaConf.resolve(cfg)
     return cfg
 
 
-def composed_yaml(overrides: list[str] | tuple[str, ...] = (), config_dir: Path = CONF_DIR) -> str:
+def composed_yaml(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | None = None) -> str:
     """The text DVC writes to params.yaml for these overrides."""
     return OmegaConf.to_yaml(compose(overrides, config_dir))
 
