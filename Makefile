@@ -11,7 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install check-system params sample model featurize pca report demo test test-fast bench clean
+.PHONY: help install check-system params sample model featurize pca report demo bucket ingest-s3 test test-fast bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -59,6 +59,12 @@ demo: $(STAMP) ## Build the sample and run the whole pipeline locally with DVC (
 	@echo "  metrics          metrics/*.json  (dvc metrics show), metrics/pca_variance.csv (dvc plots show)"
 	@echo "  report           reports/report.html (self-contained) and reports/report.md"
 	@grep -q '"pretrained": false' models/provenance.json && echo "  !! weights: RANDOM, NOT PRETRAINED (ImageNet was not downloadable): see the report banner" || true
+
+bucket: $(STAMP) ## Create/check the S3 bucket (eu-west-3, private, encrypted, TLS-only, versioned) + DVC remote
+	$(PY) -m fruits.bucket storage=s3 $(ARGS)
+
+ingest-s3: $(STAMP) ## Upload the sample to s3://<bucket>/<prefix>/raw (skips what is already there)
+	$(PY) -m fruits.ingest storage=s3 $(ARGS)
 
 test: $(STAMP) ## Run the whole test suite (slow tests included)
 	$(PY) -m pytest

@@ -91,3 +91,69 @@ def reference_features(weights, contents: list[bytes], size: int = TINY_SIZE) ->
 
     extract = model.make_extractor(weights, size, 1.0)
     return model.extract_in_batches(extract, np.stack([prepare(c, size) for c in contents]), 8)
+
+
+def tls_aware_bucket_policies() -> None:
+    """moto ignores policy conditions, so it applies a deny-non-TLS statement to every request. Every
+    request to this endpoint is TLS: such statements do not apply, as on AWS."""
+    import json
+
+    from moto.iam.access_control import IAMPolicy, PermissionResult
+    from moto.s3.models import FakeBucket
+
+    non_tls = {"Bool": {"aws:SecureTransport": "false"}}
+
+    def get_permission(bucket, action, resource):
+        if bucket.policy is None:
+            return PermissionResult.NEUTRAL
+        policy = json.loads(bucket.policy)
+        statements = [s for s in policy["Statement"] if s.get("Condition") != non_tls]
+        if not statements:
+            return PermissionResult.NEUTRAL
+        return IAMPolicy(json.dumps({**policy, "Statement": statements})).is_action_permitted(action, resource)
+
+    FakeBucket.get_permission = get_permission
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(tmp_path_factory):
+    """A real S3 HTTPS endpoint on 127.0.0.1 (moto's server mode), self-signed certificate trusted via
+    AWS_CA_BUNDLE (so the bucket's deny-non-TLS policy is exercised), throw-away credentials."""
+    import socket
+    import subprocess
+
+    from moto.moto_server.threaded_moto_server import MotoRequestHandler, ThreadedMotoServer
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    tls = tmp_path_factory.mktemp("tls")
+    cert, key = tls / "cert.pem", tls / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+
+    class TlsMotoServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = DomainDispatcherApplication(create_backend_app)
+            self._server = make_server(self._ip_address, self._port, app, True,
+                                       request_handler=MotoRequestHandler, ssl_context=(str(cert), str(key)))
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_CA_BUNDLE")
+    saved = {k: os.environ.get(k) for k in names}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_CA_BUNDLE=str(cert))
+    os.environ.pop("AWS_SESSION_TOKEN", None)
+    server = TlsMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    tls_aware_bucket_policies()
+    yield f"https://127.0.0.1:{port}"
+    server.stop()
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value

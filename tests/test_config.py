@@ -89,3 +89,10 @@ def test_random_weights_are_refused_for_full_data_and_emr():
     assert random_weights_allowed(compose())
     assert not random_weights_allowed(compose(["data=fruits360"]))
     assert not random_weights_allowed(compose(["env=emr", "storage=s3"]))
+
+
+def test_a_group_choice_on_the_command_line_composes_conf():
+    cfg = load_config(["storage=s3", "pca.k=3"])
+    assert cfg.storage.kind == "s3" and cfg.storage.bucket and cfg.pca.k == 3
+    with pytest.raises(ConfigError, match="outside the EU"):
+        load_config(["storage=s3", "storage.region=us-west-2"])

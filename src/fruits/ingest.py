@@ -1,7 +1,9 @@
 """ingest: put the selected dataset where featurize reads it, and write its manifest.
 
-Local env: the images stay on local disk (data.root); the manifest (count per label and split, total
-bytes, a checksum of the listing) is what DVC tracks, so a changed dataset re-runs what follows.
+storage=local: the images stay on local disk (data.root). storage=s3: they are uploaded in parallel
+to s3://<bucket>/<prefix>/raw/<split>/<label>/<file>, skipping objects already there with the same
+size and MD5 (so an interrupted upload resumes), and the final count is verified. Either way the
+manifest (count per label and split, total bytes, a checksum of the listing) is what DVC tracks.
 """
 
 from __future__ import annotations
@@ -10,12 +12,16 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from omegaconf import DictConfig
+from tqdm import tqdm
 
+from fruits.aws import client
+from fruits.bucket import check_location
 from fruits.images import RejectedImage, parse_image_path
-from fruits.storage import ListedFile, list_files
+from fruits.storage import ListedFile, filesystem, list_files
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +50,61 @@ def manifest(listed: list[ListedFile]) -> dict:
     }
 
 
+def md5_file(path: str) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def to_upload(local: list[ListedFile], remote: list[ListedFile], md5) -> list[ListedFile]:
+    """The local files whose object is missing or differs (size, then MD5 against the ETag)."""
+    present = {f.relative: f for f in remote}
+    pending = []
+    for file in local:
+        there = present.get(file.relative)
+        if there is None or there.size != file.size or there.etag != md5(file):
+            pending.append(file)
+    return pending
+
+
+def raw_prefix(cfg: DictConfig) -> str:
+    return f"s3://{cfg.storage.bucket}/{cfg.storage.prefix}/raw"
+
+
+def upload(cfg: DictConfig, local: list[ListedFile]) -> dict:
+    """Upload what is missing, in parallel with a progress bar; verify the count at the end."""
+    destination = raw_prefix(cfg)
+    fs, root = filesystem(destination, cfg)
+    check_location(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU bucket
+    remote = list_files(destination, cfg, cfg.featurize.extensions) if fs.exists(root) else []
+    pending = to_upload(local, remote, lambda f: md5_file(f.uri.removeprefix("file:")))
+    log.info("ingest: %d of %d files to upload to %s", len(pending), len(local), destination)
+
+    def put(file: ListedFile) -> None:
+        fs.put_file(file.uri.removeprefix("file:"), f"{root}/{file.relative}")
+
+    with ThreadPoolExecutor(max_workers=cfg.storage.get("upload_threads", 8)) as pool:
+        for _ in tqdm(pool.map(put, pending), total=len(pending), desc="upload", unit="file", disable=not pending):
+            pass
+    fs.invalidate_cache()
+    uploaded = list_files(destination, cfg, cfg.featurize.extensions)
+    missing = {f.relative for f in local} - {f.relative for f in uploaded}
+    if missing:
+        raise RuntimeError(f"ingest: {len(missing)} file(s) missing in {destination} after upload, e.g. {sorted(missing)[:3]}")
+    return {"destination": destination, "uploaded": len(pending), "skipped": len(local) - len(pending)}
+
+
 def run(cfg: DictConfig) -> dict:
-    listed = list_files(cfg.data.root, cfg, cfg.featurize.extensions)
-    if not listed:
+    local = list_files(cfg.data.root, cfg, cfg.featurize.extensions)
+    if not local:
         raise FileNotFoundError(f"data.root={cfg.data.root} holds no {list(cfg.featurize.extensions)} files")
-    result = manifest(listed)
+    result = manifest(local)
+    if cfg.storage.kind == "s3":
+        transfer = upload(cfg, local)
+        result["destination"] = transfer["destination"]
+        log.info("ingest: %d uploaded, %d already there", transfer["uploaded"], transfer["skipped"])
     path = Path(cfg.env.paths.metrics) / "ingest.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")

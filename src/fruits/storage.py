@@ -15,6 +15,9 @@ def filesystem(uri: str, cfg: DictConfig):
     import fsspec
 
     if uri.startswith(("s3://", "s3a://")):
+        from fruits.config import validate
+
+        validate(cfg)  # the region guard, before any call
         options = {"client_kwargs": {"region_name": cfg.storage.region}}
         if cfg.storage.endpoint_url:
             options["endpoint_url"] = cfg.storage.endpoint_url
@@ -28,6 +31,7 @@ class ListedFile(NamedTuple):
     uri: str  # as Spark names it: file:/abs/path or s3://bucket/key
     relative: str  # below the listed root
     size: int
+    etag: str | None = None  # S3 only: the MD5 of a single-part, SSE-S3 object
 
 
 def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
@@ -37,7 +41,8 @@ def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
     wanted = {e.lower() for e in extensions}
     scheme = "s3://" if uri.startswith(("s3://", "s3a://")) else "file:"
     return [
-        ListedFile(scheme + path, path[len(root) + 1 :], int(info.get("size") or 0))
+        ListedFile(scheme + path, path[len(root) + 1 :], int(info.get("size") or 0),
+                   info["ETag"].strip('"') if info.get("ETag") else None)
         for path, info in sorted(fs.find(root, detail=True).items())
         if info.get("type", "file") == "file" and path.rsplit(".", 1)[-1].lower() in wanted
     ]

@@ -1,0 +1,157 @@
+"""The project bucket: created if missing in the configured EU region, locked down, versioned.
+`make bucket` runs it; re-running changes nothing and says so. Refuses a bucket located outside the EU."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from fruits.aws import client
+from fruits.config import EU_REGIONS, ConfigError
+
+log = logging.getLogger(__name__)
+
+PUBLIC_ACCESS_BLOCK = {
+    "BlockPublicAcls": True,
+    "IgnorePublicAcls": True,
+    "BlockPublicPolicy": True,
+    "RestrictPublicBuckets": True,
+}
+
+
+def tls_only_policy(bucket: str) -> dict:
+    """Deny every request that does not use TLS."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [{
+            "Sid": "DenyInsecureTransport",
+            "Effect": "Deny",
+            "Principal": "*",
+            "Action": "s3:*",
+            "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"],
+            "Condition": {"Bool": {"aws:SecureTransport": "false"}},
+        }],
+    }
+
+
+def encryption_rule(kms_key: str | None) -> dict:
+    if kms_key:
+        default = {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": kms_key}
+        return {"Rules": [{"ApplyServerSideEncryptionByDefault": default, "BucketKeyEnabled": True}]}
+    return {"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}
+
+
+def bucket_region(s3, bucket: str) -> str | None:
+    """The bucket's region, or None if it does not exist."""
+    from botocore.exceptions import ClientError
+
+    try:
+        location = s3.get_bucket_location(Bucket=bucket)["LocationConstraint"]
+    except ClientError as err:
+        if err.response["Error"]["Code"] in ("NoSuchBucket", "404"):
+            return None
+        raise
+    return location or "us-east-1"  # S3 reports us-east-1 as an empty constraint
+
+
+def check_location(s3, bucket: str) -> str | None:
+    region = bucket_region(s3, bucket)
+    if region is not None and region not in EU_REGIONS:
+        raise ConfigError(
+            f"storage.bucket={bucket} is located in {region}, outside the EU; GDPR requires one of "
+            f"{', '.join(EU_REGIONS)}. Use another bucket name."
+        )
+    return region
+
+
+def ensure_bucket(cfg: DictConfig) -> list[str]:
+    """Create and configure the bucket as needed; returns what was changed (empty: nothing)."""
+    from botocore.exceptions import ClientError
+
+    bucket, region = cfg.storage.bucket, cfg.storage.region
+    if not bucket:
+        raise ConfigError("storage.bucket is empty: choose storage=s3 or set storage.bucket")
+    s3 = client("s3", cfg)
+    changes = []
+    if check_location(s3, bucket) is None:
+        s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
+        changes.append(f"created s3://{bucket} in {region}")
+
+    try:
+        current = s3.get_public_access_block(Bucket=bucket)["PublicAccessBlockConfiguration"]
+    except ClientError:
+        current = {}
+    if current != PUBLIC_ACCESS_BLOCK:
+        s3.put_public_access_block(Bucket=bucket, PublicAccessBlockConfiguration=PUBLIC_ACCESS_BLOCK)
+        changes.append("blocked all public access")
+
+    wanted = encryption_rule(cfg.storage.get("kms_key_id"))
+    try:
+        rules = s3.get_bucket_encryption(Bucket=bucket)["ServerSideEncryptionConfiguration"]["Rules"]
+        current_default = [r["ApplyServerSideEncryptionByDefault"] for r in rules]
+    except ClientError:
+        current_default = []
+    if current_default != [r["ApplyServerSideEncryptionByDefault"] for r in wanted["Rules"]]:
+        s3.put_bucket_encryption(Bucket=bucket, ServerSideEncryptionConfiguration=wanted)
+        changes.append(f"default encryption {wanted['Rules'][0]['ApplyServerSideEncryptionByDefault']['SSEAlgorithm']}")
+
+    policy = tls_only_policy(bucket)
+    try:
+        current_policy = json.loads(s3.get_bucket_policy(Bucket=bucket)["Policy"])
+    except ClientError:
+        current_policy = None
+    if current_policy != policy:
+        s3.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+        changes.append("policy: deny non-TLS requests")
+
+    if s3.get_bucket_versioning(Bucket=bucket).get("Status") != "Enabled":
+        s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+        changes.append("versioning on")
+    return changes
+
+
+def dvc_remote_url(cfg: DictConfig) -> str:
+    return f"s3://{cfg.storage.bucket}/{cfg.storage.prefix}/dvc"
+
+
+def configure_dvc_remote(cfg: DictConfig, repo: Path = Path(".")) -> None:
+    """The DVC remote in the project bucket, default, with its region; a test endpoint goes to
+    .dvc/config.local (never committed). Credentials stay in the environment / AWS profile."""
+
+    def dvc(*args: str) -> None:
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True, text=True)
+
+    dvc("remote", "add", "--default", "--force", "storage", dvc_remote_url(cfg))
+    dvc("remote", "modify", "storage", "region", cfg.storage.region)
+    if cfg.storage.endpoint_url:
+        dvc("remote", "modify", "--local", "storage", "endpointurl", cfg.storage.endpoint_url)
+
+
+def run(cfg: DictConfig, dvc_repo: Path | None = None) -> list[str]:
+    """Ensure the bucket; with dvc_repo, also point that repository's default DVC remote at it."""
+    changes = ensure_bucket(cfg)
+    if dvc_repo is not None:
+        configure_dvc_remote(cfg, dvc_repo)
+        log.info("dvc remote 'storage' -> %s (%s)", dvc_remote_url(cfg), cfg.storage.region)
+    if changes:
+        for change in changes:
+            log.info("bucket %s: %s", cfg.storage.bucket, change)
+    else:
+        log.info("bucket s3://%s (%s) already as configured: nothing changed", cfg.storage.bucket, cfg.storage.region)
+    return changes
+
+
+def main(argv: list[str] | None = None) -> None:
+    from fruits.config import stage_config
+
+    cfg = stage_config("Create or check the project bucket (EU region, private, encrypted, TLS only, versioned).", argv)
+    run(cfg, Path(".") if Path(".dvc").is_dir() else None)
+
+
+if __name__ == "__main__":
+    main()

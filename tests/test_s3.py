@@ -1,0 +1,147 @@
+"""Bucket, ingest and DVC remote against a real S3 endpoint (moto's server on 127.0.0.1)."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import boto3
+import pytest
+
+from fruits import bucket, ingest, sample
+from fruits.config import ConfigError
+
+from conftest import make_cfg
+
+
+def s3_cfg(tmp_path, endpoint, *overrides):
+    name = f"fruits-test-{uuid.uuid4().hex[:10]}"
+    return make_cfg(tmp_path, "storage=s3", f"storage.bucket={name}", f"storage.endpoint_url={endpoint}", *overrides)
+
+
+def raw_client(endpoint, region="eu-west-3"):
+    return boto3.client("s3", region_name=region, endpoint_url=endpoint)
+
+
+def test_bucket_is_created_in_paris_locked_down_and_rerun_changes_nothing(tmp_path, s3_endpoint):
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    changes = bucket.run(cfg)
+    assert changes[0] == f"created s3://{cfg.storage.bucket} in eu-west-3"
+    s3 = raw_client(s3_endpoint)
+    name = cfg.storage.bucket
+    assert s3.get_bucket_location(Bucket=name)["LocationConstraint"] == "eu-west-3"
+    assert s3.get_public_access_block(Bucket=name)["PublicAccessBlockConfiguration"] == bucket.PUBLIC_ACCESS_BLOCK
+    rule = s3.get_bucket_encryption(Bucket=name)["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert rule["ApplyServerSideEncryptionByDefault"]["SSEAlgorithm"] == "AES256"
+    statement = json.loads(s3.get_bucket_policy(Bucket=name)["Policy"])["Statement"][0]
+    assert statement["Effect"] == "Deny" and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
+    assert s3.get_bucket_versioning(Bucket=name)["Status"] == "Enabled"
+    assert bucket.run(cfg) == []
+
+
+def test_kms_key_gives_sse_kms(tmp_path, s3_endpoint):
+    cfg = s3_cfg(tmp_path, s3_endpoint, "storage.kms_key_id=alias/fruits")
+    bucket.run(cfg)
+    rule = raw_client(s3_endpoint).get_bucket_encryption(Bucket=cfg.storage.bucket)["ServerSideEncryptionConfiguration"]["Rules"][0]
+    assert rule["ApplyServerSideEncryptionByDefault"] == {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": "alias/fruits"}
+
+
+def test_us_east_1_is_refused_before_any_call(tmp_path, s3_endpoint):
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    cfg.storage.region = "us-east-1"
+    with pytest.raises(ConfigError, match="storage.region=us-east-1 is outside the EU"):
+        bucket.run(cfg)
+    names = [b["Name"] for b in raw_client(s3_endpoint).list_buckets()["Buckets"]]
+    assert cfg.storage.bucket not in names
+
+
+def test_an_existing_bucket_outside_the_eu_is_refused(tmp_path, s3_endpoint):
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    raw_client(s3_endpoint, "us-west-2").create_bucket(
+        Bucket=cfg.storage.bucket, CreateBucketConfiguration={"LocationConstraint": "us-west-2"})
+    with pytest.raises(ConfigError, match="is located in us-west-2, outside the EU"):
+        bucket.run(cfg)
+    sample.run(cfg)
+    with pytest.raises(ConfigError, match="outside the EU"):
+        ingest.run(cfg)
+
+
+def keys(s3_endpoint, cfg):
+    s3 = raw_client(s3_endpoint)
+    pages = s3.get_paginator("list_objects_v2").paginate(Bucket=cfg.storage.bucket, Prefix=f"{cfg.storage.prefix}/raw/")
+    return {obj["Key"]: obj["ETag"].strip('"') for page in pages for obj in page.get("Contents", [])}
+
+
+def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_path, s3_endpoint, monkeypatch):
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    bucket.run(cfg)
+    sample.run(cfg)
+    local = sorted(Path(cfg.data.root).rglob("*.jpg"))
+
+    # Interrupted after 10 uploads.
+    from fruits.storage import filesystem
+
+    fs, _ = filesystem(ingest.raw_prefix(cfg), cfg)  # fsspec caches it: ingest gets this very instance
+    real_put, calls = fs.put_file, {"n": 0}
+
+    def flaky_put(lpath, rpath, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise ConnectionError("network cut")
+        return real_put(lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", flaky_put)
+    with pytest.raises(ConnectionError):
+        ingest.run(cfg)
+    assert len(keys(s3_endpoint, cfg)) == 10
+    monkeypatch.undo()
+
+    manifest = ingest.run(cfg)
+    uploaded = keys(s3_endpoint, cfg)
+    assert len(uploaded) == len(local) == manifest["images"] == 32
+    for path in local:
+        relative = path.relative_to(cfg.data.root).as_posix()
+        assert uploaded[f"{cfg.storage.prefix}/raw/{relative}"] == hashlib.md5(path.read_bytes()).hexdigest()
+    assert manifest["per_split"]["Training"]["Kiwi"] == 6
+    assert json.loads((Path(cfg.env.paths.metrics) / "ingest.json").read_text())["images"] == 32
+
+    # Idempotent: nothing new to upload; a changed file is uploaded again.
+    assert ingest.upload(cfg, ingest.list_files(cfg.data.root, cfg, ["jpg"]))["uploaded"] == 0
+    local[0].write_bytes(local[1].read_bytes())
+    assert ingest.upload(cfg, ingest.list_files(cfg.data.root, cfg, ["jpg"]))["uploaded"] == 1
+
+
+def test_dvc_push_pull_round_trip(tmp_path, s3_endpoint):
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    bucket.run(cfg)
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+
+    def sh(*cmd):
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    bucket.configure_dvc_remote(cfg, repo)
+    data = repo / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.bin").write_bytes(os.urandom(1000 + i))
+    before = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()}
+    sh("dvc", "add", "data")
+    sh("dvc", "push")
+    config = (repo / ".dvc" / "config").read_text()
+    assert f"url = s3://{cfg.storage.bucket}/fruits/dvc" in config and "region = eu-west-3" in config
+    assert "endpointurl" not in config and "secret" not in config  # only in config.local
+    subprocess.run(["rm", "-rf", str(data), str(repo / ".dvc" / "cache")], check=True)
+    sh("dvc", "pull")
+    after = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in data.iterdir()}
+    assert after == before
+    assert any(k.startswith(f"{cfg.storage.prefix}/dvc/") for k in
+               {o["Key"] for o in raw_client(s3_endpoint).list_objects_v2(Bucket=cfg.storage.bucket)["Contents"]})
