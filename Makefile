@@ -11,7 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install check-system params sample model featurize pca report demo bucket ingest-s3 test test-fast bench clean
+.PHONY: help install check-system params sample model featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro test test-fast bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -29,8 +29,9 @@ $(STAMP): requirements/*.txt pyproject.toml
 
 install: $(STAMP) ## Create the virtual environment and install the pinned dependencies
 
-params: $(STAMP) ## Compose conf/ into params.yaml (what DVC's Hydra integration writes)
+params: $(STAMP) ## Compose conf/ into params.yaml (local) and emr/params.yaml (env=emr storage=s3)
 	$(PY) -m fruits.config > params.yaml
+	$(PY) -m fruits.config env=emr storage=s3 $(EMR_OVERRIDES) > emr/params.yaml
 
 sample: $(STAMP) ## Build the sample subset under data/sample
 	$(PY) -m fruits.sample
@@ -65,6 +66,21 @@ bucket: $(STAMP) ## Create/check the S3 bucket (eu-west-3, private, encrypted, T
 
 ingest-s3: $(STAMP) ## Upload the sample to s3://<bucket>/<prefix>/raw (skips what is already there)
 	$(PY) -m fruits.ingest storage=s3 $(ARGS)
+
+cluster: $(STAMP) ## Bucket, bootstrap + code to S3, EMR cluster (or reuse the running one); waits until ready
+	@if [ -n "$(DRY_RUN)" ]; then $(PY) -m fruits.cluster plan $(ARGS); else $(PY) -m fruits.cluster create $(ARGS); fi
+
+cluster-plan: $(STAMP) ## Print the exact RunJobFlow request, without calling AWS
+	$(PY) -m fruits.cluster plan $(ARGS)
+
+cluster-status: $(STAMP) ## State, age, nodes, idle time left before auto-termination, cost so far
+	$(PY) -m fruits.cluster status $(ARGS)
+
+cluster-down: $(STAMP) ## Terminate the cluster and wait (safe to run twice)
+	$(PY) -m fruits.cluster down $(ARGS)
+
+emr-repro: $(STAMP) ## Run the pipeline on the cluster: dvc repro emr/dvc.yaml
+	dvc repro emr/dvc.yaml
 
 test: $(STAMP) ## Run the whole test suite (slow tests included)
 	$(PY) -m pytest

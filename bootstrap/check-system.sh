@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What pip cannot install: a Java runtime for Spark, and native BLAS/LAPACK for Spark ML.
+# What pip cannot install: a Java runtime for Spark, native BLAS/LAPACK for Spark ML, shellcheck.
 # Without native LAPACK, Spark falls back to a Java port that returned wrong PCA variances on
 # tiny-magnitude features (0.27 instead of 0.99). Installs them with apt when run as root.
 set -euo pipefail
@@ -10,6 +10,9 @@ if ! command -v java >/dev/null 2>&1 && [ -z "${JAVA_HOME:-}" ]; then
 fi
 if ! ldconfig -p 2>/dev/null | grep -q 'liblapack.so.3'; then
   need+=(libblas3 liblapack3)
+fi
+if ! command -v shellcheck >/dev/null 2>&1; then
+  need+=(shellcheck)  # the tests lint bootstrap/*.sh
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

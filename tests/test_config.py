@@ -34,9 +34,11 @@ def test_every_config_group_option_composes_and_validates(override):
             assert cfg[group][key] == value, f"{group}.{key}"
 
 
-def test_committed_params_yaml_is_the_composition_of_conf():
+def test_committed_params_files_are_the_composition_of_conf():
     committed = (PROJECT_ROOT / "params.yaml").read_text()
     assert committed == composed_yaml(), "params.yaml drifted from conf/: run `make params`"
+    emr = (PROJECT_ROOT / "emr" / "params.yaml").read_text()
+    assert emr == composed_yaml(["env=emr", "storage=s3"]), "emr/params.yaml drifted from conf/: run `make params`"
 
 
 def test_region_outside_the_eu_is_refused_naming_the_setting():

@@ -13,16 +13,18 @@ import yaml
 from fruits.config import PROJECT_ROOT
 
 
-def dvc_stages():
-    return yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+def dvc_stages(pipeline: str = "dvc.yaml"):
+    return yaml.safe_load((PROJECT_ROOT / pipeline).read_text())["stages"]
 
 
-def test_every_stage_runs_a_package_module_and_reads_existing_params():
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    for name, stage in dvc_stages().items():
-        module = re.fullmatch(r"python -m (fruits\.\w+)", stage["cmd"]).group(1)
+@pytest.mark.parametrize("pipeline, params_file", [("dvc.yaml", "params.yaml"), ("emr/dvc.yaml", "emr/params.yaml")])
+def test_every_stage_runs_a_package_module_and_reads_existing_params(pipeline, params_file):
+    params = yaml.safe_load((PROJECT_ROOT / params_file).read_text())
+    for name, stage in dvc_stages(pipeline).items():
+        module = re.fullmatch(r"python -m (fruits\.\w+)( --params \S+)?", stage["cmd"]).group(1)
         assert (PROJECT_ROOT / "src" / (module.replace(".", "/") + ".py")).exists(), name
-        for key in stage["params"]:
+        keys = [k for entry in stage["params"] for k in (entry[params_file] if isinstance(entry, dict) else [entry])]
+        for key in keys:
             node = params
             for part in key.split("."):
                 assert part in node, f"stage {name} lists param {key}, absent from params.yaml"

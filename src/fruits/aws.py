@@ -17,6 +17,8 @@ def client(service: str, cfg: DictConfig, region_setting: str = "storage.region"
     if region not in EU_REGIONS:
         raise ConfigError(f"{region_setting}={region} is outside the EU; GDPR requires one of {', '.join(EU_REGIONS)}")
     options = {"region_name": region}
-    if service == "s3" and cfg.storage.endpoint_url:
-        options["endpoint_url"] = cfg.storage.endpoint_url
+    # A local endpoint (tests): storage.endpoint_url for S3, cluster.endpoint_url for EMR.
+    endpoint = cfg.storage.endpoint_url if service == "s3" else OmegaConf.select(cfg, "cluster.endpoint_url")
+    if endpoint:
+        options["endpoint_url"] = endpoint
     return boto3.client(service, **options)

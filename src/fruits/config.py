@@ -76,14 +76,19 @@ def apply_overrides(cfg: DictConfig, overrides: list[str] | tuple[str, ...]) -> 
     return cfg
 
 
+def config_groups() -> set[str]:
+    """The group names of conf/ (none where there is no conf/, as on the cluster)."""
+    folder = conf_dir()
+    return {p.name for p in folder.iterdir() if p.is_dir()} if folder.is_dir() else set()
+
+
 def load_config(
     overrides: list[str] | tuple[str, ...] = (), params_file: str | Path | None = None
 ) -> DictConfig:
     """The config a stage runs with: params.yaml (as DVC composed it), then command-line overrides;
     or, when an override chooses a config group (`storage=s3`), conf/ composed with the overrides."""
     path = Path(params_file or PARAMS_FILE)
-    groups = {p.name for p in conf_dir().iterdir() if p.is_dir()}
-    if params_file is None and any(o.split("=", 1)[0] in groups for o in overrides):
+    if params_file is None and any(o.split("=", 1)[0] in config_groups() for o in overrides):
         # A group choice (storage=s3, env=emr) needs a new composition of conf/, not params.yaml.
         cfg = compose(overrides)
         validate(cfg)

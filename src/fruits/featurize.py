@@ -246,7 +246,9 @@ def run(cfg: DictConfig, spark=None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from fruits.config import stage_config
 
-    run(stage_config("Featurize the images with MobileNetV2 on Spark.", argv))
+    from fruits.steps import dispatch
+
+    dispatch("featurize", stage_config("Featurize the images with MobileNetV2 on Spark.", argv), run)
 
 
 if __name__ == "__main__":

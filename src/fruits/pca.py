@@ -148,7 +148,9 @@ def run(cfg: DictConfig, spark=None) -> dict:
 def main(argv: list[str] | None = None) -> None:
     from fruits.config import stage_config
 
-    run(stage_config("Fit the PCA on the Training features and project every split.", argv))
+    from fruits.steps import dispatch
+
+    dispatch("pca", stage_config("Fit the PCA on the Training features and project every split.", argv), run)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fruits.costs import alternatives, emr_estimate
+
 log = logging.getLogger(__name__)
 
 
@@ -29,49 +31,6 @@ class Section:
 
 
 # --- pure computations ---------------------------------------------------------------------------------
-
-
-def node_price(prices: DictConfig, instance_type: str) -> float:
-    """EC2 + EMR fee per hour for one node of that type."""
-    if instance_type not in prices.instances:
-        raise KeyError(f"cluster.prices.instances has no entry for {instance_type}: add its hourly prices")
-    entry = prices.instances[instance_type]
-    return float(entry.ec2) + float(entry.emr)
-
-
-def emr_estimate(images: int, per_core_rate: float, cluster: DictConfig) -> dict:
-    """Hours and USD to featurize `images` on the configured EMR cluster, from a measured per-core rate."""
-    prices = cluster.prices
-    cores = cluster.core_instance_count * prices.instances[cluster.core_instance_type].vcpu
-    hours = images / (per_core_rate * cores) / 3600 + prices.startup_hours
-    hourly = node_price(prices, cluster.primary_instance_type) + cluster.core_instance_count * node_price(
-        prices, cluster.core_instance_type
-    )
-    return {"images": images, "cores": cores, "hours": hours, "usd": hours * hourly, "usd_per_hour": hourly}
-
-
-def alternatives(images: int, per_core_rate: float, cluster: DictConfig) -> list[dict]:
-    """The same featurization elsewhere, priced from the config's list prices and the measured rate."""
-    prices = cluster.prices
-    emr = emr_estimate(images, per_core_rate, cluster)
-    vcpu_hours = images / per_core_rate / 3600
-    serverless = vcpu_hours * (prices.serverless.vcpu_hour + 4 * prices.serverless.gb_hour)
-    databricks_hours = emr["hours"]
-    databricks = databricks_hours * (1 + cluster.core_instance_count) * (
-        prices.databricks.dbu_per_node_hour * prices.databricks.usd_per_dbu + prices.instances[cluster.core_instance_type].ec2
-    )
-    gpu_hours = images / prices.gpu.images_per_second / 3600 + prices.startup_hours
-    gpu = gpu_hours * (node_price(prices, prices.gpu.instance_type) + node_price(prices, cluster.primary_instance_type))
-    return [
-        {"option": f"EMR on EC2 ({1 + cluster.core_instance_count} x {cluster.core_instance_type})",
-         "hours": emr["hours"], "usd": emr["usd"], "note": "cluster start included; idle auto-termination"},
-        {"option": "EMR Serverless", "hours": vcpu_hours / emr["cores"], "usd": serverless,
-         "note": "billed per vCPU-hour and GB-hour (4 GB/vCPU), no idle cluster"},
-        {"option": "Databricks jobs compute", "hours": databricks_hours, "usd": databricks,
-         "note": "DBUs on top of EC2; notebooks and MLflow included"},
-        {"option": f"one GPU node ({prices.gpu.instance_type}) + primary", "hours": gpu_hours, "usd": gpu,
-         "note": f"assumes {prices.gpu.images_per_second} img/s (not measured here)"},
-    ]
 
 
 def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConfig, local_cores: int) -> list[str]:
@@ -334,9 +293,10 @@ def run(cfg: DictConfig, spark=None) -> tuple[Path, Path]:
 
 def main(argv: list[str] | None = None) -> None:
     from fruits.config import stage_config
+    from fruits.steps import dispatch
 
     os.environ.setdefault("MPLBACKEND", "Agg")
-    run(stage_config("Build the critique report from the measured numbers.", argv))
+    dispatch("report", stage_config("Build the critique report from the measured numbers.", argv), run)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,185 @@
+"""EMR: the exact requests (botocore Stubber: AWS's own parameter validation), the lifecycle against
+moto's EMR on a local endpoint, the bootstrap script, the IAM policy, and the step entry point."""
+
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import boto3
+import pyspark
+import pytest
+from botocore.stub import Stubber
+
+from fruits import cluster, steps
+from fruits.config import PROJECT_ROOT, ConfigError, compose
+
+from conftest import make_cfg
+
+
+def emr_cfg(tmp_path, *overrides, endpoint=None):
+    cfg = compose(["env=emr", "storage=s3", *overrides])
+    cfg.cluster.state_file = str(tmp_path / "state.json")
+    cfg.cluster.poll_seconds = 0
+    if endpoint:
+        cfg.storage.endpoint_url = endpoint
+        cfg.cluster.endpoint_url = endpoint
+        cfg.storage.bucket = f"fruits-emr-{tmp_path.name[-12:].lower().replace('_', '-')}"
+    return cfg
+
+
+def test_run_job_flow_request_passes_aws_validation_and_has_the_guards(tmp_path):
+    cfg = emr_cfg(tmp_path)
+    request = cluster.run_job_flow_request(cfg)
+    emr = boto3.client("emr", region_name=cfg.cluster.region, aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(emr) as stub:
+        stub.add_response("run_job_flow", {"JobFlowId": "j-TEST"}, request)
+        assert emr.run_job_flow(**request)["JobFlowId"] == "j-TEST"  # botocore validated every field
+    assert emr.meta.region_name == "eu-west-3"
+    assert request["AutoTerminationPolicy"]["IdleTimeout"] == 3600 >= 60
+    uris = cluster.artifact_uris(cfg)
+    assert request["BootstrapActions"][0]["ScriptBootstrapAction"]["Path"] == uris["bootstrap"]
+    assert request["LogUri"].startswith(f"s3://{cfg.storage.bucket}/")
+    assert request["SecurityConfiguration"] == cfg.cluster.security_configuration
+    assert "Ec2KeyName" not in request["Instances"]  # no SSH key: nothing to open to the world
+    assert {t["Key"] for t in request["Tags"]} == {"project", "owner", "cost-centre"}
+    # Release label consistent with the local pyspark: EMR 7.x ships Spark 3.5 and Python 3.11.
+    assert request["ReleaseLabel"].startswith("emr-7.")
+    assert cfg.cluster.spark_version.split(".")[:2] == pyspark.__version__.split(".")[:2]
+    spark_env = request["Configurations"][0]["Configurations"][0]["Properties"]
+    assert spark_env["PYSPARK_PYTHON"] == "/usr/bin/python3.11"
+    encryption = cluster.security_configuration()["EncryptionConfiguration"]
+    assert encryption["EnableAtRestEncryption"] is True
+
+
+def test_step_request_passes_aws_validation(tmp_path):
+    cfg = emr_cfg(tmp_path)
+    step = steps.step_request(cfg, "featurize", "s3://b/run")
+    emr = boto3.client("emr", region_name="eu-west-3", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(emr) as stub:
+        stub.add_response("add_job_flow_steps", {"StepIds": ["s-1"]}, {"JobFlowId": "j-1", "Steps": [step]})
+        emr.add_job_flow_steps(JobFlowId="j-1", Steps=[step])
+    args = step["HadoopJarStep"]["Args"]
+    assert step["HadoopJarStep"]["Jar"] == "command-runner.jar" and args[0] == "spark-submit"
+    assert args[args.index("--py-files") + 1] == cluster.artifact_uris(cfg)["code"]
+    assert args[-2:] == ["featurize", "s3://b/run"]
+
+
+@pytest.mark.parametrize("timeout", [None, 30, 8 * 24 * 3600])
+def test_a_cluster_without_a_sane_idle_timeout_is_refused(tmp_path, timeout):
+    cfg = emr_cfg(tmp_path)
+    cfg.cluster.idle_timeout_s = timeout
+    with pytest.raises(ConfigError, match="idle auto-termination"):
+        cluster.run_job_flow_request(cfg)
+
+
+def test_a_cluster_outside_the_eu_is_refused(tmp_path):
+    cfg = emr_cfg(tmp_path)
+    cfg.cluster.region = "us-east-1"
+    with pytest.raises(ConfigError, match="cluster.region=us-east-1 is outside the EU"):
+        cluster.create(cfg)
+
+
+def test_step_failure_reports_reason_and_log():
+    emr = boto3.client("emr", region_name="eu-west-3", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(emr) as stub:
+        running = {"Step": {"Name": "fruits pca", "Status": {"State": "RUNNING"}}}
+        failed = {"Step": {"Name": "fruits pca", "Status": {"State": "FAILED", "FailureDetails": {
+            "Reason": "Python exception", "Message": "pca.k=9999 exceeds", "LogFile": "s3://b/logs/j-1/steps/s-1/"}}}}
+        stub.add_response("describe_step", running, {"ClusterId": "j-1", "StepId": "s-1"})
+        stub.add_response("describe_step", failed, {"ClusterId": "j-1", "StepId": "s-1"})
+        with pytest.raises(RuntimeError, match=r"FAILED: Python exception pca.k=9999 exceeds; log: s3://b/logs/j-1"):
+            steps.wait_for_step(emr, "j-1", "s-1", 0, out=io.StringIO())
+
+
+def test_lifecycle_create_reuse_status_steps_down(tmp_path, s3_endpoint):
+    cfg = emr_cfg(tmp_path, endpoint=s3_endpoint)
+    cluster_id = cluster.create(cfg)
+    assert json.loads(Path(cfg.cluster.state_file).read_text())["cluster_id"] == cluster_id
+    s3 = boto3.client("s3", region_name="eu-west-3", endpoint_url=s3_endpoint)
+    keys = {o["Key"] for o in s3.list_objects_v2(Bucket=cfg.storage.bucket)["Contents"]}
+    for uri in ("bootstrap", "requirements", "constraints", "code", "entry"):
+        assert cluster.artifact_uris(cfg)[uri].split("/", 3)[3] in keys
+    assert cluster.create(cfg) == cluster_id  # a running cluster of the project is reused
+
+    emr = boto3.client("emr", region_name="eu-west-3", endpoint_url=s3_endpoint)
+    described = emr.describe_cluster(ClusterId=cluster_id)["Cluster"]
+    assert described["ReleaseLabel"] == cfg.cluster.release_label
+    assert {t["Key"]: t["Value"] for t in described["Tags"]}["project"] == "fruits"
+    step_ids = emr.add_job_flow_steps(JobFlowId=cluster_id, Steps=[steps.step_request(cfg, "pca", "s3://b/r")])["StepIds"]
+    assert [s["Id"] for s in emr.list_steps(ClusterId=cluster_id)["Steps"]] == step_ids
+
+    state = cluster.status(cfg)
+    assert state["cluster_id"] == cluster_id and state["state"] in ("WAITING", "RUNNING")
+    assert set(state["nodes"]) == {"MASTER", "CORE"} and state["cost_so_far_usd"] >= 0
+
+    assert cluster.down(cfg) == f"cluster {cluster_id} terminated"
+    assert emr.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["State"].startswith("TERMINAT")
+    assert cluster.down(cfg) == "no cluster recorded: nothing to terminate"
+    assert cluster.status(cfg)["state"] == "NONE"
+
+
+def test_plan_prints_the_request_without_calling_aws(capsys, monkeypatch):
+    def no_aws(*args, **kwargs):
+        raise AssertionError("plan must not call AWS")
+
+    monkeypatch.setattr(cluster, "client", no_aws)
+    cluster.main(["plan"])
+    request = json.loads(capsys.readouterr().out)
+    assert request["AutoTerminationPolicy"]["IdleTimeout"] == 3600 and request["Name"] == "fruits-emr"
+
+
+def test_packaged_code_holds_the_package():
+    names = zipfile.ZipFile(io.BytesIO(cluster.package_code())).namelist()
+    assert "fruits/featurize.py" in names and "fruits/steps.py" in names
+    assert not [n for n in names if not n.startswith("fruits/")]
+
+
+def test_bootstrap_script_is_shellcheck_clean_and_strict():
+    script = PROJECT_ROOT / "bootstrap" / "install-deps.sh"
+    text = script.read_text()
+    assert "set -euo pipefail" in text and "-r \"${workdir}/runtime.txt\" -c \"${workdir}/lock.txt\"" in text
+    assert shutil.which("shellcheck"), "shellcheck missing: `make check-system` installs it"
+    done = subprocess.run(["shellcheck", str(script)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout
+
+
+def test_instance_role_policy_is_limited_to_the_project_bucket():
+    s3_cfg = compose(["storage=s3"]).storage
+    policy = json.loads((PROJECT_ROOT / "bootstrap" / "iam" / "instance-role-policy.json").read_text())
+    s3_resources = [r for st in policy["Statement"] for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])
+                    if r.startswith("arn:aws:s3")]
+    assert s3_resources and all(r.startswith(f"arn:aws:s3:::{s3_cfg.bucket}") for r in s3_resources)
+    assert f"arn:aws:s3:::{s3_cfg.bucket}/{s3_cfg.prefix}/*" in s3_resources
+
+
+@pytest.mark.slow
+def test_the_step_command_line_runs_the_stage_locally(spark, tmp_path):
+    """The step's own arguments (entry point, stage, run folder) with a local run folder and local[2]."""
+    from conftest import make_cfg
+    from pyspark.sql import SparkSession  # noqa: F401
+
+    from test_pca import synthetic_features, write_features
+
+    cfg = make_cfg(tmp_path / "work", "pca.k=3")
+    work = tmp_path / "work"
+    write_features(spark, cfg, synthetic_features(30, 20, 1.0), train_rows=20)
+    run_dir = tmp_path / "run"
+    steps.prepare_run(cfg, "pca", str(run_dir))
+    zip_path = tmp_path / "fruits.zip"
+    zip_path.write_bytes(cluster.package_code())
+    args = steps.step_request(cfg, "pca", str(run_dir))["HadoopJarStep"]["Args"]
+    args[args.index("--master") + 1] = "local[2]"
+    args[args.index("--py-files") + 1] = str(zip_path)
+    args[args.index("--py-files") + 2] = str(PROJECT_ROOT / "bootstrap" / "run_stage.py")
+    spark_submit = Path(sys.executable).parent / "spark-submit"
+    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
+    done = subprocess.run([str(spark_submit), *args[1:]], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    metrics = json.loads((run_dir / "outputs" / cfg.env.paths.metrics.lstrip("/") / "pca.json").read_text())
+    assert metrics["k"] == 3 and metrics["rows_fitted"] == 20
