@@ -11,7 +11,7 @@ export PATH := $(abspath $(VENV))/bin:$(PATH)
 export TF_ENABLE_ONEDNN_OPTS ?= 1
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install check-system params sample model featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro test test-fast bench clean
+.PHONY: help install check-system params sample model featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -90,6 +90,9 @@ test-fast: $(STAMP) ## Run the tests not marked slow
 
 bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
 	$(PY) benchmarks/featurize_bench.py
+
+docs: $(STAMP) ## Refresh the code excerpts in docs/*.md from the source
+	$(PY) docs/excerpts.py
 
 clean: ## Remove generated data and outputs (not the virtual environment)
 	rm -rf data models bench spark-warehouse

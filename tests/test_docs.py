@@ -1,0 +1,28 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+from fruits.config import PROJECT_ROOT
+
+sys.path.insert(0, str(PROJECT_ROOT / "docs"))
+import excerpts  # noqa: E402
+
+DOCS = sorted((PROJECT_ROOT / "docs").glob("*.md"))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.name for d in DOCS])
+def test_code_excerpts_are_identical_to_the_source(doc):
+    found = list(excerpts.blocks(doc.read_text()))
+    for path, name, code in found:
+        assert code == excerpts.excerpt(path, name), f"{doc.name}: {path}::{name} drifted: run `make docs`"
+
+
+def test_the_walkthrough_shows_the_broadcast_and_the_udf():
+    names = {name for _, name, _ in excerpts.blocks((PROJECT_ROOT / "docs" / "walkthrough.md").read_text())}
+    assert {"broadcast_weights", "cached_extractor", "build_udf", "choose_k", "fit_full_spectrum"} <= names
+
+
+def test_a_missing_function_is_reported():
+    with pytest.raises(KeyError, match="no top-level function or class nope"):
+        excerpts.excerpt("src/fruits/pca.py", "nope")
