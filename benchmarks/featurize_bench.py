@@ -90,7 +90,7 @@ def spark_runs(files: list[Path], cfg) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-label", type=int, default=96, help="generated Training images per label")
+    parser.add_argument("--per-label", type=int, default=192, help="generated Training images per label")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.input_size=160")
     args = parser.parse_args()
     cfg = load_config(["data.root=bench/sample", "env.paths.images=bench/sample", f"data.train_per_label={args.per_label}", "data.test_per_label=0",

@@ -183,3 +183,31 @@ def test_the_step_command_line_runs_the_stage_locally(spark, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     metrics = json.loads((run_dir / "outputs" / cfg.env.paths.metrics.lstrip("/") / "pca.json").read_text())
     assert metrics["k"] == 3 and metrics["rows_fitted"] == 20
+
+
+def test_a_run_folder_in_s3_round_trips_config_inputs_and_outputs(spark, tmp_path, s3_endpoint, monkeypatch):
+    """Client side prepare_run -> cluster side run_on_cluster (reads everything from S3) -> fetch_outputs."""
+    from fruits import bucket
+    from test_pca import synthetic_features, write_features
+
+    cfg = make_cfg(tmp_path / "work", "storage=s3", f"storage.endpoint_url={s3_endpoint}", "pca.k=2",
+                   f"storage.bucket=fruits-run-{tmp_path.name[-10:].lower().replace('_', '-')}")
+    bucket.ensure_bucket(cfg)
+    write_features(spark, cfg, synthetic_features(20, 12, 1.0), train_rows=15)
+    run_uri = f"s3://{cfg.storage.bucket}/fruits/emr/params/pca-test"
+    steps.prepare_run(cfg, "pca", run_uri)
+
+    cluster_side = tmp_path / "node"
+    cluster_side.mkdir()
+    monkeypatch.chdir(cluster_side)
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)  # the node reads the run folder before it has a config
+    steps.run_on_cluster("pca", run_uri)
+
+    written = Path(cfg.env.paths.metrics, "pca.json")  # test paths are absolute: drop the node's copy
+    written.unlink()
+    s3 = boto3.client("s3", region_name="eu-west-3", endpoint_url=s3_endpoint)
+    outputs = {o["Key"] for o in s3.list_objects_v2(Bucket=cfg.storage.bucket, Prefix="fruits/emr/params/pca-test/outputs/")["Contents"]}
+    assert any(key.endswith("/pca.json") for key in outputs) and any(key.endswith("/pca_variance.csv") for key in outputs)
+    steps.fetch_outputs(cfg, "pca", run_uri)
+    fetched = json.loads(Path(cfg.env.paths.metrics, "pca.json").read_text())
+    assert fetched["k"] == 2 and fetched["rows_fitted"] == 15

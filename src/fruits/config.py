@@ -38,8 +38,17 @@ EU_REGIONS = (
 INPUT_SIZES = (96, 128, 160, 192, 224)
 
 
+REGION_SETTINGS = ("storage.region", "cluster.region")
+
+
 class ConfigError(ValueError):
     """A setting is missing or wrong; the message names it and says what to do."""
+
+
+def check_region(setting: str, region: str | None) -> None:
+    """The GDPR guard: refuse a region outside the EU, naming the setting."""
+    if region is not None and region not in EU_REGIONS:
+        raise ConfigError(f"{setting}={region} is outside the EU; GDPR requires one of {', '.join(EU_REGIONS)}")
 
 
 def compose(overrides: list[str] | tuple[str, ...] = (), config_dir: Path | None = None) -> DictConfig:
@@ -106,12 +115,8 @@ def load_config(
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Refuse, before any work or AWS call, settings that would be wrong or unlawful."""
-    for setting in ("storage.region", "cluster.region"):
-        region = OmegaConf.select(cfg, setting)
-        if region is not None and region not in EU_REGIONS:
-            raise ConfigError(
-                f"{setting}={region} is outside the EU; GDPR requires one of {', '.join(EU_REGIONS)}"
-            )
+    for setting in REGION_SETTINGS:
+        check_region(setting, OmegaConf.select(cfg, setting))
     size = cfg.model.input_size
     if size not in INPUT_SIZES:
         raise ConfigError(f"model.input_size={size} is not supported; use one of {INPUT_SIZES}")

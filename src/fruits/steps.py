@@ -86,15 +86,16 @@ def fetch_outputs(cfg: DictConfig, stage: str, run_uri: str) -> None:
 
 def run_on_cluster(stage: str, run_uri: str) -> None:
     """The cluster side (bootstrap/run_stage.py): fetch config and inputs, run, send outputs back."""
+    import fsspec
+
     from fruits.config import load_config
     from fruits.storage import filesystem
 
-    bootstrap_cfg = OmegaConf.create({"storage": {"region": os.environ.get("AWS_REGION", "eu-west-3"),
-                                                  "endpoint_url": os.environ.get("FRUITS_S3_ENDPOINT")}})
-    fs, root = filesystem(run_uri, bootstrap_cfg)
-    with fs.open(f"{root}/params.yaml", "rb") as stream, open("params.yaml", "wb") as out:
+    # The config is not known yet: read it plainly (the client wrote it there through the guarded layer).
+    with fsspec.open(f"{run_uri}/params.yaml", "rb") as stream, open("params.yaml", "wb") as out:
         out.write(stream.read())
     cfg = load_config([], "params.yaml")
+    fs, root = filesystem(run_uri, cfg)
     inputs, outputs = stage_files(cfg, stage)
     for relative in inputs:
         if fs.exists(f"{root}/inputs/{relative}"):
