@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     from fruits.spark import get_session
 
     spark = spark or get_session(cfg)
+    started = time.perf_counter()
     lapack = lapack_implementation(spark)
     if lapack != "JNILAPACK":
         log.warning("Spark ML uses %s, not native LAPACK: install libblas3 liblapack3 (make check-system)", lapack)
@@ -138,6 +140,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "rows_projected": spark.read.parquet(cfg.env.paths.pca_vectors).count(),
         "standardize": bool(cfg.pca.standardize),
         "lapack": lapack,
+        "seconds": round(time.perf_counter() - started, 3),
     }
     path = Path(cfg.env.paths.metrics) / "pca.json"
     path.write_text(json.dumps(metrics, indent=2) + "\n")

@@ -23,6 +23,8 @@ from fruits.costs import alternatives, emr_estimate
 
 log = logging.getLogger(__name__)
 
+SMALL_RUN_IMAGES = 5000
+
 
 @dataclass
 class Section:
@@ -50,13 +52,19 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
             "dataset. Refit on the full data before trusting the choice of k."
         )
     rate = featurize_m["images_per_second"]
+    total = featurize_m["seconds"] + pca_m["seconds"]
     lines.append(
-        f"Featurize took {featurize_m['seconds']:.1f} s for {featurize_m['images']} images ({rate:.1f} img/s on "
+        f"Of {total:.1f} s of Spark work, featurize took {featurize_m['seconds']:.1f} s "
+        f"({featurize_m['seconds'] / total:.0%}) for {featurize_m['images']} images ({rate:.1f} img/s on "
         f"{local_cores} cores, {featurize_m['partitions']} partitions, model built "
         f"{sum(featurize_m['model_builds_per_worker'].values())} time(s) over "
-        f"{len(featurize_m['model_builds_per_worker'])} worker(s)); on a sample this small the fixed costs "
-        "(JVM and worker start, TensorFlow import, model build) weigh heavily: see `make bench` for warm rates."
+        f"{len(featurize_m['model_builds_per_worker'])} worker(s)) and the PCA {pca_m['seconds']:.1f} s."
     )
+    if featurize_m["images"] < SMALL_RUN_IMAGES:
+        lines.append(
+            f"With fewer than {SMALL_RUN_IMAGES} images, fixed costs (worker start, TensorFlow import, model build, "
+            "about 10 s) dominate the rate above; `make bench` measures the warm rate on 1,920 images."
+        )
     per_core = rate / max(1, local_cores)
     for scale in (10, 100):
         estimate = emr_estimate(featurize_m["images"] * scale, per_core, cluster)

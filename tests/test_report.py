@@ -1,0 +1,60 @@
+"""The report reflects the data: counts, rejects, provenance banner, k, costs."""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from fruits import costs, featurize, pca, report
+from fruits.config import compose
+
+
+def test_emr_estimate_from_a_measured_rate_and_list_prices():
+    cluster = compose().cluster  # 1 + 2 m5.xlarge at 0.224 + 0.048 $/h each, 4 vCPUs per core node
+    estimate = costs.emr_estimate(images=80_000, per_core_rate=10.0, cluster=cluster)
+    assert estimate["cores"] == 8
+    assert estimate["usd_per_hour"] == pytest.approx(3 * 0.272)
+    assert estimate["hours"] == pytest.approx(80_000 / 80 / 3600 + cluster.prices.startup_hours)
+    assert estimate["usd"] == pytest.approx(estimate["hours"] * 3 * 0.272)
+    options = {o["option"].split(" (")[0]: o for o in costs.alternatives(80_000, 10.0, cluster)}
+    assert set(options) == {"EMR on EC2", "EMR Serverless", "Databricks jobs compute", "one GPU node"}
+    assert options["EMR Serverless"]["usd"] == pytest.approx(80_000 / 10 / 3600 * (0.05624 + 4 * 0.00617))
+
+
+def test_an_unknown_instance_type_names_the_price_table():
+    cluster = compose(["cluster.core_instance_type=x9.huge"]).cluster
+    with pytest.raises(KeyError, match="cluster.prices.instances has no entry for x9.huge"):
+        costs.cluster_hourly_price(cluster)
+
+
+def test_report_from_a_real_run(spark, tiny_cfg):
+    featurize.run(tiny_cfg, spark)
+    pca_metrics = pca.run(tiny_cfg, spark)
+    html_path, md_path = report.run(tiny_cfg, spark)
+    markdown, html = md_path.read_text(), html_path.read_text()
+    for label in ("Apple Red", "Banana", "Kiwi", "Lemon"):
+        assert f"| {label} | 6 | 2 |" in markdown
+    assert "RANDOM WEIGHTS - NOT PRETRAINED" in markdown and 'class="banner"' in html
+    assert f"k = {pca_metrics['k']} (pca.k) keeps {pca_metrics['explained_variance_at_k']:.1%}" in markdown
+    assert "No file was rejected." in markdown
+    assert "fewer than the 1280 dimensions" in markdown  # 24 Training rows: the critique says so
+    assert len(re.findall(r'src="data:image/png;base64,', html)) == 2  # self-contained
+    assert (md_path.parent / "pca_variance.png").stat().st_size > 1000
+    assert "| env | local |" in markdown and "| model.input_size | 96 |" in markdown
+
+
+def test_critique_follows_the_numbers():
+    cluster = compose().cluster
+    featurize_m = {"images": 90_000, "featurized": 89_990, "rejected": 10, "reject_reasons": {"empty file": 10},
+                   "seconds": 600.0, "images_per_second": 150.0, "partitions": 180, "model_builds_per_worker": {"1": 1}}
+    pca_m = {"k": 50, "k_rule": "pca.k", "explained_variance_at_k": 0.58, "components_for_90pct": 210,
+             "components_for_95pct": 330, "dimension": 1280, "rows_fitted": 67_000, "seconds": 60.0}
+    lines = report.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2)
+    text = " ".join(lines)
+    assert "keeps 58.0% of the variance and drops 42.0%" in text and "90% would need 210" in text
+    assert "featurize took 600.0 s (91%)" in text
+    assert "10 file(s) were rejected" in text
+    assert "fewer than the 1280 dimensions" not in text and "NOT pretrained" not in text
+    assert "fixed costs" not in text  # 90k images: not a small run
+    assert "At 10x the data (900000 images)" in text
