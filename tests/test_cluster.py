@@ -4,7 +4,6 @@ moto's EMR on a local endpoint, the bootstrap script, the IAM policy, and the st
 import io
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -161,13 +160,9 @@ def test_instance_role_policy_is_limited_to_the_project_bucket():
 @pytest.mark.slow
 def test_the_step_command_line_runs_the_stage_locally(spark, tmp_path):
     """The step's own arguments (entry point, stage, run folder) with a local run folder and local[2]."""
-    from conftest import make_cfg
-    from pyspark.sql import SparkSession  # noqa: F401
-
     from test_pca import synthetic_features, write_features
 
     cfg = make_cfg(tmp_path / "work", "pca.k=3")
-    work = tmp_path / "work"
     write_features(spark, cfg, synthetic_features(30, 20, 1.0), train_rows=20)
     run_dir = tmp_path / "run"
     steps.prepare_run(cfg, "pca", str(run_dir))

@@ -10,7 +10,7 @@ from PIL import Image
 from fruits import featurize, model
 from fruits.sample import draw_fruit
 
-from conftest import TINY_SIZE, make_cfg, reference_features
+from conftest import TINY_SIZE, reference_features
 
 
 # --- pure parts, no Spark -------------------------------------------------------------------------

@@ -1,8 +1,6 @@
 """The report reflects the data: counts, rejects, provenance banner, k, costs."""
 
-import json
 import re
-from pathlib import Path
 
 import pytest
 

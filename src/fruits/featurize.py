@@ -57,7 +57,7 @@ def featurize_batch(
                 reasons[i] = f"unexpected {type(err).__name__}: {err}"
         if arrays:
             vectors = extract(np.stack(arrays))
-            for i, vector in zip(good, vectors):
+            for i, vector in zip(good, vectors, strict=True):
                 features[i] = vector
     return pd.DataFrame({"split": splits, "label": labels, "features": features, "reject_reason": reasons})
 

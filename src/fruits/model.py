@@ -69,7 +69,7 @@ def recalibrate_batchnorm(model, calibration: np.ndarray) -> None:
     try:
         model(calibration, training=True)
     finally:
-        for layer, momentum in zip(norms, saved):
+        for layer, momentum in zip(norms, saved, strict=True):
             layer.momentum = momentum
 
 
