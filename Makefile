@@ -59,7 +59,7 @@ demo: $(STAMP) ## Build the sample and run the whole pipeline locally with DVC (
 	@echo "  PCA              data/pca/vectors (Parquet) + data/pca/model (Spark PipelineModel)"
 	@echo "  metrics          metrics/*.json  (dvc metrics show), metrics/pca_variance.csv (dvc plots show)"
 	@echo "  report           reports/report.html (self-contained) and reports/report.md"
-	@grep -q '"pretrained": false' models/provenance.json && echo "  !! weights: RANDOM, NOT PRETRAINED (ImageNet was not downloadable): see the report banner" || true
+	@$(PY) -c "import json; w = json.load(open('models/provenance.json')).get('warning'); print(f'  !! weights: {w}: ImageNet was not downloadable, see the report banner') if w else None"
 
 bucket: $(STAMP) ## Create/check the S3 bucket (eu-west-3, private, encrypted, TLS-only, versioned) + DVC remote
 	$(PY) -m fruits.bucket storage=s3 $(ARGS)

@@ -85,11 +85,11 @@ def test_local_pyspark_is_the_spark_minor_of_the_emr_release():
 
 
 def test_random_weights_are_refused_for_full_data_and_emr():
-    from fruits.config import random_weights_allowed
+    from fruits.config import offline_weights_allowed
 
-    assert random_weights_allowed(compose())
-    assert not random_weights_allowed(compose(["data=fruits360"]))
-    assert not random_weights_allowed(compose(["env=emr", "storage=s3"]))
+    assert offline_weights_allowed(compose())
+    assert not offline_weights_allowed(compose(["data=fruits360"]))
+    assert not offline_weights_allowed(compose(["env=emr", "storage=s3"]))
 
 
 def test_a_group_choice_on_the_command_line_composes_conf():

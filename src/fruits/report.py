@@ -80,6 +80,11 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
             "The weights are NOT pretrained (offline fallback): the features exercise the pipeline but carry "
             "no ImageNet knowledge; the variance curve and the scatter are not evidence about real fruit."
         )
+    elif provenance.get("imagenet") is False:
+        lines.append(
+            f"The weights are not the ImageNet ones ({provenance.get('source')}): fine-tuning on another task "
+            "shifts what the features capture; rerun with model.weights=imagenet before drawing conclusions."
+        )
     return lines
 
 
@@ -216,8 +221,8 @@ def transform(facts: dict, cfg: DictConfig, figures: Path) -> list[Section]:
     featurize_m, pca_m, provenance = facts["featurize"], facts["pca"], facts["provenance"]
     sections = []
     header = Section("Summary")
-    if not provenance.get("pretrained", False):
-        header.blocks.append(("banner", f"{provenance.get('warning', 'RANDOM WEIGHTS')} (source: {provenance.get('source')})"))
+    if provenance.get("warning"):
+        header.blocks.append(("banner", f"{provenance['warning']} (source: {provenance.get('source')})"))
     header.blocks.append(("p", f"Data: {cfg.data.name} - {facts['manifest'].get('origin', 'origin unknown')}."))
     header.blocks.append(("table", ["images", "featurized", "rejected", "img/s", "k", "variance kept"],
                           [[featurize_m["images"], featurize_m["featurized"], featurize_m["rejected"],
@@ -233,7 +238,7 @@ def transform(facts: dict, cfg: DictConfig, figures: Path) -> list[Section]:
                             else [("p", "No file was rejected.")]))
     sections.append(Section("Model and weights", [("table", ["key", "value"],
                             [[k, provenance[k]] for k in ("architecture", "input_size", "alpha", "feature_dim",
-                                                          "source", "pretrained", "sha256") if k in provenance])]))
+                                                          "source", "pretrained", "imagenet", "sha256") if k in provenance])]))
     sections.append(Section("Featurize", [("table", ["measure", "value"], [
         ["wall time (s)", featurize_m["seconds"]], ["images per second", featurize_m["images_per_second"]],
         ["partitions", featurize_m["partitions"]], ["model builds per worker", featurize_m["model_builds_per_worker"]]])]))
