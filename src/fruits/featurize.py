@@ -191,7 +191,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark import StorageLevel
 
     from fruits.spark import get_session
-    from fruits.storage import list_files
+    from fruits.storage import list_files, write_json
 
     spark = spark or get_session(cfg)
     # Bounds the raw bytes per Arrow batch (decoding then goes model-batch by model-batch).
@@ -234,9 +234,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "weights_source": provenance.get("source"),
         "weights_sha256": provenance.get("sha256"),
     }
-    metrics_path = Path(cfg.env.paths.metrics) / "featurize.json"
-    metrics_path.parent.mkdir(parents=True, exist_ok=True)
-    metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(Path(cfg.env.paths.metrics) / "featurize.json", metrics)
     log.info("featurize: %d images, %d featurized, %d rejected, %.1f img/s", inputs, featurized, rejected,
              metrics["images_per_second"] or 0)
     if provenance.get("warning"):
@@ -246,7 +244,6 @@ def run(cfg: DictConfig, spark=None) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     from fruits.config import stage_config
-
     from fruits.steps import dispatch
 
     dispatch("featurize", stage_config("Featurize the images with MobileNetV2 on Spark.", argv), run)

@@ -9,7 +9,6 @@ manifest (count per label and split, total bytes, a checksum of the listing) is 
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -21,7 +20,7 @@ from tqdm import tqdm
 from fruits.aws import client
 from fruits.bucket import check_location
 from fruits.images import RejectedImage, parse_image_path
-from fruits.storage import ListedFile, filesystem, list_files
+from fruits.storage import ListedFile, filesystem, list_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +104,7 @@ def run(cfg: DictConfig) -> dict:
         transfer = upload(cfg, local)
         result["destination"] = transfer["destination"]
         log.info("ingest: %d uploaded, %d already there", transfer["uploaded"], transfer["skipped"])
-    path = Path(cfg.env.paths.metrics) / "ingest.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(Path(cfg.env.paths.metrics) / "ingest.json", result)
     log.info("ingest: %d images, %d labels, %d bytes in %s", result["images"], result["labels"], result["bytes"],
              cfg.env.paths.images)
     return result

@@ -9,7 +9,6 @@ broadcast arrays.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -320,9 +319,9 @@ def produce_weights(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     provenance = produce_weights(cfg)
-    path = Path(cfg.env.paths.provenance)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(provenance, indent=2) + "\n")
+    from fruits.storage import write_json
+
+    path = write_json(cfg.env.paths.provenance, provenance)
     log.info("weights %s (%s), provenance %s", provenance["file"], provenance["source"], path)
     if provenance.get("warning"):
         log.warning(provenance["warning"])

@@ -8,7 +8,6 @@ of the covariance whatever k is), so k is chosen from it, by `pca.k` or by the s
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from pathlib import Path
@@ -107,6 +106,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark.sql import functions as F
 
     from fruits.spark import get_session
+    from fruits.storage import write_json
 
     spark = spark or get_session(cfg)
     started = time.perf_counter()
@@ -142,15 +142,13 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "lapack": lapack,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    path = Path(cfg.env.paths.metrics) / "pca.json"
-    path.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_json(Path(cfg.env.paths.metrics) / "pca.json", metrics)
     log.info("pca: k=%d (%s) keeps %.1f%% of the variance", k, why, 100 * metrics["explained_variance_at_k"])
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     from fruits.config import stage_config
-
     from fruits.steps import dispatch
 
     dispatch("pca", stage_config("Fit the PCA on the Training features and project every split.", argv), run)

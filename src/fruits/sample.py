@@ -8,7 +8,6 @@ and texture; rotation, size, position and lighting vary within a label.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -24,6 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFilter
 
 from fruits.images import SPLITS
+from fruits.storage import write_json
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def run(cfg: DictConfig) -> dict:
             count = copy_subset(find_fruits360_root(source), staging, data.labels and list(data.labels), per_split)
             origin = f"Fruits-360 images from {data.source}"
         manifest = {"origin": origin, "images": count, "labels": sorted(p.name for p in (staging / "Training").iterdir())}
-        (staging / "MANIFEST.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_json(staging / "MANIFEST.json", manifest)
         if root.exists():
             shutil.rmtree(root)
         os.replace(staging, root)

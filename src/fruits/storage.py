@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import NamedTuple
 
 from omegaconf import DictConfig
@@ -46,3 +48,11 @@ def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
         for path, info in sorted(fs.find(root, detail=True).items())
         if info.get("type", "file") == "file" and path.rsplit(".", 1)[-1].lower() in wanted
     ]
+
+
+def write_json(path: str | Path, data: dict) -> Path:
+    """A small local JSON output (metrics, provenance, manifest), its folder created if needed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    return path
