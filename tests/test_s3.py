@@ -145,3 +145,18 @@ def test_dvc_push_pull_round_trip(tmp_path, s3_endpoint):
     assert after == before
     assert any(k.startswith(f"{cfg.storage.prefix}/dvc/") for k in
                {o["Key"] for o in raw_client(s3_endpoint).list_objects_v2(Bucket=cfg.storage.bucket)["Contents"]})
+
+
+def test_weights_from_an_s3_uri_go_through_the_guarded_layer(tmp_path, s3_endpoint, tiny_project):
+    from fruits import model
+
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    bucket.ensure_bucket(cfg)
+    source = make_cfg(tiny_project).env.paths.weights
+    raw_client(s3_endpoint).upload_file(source, cfg.storage.bucket, "fruits/models/w.weights.h5")
+    cfg.model.weights = f"s3://{cfg.storage.bucket}/fruits/models/w.weights.h5"
+    provenance = model.run(cfg)
+    assert provenance["sha256"] == model.sha256_file(source) and provenance["source"] == cfg.model.weights
+    cfg.model.weights = f"s3://{cfg.storage.bucket}/fruits/models/missing.weights.h5"
+    with pytest.raises(model.WeightsUnavailable, match="missing.weights.h5: file not found"):
+        model.run(cfg)

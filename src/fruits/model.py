@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -201,13 +200,12 @@ def calibration_images(cfg: DictConfig) -> np.ndarray:
     return np.stack(batch)
 
 
-def fetch_weights_file(source: str, destination: Path) -> None:
-    """Copy a weights file from a local path or any fsspec URI (s3://...)."""
-    import fsspec
+def fetch_weights_file(source: str, destination: Path, cfg: DictConfig) -> None:
+    """Copy a weights file from a local path or an s3:// URI (region-guarded like every S3 access)."""
+    from fruits.storage import copy_file
 
     try:
-        with fsspec.open(source, "rb") as src, open(destination, "wb") as dst:
-            shutil.copyfileobj(src, dst)
+        copy_file(source, str(destination), cfg)
     except FileNotFoundError as err:
         raise WeightsUnavailable(f"model.weights={source}: file not found") from err
 
@@ -305,7 +303,7 @@ def produce_weights(cfg: DictConfig) -> dict:
         # A saved file. Checked before it replaces anything: fail here, not on the workers.
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
             candidate = Path(tmp) / target.name
-            fetch_weights_file(choice, candidate)
+            fetch_weights_file(choice, candidate, cfg)
             try:
                 load_weight_arrays(candidate, size, alpha)
             except WeightsUnavailable as err:

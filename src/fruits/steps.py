@@ -53,20 +53,8 @@ def step_request(cfg: DictConfig, stage: str, run_uri: str) -> dict:
     }
 
 
-def copy(source: str, destination: str, cfg: DictConfig) -> None:
-    """One file between local disk and S3 (either side), through the project's filesystem layer."""
-    from fruits.storage import filesystem
-
-    source_fs, source_path = filesystem(source, cfg)
-    destination_fs, destination_path = filesystem(destination, cfg)
-    if not destination.startswith("s3://"):
-        os.makedirs(os.path.dirname(os.path.abspath(destination_path)), exist_ok=True)
-    with source_fs.open(source_path, "rb") as src, destination_fs.open(destination_path, "wb") as dst:
-        dst.write(src.read())
-
-
 def prepare_run(cfg: DictConfig, stage: str, run_uri: str) -> None:
-    from fruits.storage import filesystem
+    from fruits.storage import copy_file, filesystem
 
     fs, root = filesystem(run_uri, cfg)
     fs.makedirs(root, exist_ok=True)
@@ -75,13 +63,15 @@ def prepare_run(cfg: DictConfig, stage: str, run_uri: str) -> None:
     inputs, _ = stage_files(cfg, stage)
     for relative in inputs:
         if os.path.exists(relative):
-            copy(relative, f"{run_uri}/inputs/{relative}", cfg)
+            copy_file(relative, f"{run_uri}/inputs/{relative}", cfg)
 
 
 def fetch_outputs(cfg: DictConfig, stage: str, run_uri: str) -> None:
+    from fruits.storage import copy_file
+
     _, outputs = stage_files(cfg, stage)
     for relative in outputs:
-        copy(f"{run_uri}/outputs/{relative}", relative, cfg)
+        copy_file(f"{run_uri}/outputs/{relative}", relative, cfg)
 
 
 def run_on_cluster(stage: str, run_uri: str) -> None:
@@ -89,7 +79,7 @@ def run_on_cluster(stage: str, run_uri: str) -> None:
     import fsspec
 
     from fruits.config import load_config
-    from fruits.storage import filesystem
+    from fruits.storage import copy_file, filesystem
 
     # The config is not known yet: read it plainly (the client wrote it there through the guarded layer).
     with fsspec.open(f"{run_uri}/params.yaml", "rb") as stream, open("params.yaml", "wb") as out:
@@ -99,10 +89,10 @@ def run_on_cluster(stage: str, run_uri: str) -> None:
     inputs, outputs = stage_files(cfg, stage)
     for relative in inputs:
         if fs.exists(f"{root}/inputs/{relative}"):
-            copy(f"{run_uri}/inputs/{relative}", relative, cfg)
+            copy_file(f"{run_uri}/inputs/{relative}", relative, cfg)
     importlib.import_module(f"fruits.{stage}").run(cfg)
     for relative in outputs:
-        copy(relative, f"{run_uri}/outputs/{relative}", cfg)
+        copy_file(relative, f"{run_uri}/outputs/{relative}", cfg)
 
 
 def wait_for_step(emr, cluster_id: str, step_id: str, poll_seconds: float, out=sys.stderr) -> None:

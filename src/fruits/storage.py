@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import NamedTuple
 
@@ -48,6 +49,16 @@ def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
         for path, info in sorted(fs.find(root, detail=True).items())
         if info.get("type", "file") == "file" and path.rsplit(".", 1)[-1].lower() in wanted
     ]
+
+
+def copy_file(source: str, destination: str, cfg: DictConfig) -> None:
+    """One file between local disk and S3 (either side), through the guarded filesystems."""
+    source_fs, source_path = filesystem(source, cfg)
+    destination_fs, destination_path = filesystem(destination, cfg)
+    if not destination.startswith(("s3://", "s3a://")):  # S3 has no folders to create
+        Path(destination_path).parent.mkdir(parents=True, exist_ok=True)
+    with source_fs.open(source_path, "rb") as src, destination_fs.open(destination_path, "wb") as dst:
+        shutil.copyfileobj(src, dst)
 
 
 def write_json(path: str | Path, data: dict) -> Path:
