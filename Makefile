@@ -14,9 +14,9 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 .PHONY: help install check-system params sample model featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench clean
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
 
-check-system: ## Check Java (Spark) and native BLAS/LAPACK (Spark ML's PCA); install them when root
+check-system: ## Check Java (Spark), native BLAS/LAPACK (Spark ML's PCA), shellcheck; install them when root
 	@bash bootstrap/check-system.sh
 
 $(STAMP): requirements/*.txt pyproject.toml
