@@ -24,6 +24,8 @@ from fruits.storage import ListedFile, filesystem, list_files, write_json
 
 log = logging.getLogger(__name__)
 
+UPLOAD_THREADS = 8  # small objects: latency-bound, so a few requests in flight
+
 
 def manifest(listed: list[ListedFile]) -> dict:
     """Counts per split and label, total bytes, and a checksum of (relative path, size) of every file."""
@@ -84,7 +86,7 @@ def upload(cfg: DictConfig, local: list[ListedFile]) -> dict:
     def put(file: ListedFile) -> None:
         fs.put_file(file.uri.removeprefix("file:"), f"{root}/{file.relative}")
 
-    with ThreadPoolExecutor(max_workers=cfg.storage.get("upload_threads", 8)) as pool:
+    with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         for _ in tqdm(pool.map(put, pending), total=len(pending), desc="upload", unit="file", disable=not pending):
             pass
     fs.invalidate_cache()
