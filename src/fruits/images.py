@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import io
-from pathlib import PurePosixPath
 import re
+from pathlib import PurePosixPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError

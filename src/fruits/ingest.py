@@ -20,7 +20,7 @@ from tqdm import tqdm
 from fruits.aws import client
 from fruits.bucket import check_location
 from fruits.images import RejectedImage, parse_image_path
-from fruits.storage import ListedFile, filesystem, list_files, write_json
+from fruits.storage import ListedFile, file_digest, filesystem, list_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ def manifest(listed: list[ListedFile]) -> dict:
     }
 
 
-def md5_file(path: str) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def to_upload(local: list[ListedFile], remote: list[ListedFile], md5) -> list[ListedFile]:
     """The local files whose object is missing or differs (size, then MD5 against the ETag)."""
     present = {f.relative: f for f in remote}
@@ -80,7 +72,7 @@ def upload(cfg: DictConfig, local: list[ListedFile]) -> dict:
     fs, root = filesystem(destination, cfg)
     check_location(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU bucket
     remote = list_files(destination, cfg, cfg.featurize.extensions) if fs.exists(root) else []
-    pending = to_upload(local, remote, lambda f: md5_file(f.uri.removeprefix("file:")))
+    pending = to_upload(local, remote, lambda f: file_digest(f.uri.removeprefix("file:"), "md5"))
     log.info("ingest: %d of %d files to upload to %s", len(pending), len(local), destination)
 
     def put(file: ListedFile) -> None:

@@ -8,7 +8,6 @@ broadcast arrays.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import subprocess
@@ -102,11 +101,9 @@ def imagenet_backbone(input_size: int, alpha: float):
 
 
 def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from fruits.storage import file_digest
+
+    return file_digest(path, "sha256")
 
 
 def save_weights(model, path: str | Path) -> None:

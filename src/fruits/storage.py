@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 from omegaconf import DictConfig
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith(("s3://", "s3a://"))
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a local file, read in blocks."""
+    with open(path, "rb") as stream:
+        return hashlib.file_digest(stream, algorithm).hexdigest()
 
 
 def filesystem(uri: str, cfg: DictConfig):
@@ -17,7 +28,7 @@ def filesystem(uri: str, cfg: DictConfig):
     """
     import fsspec
 
-    if uri.startswith(("s3://", "s3a://")):
+    if is_s3(uri):
         from fruits.config import validate
 
         validate(cfg)  # the region guard, before any call
@@ -42,7 +53,7 @@ def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
     fs, root = filesystem(uri, cfg)
     root = fs._strip_protocol(root).rstrip("/")
     wanted = {e.lower() for e in extensions}
-    scheme = "s3://" if uri.startswith(("s3://", "s3a://")) else "file:"
+    scheme = "s3://" if is_s3(uri) else "file:"
     return [
         ListedFile(scheme + path, path[len(root) + 1 :], int(info.get("size") or 0),
                    info["ETag"].strip('"') if info.get("ETag") else None)
@@ -55,7 +66,7 @@ def copy_file(source: str, destination: str, cfg: DictConfig) -> None:
     """One file between local disk and S3 (either side), through the guarded filesystems."""
     source_fs, source_path = filesystem(source, cfg)
     destination_fs, destination_path = filesystem(destination, cfg)
-    if not destination.startswith(("s3://", "s3a://")):  # S3 has no folders to create
+    if not is_s3(destination):  # S3 has no folders to create
         Path(destination_path).parent.mkdir(parents=True, exist_ok=True)
     with source_fs.open(source_path, "rb") as src, destination_fs.open(destination_path, "wb") as dst:
         shutil.copyfileobj(src, dst)
