@@ -8,10 +8,8 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
-export TF_ENABLE_ONEDNN_OPTS ?= 1
-export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: help install check-system params sample model featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench clean
+.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -29,24 +27,25 @@ $(STAMP): requirements/*.txt pyproject.toml
 
 install: $(STAMP) ## Create the virtual environment and install the pinned dependencies
 
-params: $(STAMP) ## Compose conf/ into params.yaml (local) and emr/params.yaml (env=emr storage=s3)
-	$(PY) -m fruits.config > params.yaml
-	$(PY) -m fruits.config env=emr storage=s3 $(EMR_OVERRIDES) > emr/params.yaml
+params: $(STAMP) ## Compose conf/ into params.yaml + emr/params.yaml; generate dvc.yaml + emr/dvc.yaml
+	$(PY) -m fruits.core.config > params.yaml
+	$(PY) -m fruits.core.config env=emr storage=s3 > emr/params.yaml
+	$(PY) -m fruits.core.pipeline
 
 sample: $(STAMP) ## Build the sample subset under data/sample
-	$(PY) -m fruits.sample
+	$(PY) -m fruits.stages.sample
 
-model: $(STAMP) ## Produce the backbone weights (ImageNet, else the offline fallback) and provenance
-	$(PY) -m fruits.model
+weights: $(STAMP) ## Produce the backbone weights (ImageNet, else the offline fallback) and provenance
+	$(PY) -m fruits.stages.weights
 
 featurize: $(STAMP) ## Featurize the images with Spark (local[2] by default)
-	$(PY) -m fruits.featurize
+	$(PY) -m fruits.stages.featurize
 
 pca: $(STAMP) ## Fit the PCA and project the features (k from pca.k or pca.variance)
-	$(PY) -m fruits.pca
+	$(PY) -m fruits.stages.pca
 
 report: $(STAMP) ## Build reports/report.html and reports/report.md from the measured numbers
-	$(PY) -m fruits.report
+	$(PY) -m fruits.stages.report
 
 demo: $(STAMP) ## Build the sample and run the whole pipeline locally with DVC (no cloud account)
 	dvc repro
@@ -56,36 +55,39 @@ demo: $(STAMP) ## Build the sample and run the whole pipeline locally with DVC (
 	@echo "  weights          models/mobilenetv2.weights.h5 + models/provenance.json"
 	@echo "  features         data/features/ (Parquet: path, label, split, features[1280])"
 	@echo "  rejects          data/rejects/  (Parquet: path, reject_reason)"
-	@echo "  PCA              data/pca/vectors (Parquet) + data/pca/model (Spark PipelineModel)"
+	@echo "  PCA              data/pca/vectors (Parquet) + models/pca_projection.npz (numpy: no Spark needed)"
 	@echo "  metrics          metrics/*.json  (dvc metrics show), metrics/pca_variance.csv (dvc plots show)"
 	@echo "  report           reports/report.html (self-contained) and reports/report.md"
 	@$(PY) -c "import json; w = json.load(open('models/provenance.json')).get('warning'); print(f'  !! weights: {w}: ImageNet was not downloadable, see the report banner') if w else None"
 
 bucket: $(STAMP) ## Create/check the S3 bucket (eu-west-3, private, encrypted, TLS-only, versioned) + DVC remote
-	$(PY) -m fruits.bucket storage=s3 $(ARGS)
+	$(PY) -m fruits.cloud.bucket --params emr/params.yaml $(ARGS)
 
 ingest-s3: $(STAMP) ## Upload the sample to s3://<bucket>/<prefix>/raw (skips what is already there)
-	$(PY) -m fruits.ingest storage=s3 $(ARGS)
+	$(PY) -m fruits.stages.ingest --params emr/params.yaml $(ARGS)
 
 cluster: $(STAMP) ## Bucket, bootstrap + code to S3, EMR cluster (or reuse the running one); waits until ready
-	@if [ -n "$(DRY_RUN)" ]; then $(PY) -m fruits.cluster plan $(ARGS); else $(PY) -m fruits.cluster create $(ARGS); fi
+	@if [ -n "$(DRY_RUN)" ]; then $(PY) -m fruits.cloud.cluster plan $(ARGS); else $(PY) -m fruits.cloud.cluster create $(ARGS); fi
 
 cluster-plan: $(STAMP) ## Print the exact RunJobFlow request, without calling AWS
-	$(PY) -m fruits.cluster plan $(ARGS)
+	$(PY) -m fruits.cloud.cluster plan $(ARGS)
 
 cluster-status: $(STAMP) ## State, age, nodes, idle time left before auto-termination, cost so far
-	$(PY) -m fruits.cluster status $(ARGS)
+	$(PY) -m fruits.cloud.cluster status $(ARGS)
 
 cluster-down: $(STAMP) ## Terminate the cluster and wait (safe to run twice)
-	$(PY) -m fruits.cluster down $(ARGS)
+	$(PY) -m fruits.cloud.cluster down $(ARGS)
 
 emr-repro: $(STAMP) ## Run the pipeline on the cluster: dvc repro emr/dvc.yaml
 	dvc repro emr/dvc.yaml
 
-test: $(STAMP) ## Run the whole test suite (slow tests included)
+lint-imports: $(STAMP) ## Check the layer contracts (core < stages < cloud; app on core) in pyproject.toml
+	$(VENV)/bin/lint-imports
+
+test: $(STAMP) lint-imports ## Run the layer contracts, then the whole test suite (slow tests included)
 	$(PY) -m pytest
 
-test-fast: $(STAMP) ## Run the tests not marked slow
+test-fast: $(STAMP) lint-imports ## Run the layer contracts and the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from fruits import featurize, model, sample
-from fruits.config import load_config
-from fruits.images import prepare
+from fruits.core import backbone as model
+from fruits.core.config import load_config
+from fruits.core.images import prepare
+from fruits.stages import featurize, sample, weights
 
 
 def timed(label: str, images: int, work) -> dict:
@@ -73,7 +74,7 @@ def naive_udf(broadcast, cfg):
 
 
 def spark_runs(files: list[Path], cfg) -> list[dict]:
-    from fruits.spark import get_session
+    from fruits.core.spark import get_session
 
     spark = get_session(cfg)
     results = [timed("spark featurize (cold)", len(files), lambda: featurize.run(cfg, spark)),
@@ -93,19 +94,19 @@ def main() -> None:
     parser.add_argument("--per-label", type=int, default=192, help="generated Training images per label")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.input_size=160")
     args = parser.parse_args()
-    cfg = load_config(["data.root=bench/sample", "env.paths.images=bench/sample", f"data.train_per_label={args.per_label}", "data.test_per_label=0",
-                       "env.paths.features=bench/features", "env.paths.rejects=bench/rejects",
-                       "env.paths.metrics=bench/metrics", *args.overrides])
+    # The bench's own data and outputs under bench/ (reports/bench.* excepted): one root moves them.
+    cfg = load_config(["data.root=bench/sample", f"data.train_per_label={args.per_label}", "data.test_per_label=0",
+                       "env.paths.root=bench", *args.overrides])
     files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
     if len(files) != len(cfg.data.labels) * args.per_label:
         sample.run(cfg)
         files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
     if not Path(cfg.env.paths.weights).exists():
-        model.run(cfg)
-    weights = model.load_weight_arrays(cfg.env.paths.weights, cfg.model.input_size, cfg.model.alpha)
+        weights.run(cfg)
+    arrays = model.load_weight_arrays(cfg.env.paths.weights, cfg.model.input_size, cfg.model.alpha)
     print(f"{len(files)} images at {cfg.model.input_size} px, batch {cfg.featurize.batch_size}, "
           f"master {cfg.env.spark.master}, {os.cpu_count()} cores")
-    rows = single_process(files, weights, cfg) + spark_runs(files, cfg)
+    rows = single_process(files, arrays, cfg) + spark_runs(files, cfg)
     by_engine = {row["engine"]: row["images_per_second"] for row in rows}
     ceiling = by_engine["ceiling (1 process, traced)"]
     warm = by_engine["spark featurize (warm)"]
@@ -116,7 +117,7 @@ def main() -> None:
         "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "runs": rows,
         "featurize_vs_ceiling": round(warm / ceiling, 3), "featurize_vs_naive": round(warm / naive, 2),
     }
-    out = Path(cfg.env.paths.reports)
+    out = Path("reports")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
     lines = ["| engine | img/s | seconds |", "|---|---:|---:|"]

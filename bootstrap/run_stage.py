@@ -3,9 +3,9 @@
     run_stage.py <stage> <run URI>
 
 <run URI> holds params.yaml and the stage's small inputs (weights, provenance, metrics) under their
-relative paths; the stage runs with that config, then its small outputs (metrics, reports) are copied
-back under <run URI>/outputs/ for the client to fetch. The same command runs locally with a local
-folder as <run URI>.
+paths; the stage runs with that config, then its small outputs (metrics, reports, the PCA projection)
+are copied back under <run URI>/outputs/ for the client to fetch. The same command runs locally with a
+local folder as <run URI>.
 """
 
 import os
@@ -15,11 +15,9 @@ import tempfile
 
 def main(argv: list[str]) -> None:
     stage, run_uri = argv
-    os.environ["FRUITS_ON_CLUSTER"] = "1"  # the stage runs here instead of submitting itself again
-    from fruits import steps
+    from fruits.cloud import steps
 
-    workdir = tempfile.mkdtemp(prefix=f"fruits-{stage}-")
-    os.chdir(workdir)
+    os.chdir(tempfile.mkdtemp(prefix=f"fruits-{stage}-"))
     steps.run_on_cluster(stage, run_uri)
 
 

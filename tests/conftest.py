@@ -9,28 +9,20 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# pyspark 3.5's pandas-on-Spark, which `pyspark.testing` imports, still names np.NaN (gone in numpy 2).
+if not hasattr(np, "NaN"):
+    np.NaN = np.nan
 
-from fruits.config import compose  # noqa: E402
+from fruits.core.config import compose  # noqa: E402
 
 TINY_LABELS = ["Apple Red", "Banana", "Kiwi", "Lemon"]
 TINY_SIZE = 96  # the smallest supported input: fast tests, same code path
 
 
 def make_cfg(tmp: Path, *overrides: str):
-    """The real composed config, shrunk for speed, every path under tmp."""
-    paths = {
-        "images": tmp / "images",
-        "models": tmp / "models",
-        "weights": tmp / "models" / "mobilenetv2.weights.h5",
-        "provenance": tmp / "models" / "provenance.json",
-        "features": tmp / "features",
-        "rejects": tmp / "rejects",
-        "pca_model": tmp / "pca" / "model",
-        "pca_vectors": tmp / "pca" / "vectors",
-        "metrics": tmp / "metrics",
-        "reports": tmp / "reports",
-    }
+    """The real composed config, shrunk for speed, every output under tmp (one root moves them all)."""
     shrink = [
+        f"env.paths.root={tmp}",
         f"data.root={tmp / 'images'}",
         f"data.labels=[{','.join(TINY_LABELS)}]",
         "data.train_per_label=6",
@@ -39,14 +31,13 @@ def make_cfg(tmp: Path, *overrides: str):
         "model.weights=random",
         "model.calibration_images=24",
         "featurize.batch_size=8",
-        *(f"env.paths.{key}={value}" for key, value in paths.items()),
     ]
     return compose([*shrink, *overrides])
 
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    from fruits.spark import get_session
+    from fruits.core.spark import get_session
 
     cfg = make_cfg(tmp_path_factory.mktemp("spark-cfg"))
     session = get_session(cfg)
@@ -57,40 +48,40 @@ def spark(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_project(tmp_path_factory):
     """A generated tiny sample and its seeded weights, built once for the whole session."""
-    from fruits import model, sample
+    from fruits.stages import sample, weights
 
     tmp = tmp_path_factory.mktemp("tiny")
     cfg = make_cfg(tmp)
     sample.run(cfg)
-    model.run(cfg)
+    weights.run(cfg)
     return tmp
 
 
 @pytest.fixture
 def tiny_cfg(tiny_project, tmp_path):
     """The tiny project's sample and weights, with outputs in a fresh folder for each test."""
-    cfg = make_cfg(tmp_path)
+    cfg, shared = make_cfg(tmp_path), make_cfg(tiny_project)
+    cfg.data.root = shared.data.root
     for key in ("images", "weights", "provenance"):
-        cfg.env.paths[key] = str(Path(make_cfg(tiny_project).env.paths[key]))
-    cfg.data.root = cfg.env.paths.images
+        cfg.env.paths[key] = shared.env.paths[key]
     return cfg
 
 
 @pytest.fixture(scope="session")
 def tiny_weights(tiny_project):
-    from fruits import model
+    from fruits.core import backbone
 
     cfg = make_cfg(tiny_project)
-    return model.load_weight_arrays(cfg.env.paths.weights, TINY_SIZE, 1.0)
+    return backbone.load_weight_arrays(cfg.env.paths.weights, TINY_SIZE, 1.0)
 
 
 def reference_features(weights, contents: list[bytes], size: int = TINY_SIZE) -> np.ndarray:
     """A direct single-process model call, no Spark: what featurize must reproduce."""
-    from fruits import model
-    from fruits.images import prepare
+    from fruits.core import backbone
+    from fruits.core.images import prepare
 
-    extract = model.make_extractor(weights, size, 1.0)
-    return model.extract_in_batches(extract, np.stack([prepare(c, size) for c in contents]), 8)
+    extract = backbone.make_extractor(weights, size, 1.0)
+    return backbone.extract_in_batches(extract, np.stack([prepare(c, size) for c in contents]), 8)
 
 
 def tls_aware_bucket_policies() -> None:

@@ -15,21 +15,19 @@ import pyspark
 import pytest
 from botocore.stub import Stubber
 
-from fruits import cluster, steps
-from fruits.config import PROJECT_ROOT, ConfigError, compose
+from fruits.cloud import cluster, steps
+from fruits.core.config import PROJECT_ROOT, ConfigError, compose
 
 from conftest import make_cfg
 
 
 def emr_cfg(tmp_path, *overrides, endpoint=None):
-    cfg = compose(["env=emr", "storage=s3", *overrides])
-    cfg.cluster.state_file = str(tmp_path / "state.json")
-    cfg.cluster.poll_seconds = 0
+    """The EMR config; with an endpoint, a bucket of its own (composed, so the S3 layout follows it)."""
+    local = [f"cluster.state_file={tmp_path / 'state.json'}", "cluster.poll_seconds=0"]
     if endpoint:
-        cfg.storage.endpoint_url = endpoint
-        cfg.cluster.endpoint_url = endpoint
-        cfg.storage.bucket = f"fruits-emr-{tmp_path.name[-12:].lower().replace('_', '-')}"
-    return cfg
+        local += [f"storage.endpoint_url={endpoint}", f"cluster.endpoint_url={endpoint}",
+                  f"storage.bucket=fruits-emr-{tmp_path.name[-12:].lower().replace('_', '-')}"]
+    return compose(["env=emr", "storage=s3", *local, *overrides])
 
 
 def test_run_job_flow_request_passes_aws_validation_and_has_the_guards(tmp_path):
@@ -135,7 +133,7 @@ def test_plan_prints_the_request_without_calling_aws(capsys, monkeypatch):
 
 def test_packaged_code_holds_the_package():
     names = zipfile.ZipFile(io.BytesIO(cluster.package_code())).namelist()
-    assert "fruits/featurize.py" in names and "fruits/steps.py" in names
+    assert {"fruits/stages/featurize.py", "fruits/cloud/steps.py", "fruits/core/config.py"} <= set(names)
     assert not [n for n in names if not n.startswith("fruits/")]
 
 
@@ -176,13 +174,13 @@ def test_the_step_command_line_runs_the_stage_locally(spark, tmp_path):
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
     done = subprocess.run([str(spark_submit), *args[1:]], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    metrics = json.loads((run_dir / "outputs" / cfg.env.paths.metrics.lstrip("/") / "pca.json").read_text())
+    metrics = json.loads(Path(steps.in_run_folder(str(run_dir), "outputs", cfg.env.paths.pca_metrics)).read_text())
     assert metrics["k"] == 3 and metrics["rows_fitted"] == 20
 
 
 def test_a_run_folder_in_s3_round_trips_config_inputs_and_outputs(spark, tmp_path, s3_endpoint, monkeypatch):
     """Client side prepare_run -> cluster side run_on_cluster (reads everything from S3) -> fetch_outputs."""
-    from fruits import bucket
+    from fruits.cloud import bucket
     from test_pca import synthetic_features, write_features
 
     cfg = make_cfg(tmp_path / "work", "storage=s3", f"storage.endpoint_url={s3_endpoint}", "pca.k=2",
@@ -198,11 +196,11 @@ def test_a_run_folder_in_s3_round_trips_config_inputs_and_outputs(spark, tmp_pat
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)  # the node reads the run folder before it has a config
     steps.run_on_cluster("pca", run_uri)
 
-    written = Path(cfg.env.paths.metrics, "pca.json")  # test paths are absolute: drop the node's copy
+    written = Path(cfg.env.paths.pca_metrics)  # test paths are absolute: drop the node's copy
     written.unlink()
     s3 = boto3.client("s3", region_name="eu-west-3", endpoint_url=s3_endpoint)
     outputs = {o["Key"] for o in s3.list_objects_v2(Bucket=cfg.storage.bucket, Prefix="fruits/emr/params/pca-test/outputs/")["Contents"]}
     assert any(key.endswith("/pca.json") for key in outputs) and any(key.endswith("/pca_variance.csv") for key in outputs)
     steps.fetch_outputs(cfg, "pca", run_uri)
-    fetched = json.loads(Path(cfg.env.paths.metrics, "pca.json").read_text())
+    fetched = json.loads(Path(cfg.env.paths.pca_metrics).read_text())
     assert fetched["k"] == 2 and fetched["rows_fitted"] == 15

@@ -2,11 +2,10 @@
 import pytest
 import yaml
 
-from fruits.config import (
+from fruits.core.config import (
     conf_dir,
     PROJECT_ROOT,
     ConfigError,
-    apply_overrides,
     compose,
     composed_yaml,
     load_config,
@@ -25,9 +24,11 @@ def test_every_config_group_option_composes_and_validates(override):
     cfg = compose([override])
     validate(cfg)
     group, option = override.split("=")
-    # The chosen file is what landed in the group (keys, and values that are not interpolations).
+    # The chosen file is what landed in the group (keys, and values that are not interpolations); the
+    # root config may add keys (the output file names, the S3 layout), never drop one.
     chosen = yaml.safe_load((conf_dir() / group / f"{option}.yaml").read_text())
-    assert set(chosen) == set(cfg[group])
+    assert set(chosen) <= set(cfg[group])
+    assert cfg[group].name == option  # how a composed params file says which option it came from
     for key, value in chosen.items():
         if not (isinstance(value, str) and "${" in value) and not isinstance(value, dict):
             assert cfg[group][key] == value, f"{group}.{key}"
@@ -50,12 +51,42 @@ def test_default_region_is_paris():
     assert compose(["storage=s3"]).storage.region == "eu-west-3"
 
 
-def test_unknown_override_is_refused_and_plus_adds_a_key():
-    cfg = compose()
+def test_overrides_use_hydra_grammar_and_refuse_unknown_keys(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(composed_yaml())
     with pytest.raises(ConfigError, match="unknown setting 'pca.kk'"):
-        apply_overrides(cfg, ["pca.kk=3"])
-    assert apply_overrides(cfg, ["+pca.note=hello"]).pca.note == "hello"
-    assert apply_overrides(cfg, ["pca.k=50"]).pca.k == 50  # typed, not the string "50"
+        load_config(["pca.kk=3"], params)
+    assert load_config(["+pca.note=hello"], params).pca.note == "hello"
+    assert load_config(["pca.k=50"], params).pca.k == 50  # typed, not the string "50"
+    labels = load_config(["data.labels=[Apple Red,'Pêche plate']"], params).data.labels
+    assert list(labels) == ["Apple Red", "Pêche plate"]
+    assert "kms_key_id" not in load_config(["~storage.kms_key_id"], params).storage
+    with pytest.raises(ConfigError, match="cannot parse overrides.*pca.k"):
+        load_config(["pca.k"], params)
+    with pytest.raises(ConfigError, match="is a sweep"):
+        load_config(["pca.k=3,4"], params)
+
+
+def test_a_group_choice_keeps_the_values_of_the_params_file(tmp_path):
+    """`dvc exp run -S` edits params.yaml; a later group choice must not drop those edits."""
+    params = tmp_path / "params.yaml"
+    params.write_text(composed_yaml(["pca.k=7", "data.train_per_label=3", "storage.region=eu-central-1",
+                                     "+report.note=kept"]))
+    cfg = load_config(["storage=s3"], params)
+    assert cfg.storage.name == "s3" and cfg.storage.bucket == "fruits-p8-data"  # the chosen group, from conf/
+    assert cfg.pca.k == 7 and cfg.data.train_per_label == 3 and cfg.report.note == "kept"  # params.yaml kept
+    assert cfg.cluster.region == "eu-west-3"  # derived from the newly chosen storage group
+    emr = load_config(["env=emr"], params)
+    assert emr.env.paths.features.startswith("s3://") and emr.pca.k == 7
+
+
+def test_derived_settings_follow_an_override(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text(composed_yaml())
+    cfg = load_config([f"data.root={tmp_path / 'photos'}", f"env.paths.root={tmp_path}"], params)
+    assert cfg.env.paths.images == str(tmp_path / "photos")
+    assert cfg.env.paths.pca_metrics == f"{tmp_path}/metrics/pca.json"  # one root moves every output
+    assert load_config([], params).env.paths.images == "data/sample"
 
 
 def test_bad_values_are_refused_with_the_setting_named():
@@ -85,15 +116,16 @@ def test_local_pyspark_is_the_spark_minor_of_the_emr_release():
 
 
 def test_random_weights_are_refused_for_full_data_and_emr():
-    from fruits.config import offline_weights_allowed
+    from fruits.core.config import offline_weights_allowed
 
     assert offline_weights_allowed(compose())
     assert not offline_weights_allowed(compose(["data=fruits360"]))
     assert not offline_weights_allowed(compose(["env=emr", "storage=s3"]))
 
 
-def test_a_group_choice_on_the_command_line_composes_conf():
+def test_a_group_choice_without_params_file_composes_conf(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here: conf/ of this checkout is composed
     cfg = load_config(["storage=s3", "pca.k=3"])
-    assert cfg.storage.kind == "s3" and cfg.storage.bucket and cfg.pca.k == 3
+    assert cfg.storage.name == "s3" and cfg.storage.bucket and cfg.pca.k == 3
     with pytest.raises(ConfigError, match="outside the EU"):
         load_config(["storage=s3", "storage.region=us-west-2"])

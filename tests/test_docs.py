@@ -2,7 +2,7 @@ import sys
 
 import pytest
 
-from fruits.config import PROJECT_ROOT
+from fruits.core.config import PROJECT_ROOT
 
 sys.path.insert(0, str(PROJECT_ROOT / "docs"))
 import excerpts  # noqa: E402
@@ -17,11 +17,6 @@ def test_code_excerpts_are_identical_to_the_source(doc):
         assert code == excerpts.excerpt(path, name), f"{doc.name}: {path}::{name} drifted: run `make docs`"
 
 
-def test_the_walkthrough_shows_the_broadcast_and_the_udf():
-    names = {name for _, name, _ in excerpts.blocks((PROJECT_ROOT / "docs" / "walkthrough.md").read_text())}
-    assert {"broadcast_weights", "cached_extractor", "build_udf", "choose_k", "fit_full_spectrum"} <= names
-
-
 def test_a_missing_function_is_reported():
     with pytest.raises(KeyError, match="no top-level function or class nope"):
-        excerpts.excerpt("src/fruits/pca.py", "nope")
+        excerpts.excerpt("src/fruits/stages/pca.py", "nope")

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fruits import featurize, model
-from fruits.sample import draw_fruit
+from fruits.core import backbone
+from fruits.stages import featurize, weights
+from fruits.stages.sample import draw_fruit
 
-from conftest import TINY_SIZE, reference_features
+from conftest import TINY_SIZE, make_cfg, reference_features
 
 
 # --- pure parts, no Spark -------------------------------------------------------------------------
@@ -40,8 +41,37 @@ def test_accounting_check_fails_loudly():
         featurize.check_accounting(10, 8, 1)
 
 
-def test_image_glob_matches_both_cases():
-    assert featurize.image_glob(["jpg", "png"]) == "*.{JPG,PNG,jpg,png}"
+# --- each Spark transform alone, on a tiny DataFrame -------------------------------------------------
+
+def test_transform_featurizes_each_row_with_the_broadcast_weights(spark, tiny_project, tiny_weights):
+    from pyspark.testing import assertDataFrameEqual
+
+    files = sorted((tiny_project / "images" / "Training" / "Kiwi").glob("*.jpg"))[:3]
+    rows = [(f"file:{f}", f.read_bytes()) for f in files] + [("file:/d/Test/Kiwi/bad.jpg", b"junk")]
+    images = spark.createDataFrame(rows, "path string, content binary")
+    udf = featurize.build_udf(spark.sparkContext.broadcast(tiny_weights), "transform-test",
+                              make_cfg(tiny_project))
+    expected_features = reference_features(tiny_weights, [f.read_bytes() for f in files])
+    expected = spark.createDataFrame(
+        [(f"file:{f}", "Training", "Kiwi", [float(v) for v in vector], None)
+         for f, vector in zip(files, expected_features, strict=True)]
+        + [("file:/d/Test/Kiwi/bad.jpg", "Test", "Kiwi", None, "not an image (format not recognised)")],
+        "path string, split string, label string, features array<float>, reject_reason string")
+    assertDataFrameEqual(featurize.transform(images, udf), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_split_results_keeps_features_and_gathers_every_reject(spark):
+    from pyspark.testing import assertDataFrameEqual
+
+    results = spark.createDataFrame(
+        [("a", "Training", "Fig", [1.0], None), ("b", "Test", "Fig", None, "empty file")],
+        "path string, split string, label string, features array<float>, reject_reason string")
+    listing = spark.createDataFrame([("_c", "hidden name")], "path string, reject_reason string")
+    features, rejects = featurize.split_results(results, listing)
+    assertDataFrameEqual(features, spark.createDataFrame(
+        [("a", "Fig", "Training", [1.0])], "path string, label string, split string, features array<float>"))
+    assertDataFrameEqual(rejects, spark.createDataFrame(
+        [("b", "empty file"), ("_c", "hidden name")], "path string, reject_reason string"))
 
 
 # --- the Spark job ---------------------------------------------------------------------------------
@@ -62,7 +92,7 @@ def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny
     paths = sorted(rows)
     expected = reference_features(tiny_weights, [local_path(p).read_bytes() for p in paths])
     actual = np.array([rows[p]["features"] for p in paths], dtype=np.float32)
-    assert actual.shape == (32, model.FEATURE_DIM)
+    assert actual.shape == (32, backbone.FEATURE_DIM)
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
     for path in paths:
         assert (rows[path]["split"], rows[path]["label"]) == (local_path(path).parts[-3], local_path(path).parts[-2])
@@ -72,10 +102,10 @@ def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny
 
 def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cfg, tmp_path):
     # Fresh weights (another seed): no worker has this model cached yet.
-    calibration = model.calibration_images(tiny_cfg)
-    other = model.seeded_random_backbone(TINY_SIZE, 1.0, 11, calibration)
+    calibration = weights.calibration_images(tiny_cfg)
+    other = weights.seeded_random_backbone(TINY_SIZE, 1.0, 11, calibration)
     weights_file = tmp_path / "other.weights.h5"
-    model.save_weights(other, weights_file)
+    backbone.save_weights(other, weights_file)
     tiny_cfg.env.paths.weights = str(weights_file)
     tiny_cfg.featurize.images_per_partition = 3
     metrics = featurize.run(tiny_cfg, spark)
@@ -129,12 +159,12 @@ def test_bad_files_are_rejected_with_a_reason_and_nothing_is_lost(spark, tiny_cf
 
 def test_missing_weights_file_is_named(spark, tiny_cfg, tmp_path):
     tiny_cfg.env.paths.weights = str(tmp_path / "nope.weights.h5")
-    with pytest.raises(FileNotFoundError, match="nope.weights.h5 not found: run `python -m fruits.model`"):
+    with pytest.raises(FileNotFoundError, match="nope.weights.h5 not found: run the weights stage"):
         featurize.run(tiny_cfg, spark)
 
 
 def test_partition_settings_give_about_the_requested_images_per_task():
-    from fruits.storage import ListedFile
+    from fruits.core.storage import ListedFile
 
     listed = [ListedFile(f"file:/d/{i}.jpg", f"{i}.jpg", 5000) for i in range(1000)]
     settings = featurize.partition_settings(listed, 100)

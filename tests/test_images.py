@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fruits.images import RejectedImage, decode_image, parse_image_path, prepare
+from fruits.core.images import RejectedImage, decode_image, parse_image_path, prepare
 
 
 @pytest.mark.parametrize(

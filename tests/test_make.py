@@ -1,7 +1,7 @@
 import re
 import subprocess
 
-from fruits.config import PROJECT_ROOT
+from fruits.core.config import PROJECT_ROOT
 
 
 def test_every_target_is_documented_in_make_help():

@@ -4,7 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fruits import pca
+from fruits.core.projection import Projection, load_projection, save_projection
+from fruits.stages import pca
 
 from conftest import make_cfg
 
@@ -39,8 +40,11 @@ def write_features(spark, cfg, features: np.ndarray, train_rows: int) -> None:
 
 def numpy_pca(train: np.ndarray, standardize: bool):
     mean = train.mean(axis=0)
-    std = train.std(axis=0, ddof=1) if standardize else None
-    centred = (train - mean) / std if standardize else train - mean
+    if standardize:  # as Spark's StandardScaler: a constant feature becomes 0
+        std = train.std(axis=0, ddof=1)
+        centred = (train - mean) * np.divide(1.0, std, out=np.zeros_like(std), where=std != 0)
+    else:
+        std, centred = None, train - mean
     _, singular, components = np.linalg.svd(centred, full_matrices=False)
     eigenvalues = singular**2
     return eigenvalues / eigenvalues.sum(), components.T, mean, std
@@ -56,7 +60,7 @@ def test_spark_pca_matches_numpy_svd(spark, tmp_path, standardize, scale):
     metrics = pca.run(cfg, spark)
 
     explained, components, mean, std = numpy_pca(features[:45], standardize)
-    curve = np.loadtxt(Path(cfg.env.paths.metrics) / "pca_variance.csv", delimiter=",", skiprows=1)
+    curve = np.loadtxt(cfg.env.paths.pca_variance, delimiter=",", skiprows=1)
     np.testing.assert_allclose(curve[:6, 1], explained[:6], rtol=1e-6)
     assert metrics["explained_variance_at_k"] == pytest.approx(explained[:4].sum(), rel=1e-6)
     assert metrics["rows_fitted"] == 45 and metrics["rows_projected"] == 60 and metrics["k"] == 4
@@ -70,21 +74,47 @@ def test_spark_pca_matches_numpy_svd(spark, tmp_path, standardize, scale):
     np.testing.assert_allclose(actual * signs, expected, rtol=1e-6, atol=1e-6 * np.abs(expected).max())
 
 
-def test_variance_target_picks_k_and_the_saved_model_reloads(spark, tmp_path):
-    from pyspark.ml import PipelineModel
+@pytest.mark.parametrize("standardize", [False, True])
+def test_the_projection_artifact_gives_spark_mls_own_vectors(spark, tmp_path, standardize):
+    """numpy + the .npz artifact (what the app uses) = Spark ML's StandardScaler + PCA transform, to 1e-6."""
+    from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.functions import array_to_vector, vector_to_array
+    from pyspark.sql import functions as F
 
-    cfg = make_cfg(tmp_path, "pca.variance=0.9")
+    cfg = make_cfg(tmp_path, "pca.variance=0.9", f"pca.standardize={standardize}")
     features = synthetic_features(50, 30, 1.0)
+    features[:, 7] = 2.5  # a constant feature: Spark's scaler maps it to 0
     write_features(spark, cfg, features, train_rows=40)
     metrics = pca.run(cfg, spark)
-    explained, *_ = numpy_pca(features[:40], False)
+    explained, *_ = numpy_pca(features[:40], standardize)
     expected_k = int(np.searchsorted(np.cumsum(explained), 0.9) + 1)
     assert metrics["k"] == expected_k and metrics["k_rule"].startswith("smallest k")
-    model = PipelineModel.load(cfg.env.paths.pca_model)
-    assert model.stages[-1].getK() == expected_k
-    assert model.stages[-1].pc.numCols == expected_k
-    assert json.loads((Path(cfg.env.paths.metrics) / "pca.json").read_text())["k"] == expected_k
+    projection = load_projection(cfg.env.paths.pca_projection)
+    assert projection.k == expected_k and projection.dimension == 30
+
+    # Spark ML's own transform, fitted independently with k components.
+    table = spark.read.parquet(cfg.env.paths.features).withColumn("v", array_to_vector(F.col("features")))
+    train, column = table.where(F.col("split") == "Training"), "v"
+    if standardize:
+        scaler = StandardScaler(inputCol="v", outputCol="s", withMean=True, withStd=True).fit(train)
+        table, train, column = scaler.transform(table), scaler.transform(train), "s"
+    model = PCA(k=expected_k, inputCol=column, outputCol="p").fit(train)
+    rows = model.transform(table).select("path", "features", vector_to_array("p").alias("p")).orderBy("path").collect()
+    spark_vectors = np.array([r["p"] for r in rows])
+    numpy_vectors = projection.project(np.array([r["features"] for r in rows]))
+    np.testing.assert_allclose(numpy_vectors, spark_vectors, rtol=1e-6, atol=1e-6 * np.abs(spark_vectors).max())
+    # And the pipeline's own vectors are those.
+    written = {r["path"]: r["pca"] for r in spark.read.parquet(cfg.env.paths.pca_vectors).collect()}
+    np.testing.assert_allclose(np.array([written[r["path"]] for r in rows]), numpy_vectors, rtol=1e-9, atol=1e-9)
+    assert json.loads(Path(cfg.env.paths.pca_metrics).read_text())["k"] == expected_k
 
 
-def test_spark_uses_native_lapack(spark):
-    assert pca.lapack_implementation(spark) == "JNILAPACK", "install libblas3 liblapack3 (make check-system)"
+def test_a_projection_refuses_features_of_another_dimension(tmp_path):
+    projection = Projection(np.eye(4)[:, :2], np.zeros(4), np.ones(4), np.array([0.6, 0.3]))
+    save_projection(projection, tmp_path / "p.npz")
+    loaded = load_projection(tmp_path / "p.npz")
+    np.testing.assert_array_equal(loaded.project(np.array([[1.0, 2.0, 3.0, 4.0]])), [[1.0, 2.0]])
+    with pytest.raises(ValueError, match="features have 3 dimensions, the PCA expects 4"):
+        loaded.project(np.ones((1, 3)))
+    with pytest.raises(FileNotFoundError, match="run the pca stage first"):
+        load_projection(tmp_path / "missing.npz")

@@ -7,39 +7,115 @@ import subprocess
 import sys
 from pathlib import Path
 
+from contextlib import contextmanager
+
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
-from fruits.config import PROJECT_ROOT
+from fruits.core import pipeline
+from fruits.core.config import PROJECT_ROOT, compose
+
+from conftest import make_cfg
 
 
 def dvc_stages(pipeline: str = "dvc.yaml"):
     return yaml.safe_load((PROJECT_ROOT / pipeline).read_text())["stages"]
 
 
-@pytest.mark.parametrize("pipeline, params_file", [("dvc.yaml", "params.yaml"), ("emr/dvc.yaml", "emr/params.yaml")])
-def test_every_stage_runs_a_package_module_and_reads_existing_params(pipeline, params_file):
-    params = yaml.safe_load((PROJECT_ROOT / params_file).read_text())
-    for name, stage in dvc_stages(pipeline).items():
-        module = re.fullmatch(r"python -m (fruits\.\w+)( --params \S+)?", stage["cmd"]).group(1)
-        assert (PROJECT_ROOT / "src" / (module.replace(".", "/") + ".py")).exists(), name
-        keys = [k for entry in stage["params"] for k in (entry[params_file] if isinstance(entry, dict) else [entry])]
+@pytest.mark.parametrize("emr", [False, True], ids=["dvc.yaml", "emr/dvc.yaml"])
+def test_both_pipelines_are_generated_from_the_registry(emr):
+    """The EMR pipeline cannot drift from the local one: both are written by `make params`."""
+    path = pipeline.EMR_PIPELINE if emr else "dvc.yaml"
+    cfg = compose(["env=emr", "storage=s3"] if emr else [])
+    assert (PROJECT_ROOT / path).read_text() == pipeline.render(cfg, emr), f"{path} drifted: run `make params`"
+
+
+@pytest.mark.parametrize("path", ["dvc.yaml", pipeline.EMR_PIPELINE])
+def test_each_stage_depends_on_every_package_module_it_imports(path):
+    """deps cover the import closure (import-linter's own graph of the package, function-level imports included)."""
+    import grimp
+
+    graph = grimp.build_graph("fruits")
+    for name, entry in dvc_stages(path).items():
+        entry_module = re.fullmatch(r"python -m ([\w.]+).*", entry["cmd"]).group(1)
+        modules = {pipeline.stage(name).module, entry_module}
+        needed = set(modules).union(*(graph.find_upstream_modules(m) for m in modules))
+        files = {pipeline.module_file(m).relative_to(PROJECT_ROOT).as_posix() for m in needed}
+        missing = {f for f in files if f not in entry["deps"] and pipeline.module_file_has_code(f)}
+        assert not missing, f"{path}: stage {name} imports {sorted(missing)} without depending on them"
+
+
+@pytest.mark.parametrize("path", ["dvc.yaml", pipeline.EMR_PIPELINE])
+def test_every_listed_param_and_path_exists(path):
+    params = yaml.safe_load((PROJECT_ROOT / path).parent.joinpath("params.yaml").read_text())
+    for name, entry in dvc_stages(path).items():
+        keys = [k for item in entry["params"] for k in (next(iter(item.values())) if isinstance(item, dict) else [item])]
         for key in keys:
             node = params
             for part in key.split("."):
-                assert part in node, f"stage {name} lists param {key}, absent from params.yaml"
+                assert part in node, f"stage {name} lists param {key}, absent from its params file"
                 node = node[part]
-        for dep in stage["deps"]:
-            if dep.startswith("src/"):
+        for dep in entry["deps"]:
+            if not dep.startswith("$"):
                 assert (PROJECT_ROOT / dep).exists(), f"stage {name} depends on missing {dep}"
 
 
 def test_pca_parameters_reach_only_pca_and_report():
-    readers = {name for name, stage in dvc_stages().items() if any(p.split(".")[0] == "pca" for p in stage["params"])}
-    assert readers == {"pca"}
-    downstream = {name for name, stage in dvc_stages().items()
-                  if any("pca" in dep for dep in stage["deps"] if not dep.startswith("src/"))}
+    readers = {name for name, stage in dvc_stages().items()
+               if any(pipeline.covers(p, "pca.k") for p in stage["params"])}
+    assert readers == {"pca", "report"}
+    downstream = {name for name, stage in dvc_stages().items() if any("pca" in dep for dep in stage["deps"]
+                                                                       if not dep.startswith("src/"))}
     assert downstream == {"report"}
+
+
+@contextmanager
+def recorded_reads():
+    """Every config key read through attribute or item access (DictConfig), as dotted full keys."""
+    from omegaconf import DictConfig
+
+    original = DictConfig._get_impl
+    keys: set[str] = set()
+
+    def recording(self, key, default_value, validate_key=True):
+        found = original(self, key, default_value, validate_key)
+        if not isinstance(found, DictConfig):
+            keys.add(self._get_full_key(key))
+        return found
+
+    DictConfig._get_impl = recording
+    try:
+        yield keys
+    finally:
+        DictConfig._get_impl = original
+
+
+def test_a_real_run_reads_only_listed_params_and_writes_exactly_its_registered_outputs(spark, tmp_path):
+    """The whole tiny pipeline, stage by stage, in registry order: each stage's reads are covered by
+    its params; what it writes is what the registry says (nothing else appears under the root)."""
+    from fruits.stages import featurize, ingest, pca, report, sample, weights
+
+    cfg = make_cfg(tmp_path)
+    runs = {"sample": sample.run, "ingest": ingest.run, "weights": weights.run,
+            "featurize": lambda c: featurize.run(c, spark), "pca": lambda c: pca.run(c, spark),
+            "report": lambda c: report.run(c, spark)}
+    assert list(runs) == list(pipeline.STAGES)
+    before: set[Path] = set()
+    for name, run_stage in runs.items():
+        stage = pipeline.stage(name)
+        with recorded_reads() as keys:
+            run_stage(cfg)
+        unlisted = {key for key in keys if not any(pipeline.covers(p, key) for p in stage.params)}
+        assert not unlisted, f"stage {name} reads {sorted(unlisted)} without listing them in its params"
+        assert keys, name
+        after = {p for p in tmp_path.rglob("*") if p.is_file()}
+        registered = [Path(OmegaConf.select(cfg, key)) for key in stage.written()]
+        assert all(path.exists() for path in registered), name
+        stray = {p for p in after - before if not any(p == r or r in p.parents for r in registered)
+                 and "downloads" not in p.parts}
+        assert not stray, f"stage {name} wrote {sorted(map(str, stray))}, not in its registered outputs"
+        before = after
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:
@@ -60,7 +136,7 @@ def shrink(clone: Path, env: dict) -> None:
     text = model_yaml.read_text().replace("weights: imagenet", "weights: random")
     text = re.sub(r"input_size: \d+", "input_size: 96", text)
     model_yaml.write_text(re.sub(r"calibration_images: \d+", "calibration_images: 16", text))
-    params = run([sys.executable, "-m", "fruits.config"], clone, env)
+    params = run([sys.executable, "-m", "fruits.core.config"], clone, env)
     (clone / "params.yaml").write_text(params)
     run(["git", "commit", "-qam", "tiny pipeline"], clone, env)
 
@@ -81,6 +157,7 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     assert "| Apple Red | 8 | 3 |" in report and "NOT PRETRAINED" in report
     featurized = json.loads((clone / "metrics/featurize.json").read_text())
     assert featurized["images"] == featurized["featurized"] == 33
+    assert (clone / "models/pca_projection.npz").stat().st_size > 0  # the engine-free PCA
 
     again = run(["dvc", "repro"], clone, env)
     assert "Data and pipelines are up to date" in again and "Running stage" not in again

@@ -4,8 +4,9 @@ import re
 
 import pytest
 
-from fruits import costs, featurize, pca, report
-from fruits.config import compose
+from fruits.core import costs
+from fruits.stages import featurize, ingest, pca, report
+from fruits.core.config import compose
 
 
 def test_emr_estimate_from_a_measured_rate_and_list_prices():
@@ -27,6 +28,7 @@ def test_an_unknown_instance_type_names_the_price_table():
 
 
 def test_report_from_a_real_run(spark, tiny_cfg):
+    ingest.run(tiny_cfg)
     featurize.run(tiny_cfg, spark)
     pca_metrics = pca.run(tiny_cfg, spark)
     html_path, md_path = report.run(tiny_cfg, spark)

@@ -11,8 +11,9 @@ from pathlib import Path
 import boto3
 import pytest
 
-from fruits import bucket, ingest, sample
-from fruits.config import ConfigError
+from fruits.cloud import bucket
+from fruits.stages import ingest, sample
+from fruits.core.config import ConfigError
 
 from conftest import make_cfg
 
@@ -82,9 +83,9 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     local = sorted(Path(cfg.data.root).rglob("*.jpg"))
 
     # Interrupted after 10 uploads.
-    from fruits.storage import filesystem
+    from fruits.core.storage import filesystem
 
-    fs, _ = filesystem(ingest.raw_prefix(cfg), cfg)  # fsspec caches it: ingest gets this very instance
+    fs, _ = filesystem(cfg.storage.uris.raw, cfg)  # fsspec caches it: ingest gets this very instance
     real_put, calls = fs.put_file, {"n": 0}
 
     def flaky_put(lpath, rpath, **kwargs):
@@ -106,7 +107,7 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
         relative = path.relative_to(cfg.data.root).as_posix()
         assert uploaded[f"{cfg.storage.prefix}/raw/{relative}"] == hashlib.md5(path.read_bytes()).hexdigest()
     assert manifest["per_split"]["Training"]["Kiwi"] == 6
-    assert json.loads((Path(cfg.env.paths.metrics) / "ingest.json").read_text())["images"] == 32
+    assert json.loads(Path(cfg.env.paths.ingest_metrics).read_text())["images"] == 32
 
     # Idempotent: nothing new to upload; a changed file is uploaded again.
     assert ingest.upload(cfg, ingest.list_files(cfg.data.root, cfg, ["jpg"]))["uploaded"] == 0
@@ -148,15 +149,16 @@ def test_dvc_push_pull_round_trip(tmp_path, s3_endpoint):
 
 
 def test_weights_from_an_s3_uri_go_through_the_guarded_layer(tmp_path, s3_endpoint, tiny_project):
-    from fruits import model
+    from fruits.core import backbone
+    from fruits.stages import weights
 
     cfg = s3_cfg(tmp_path, s3_endpoint)
     bucket.ensure_bucket(cfg)
     source = make_cfg(tiny_project).env.paths.weights
     raw_client(s3_endpoint).upload_file(source, cfg.storage.bucket, "fruits/models/w.weights.h5")
     cfg.model.weights = f"s3://{cfg.storage.bucket}/fruits/models/w.weights.h5"
-    provenance = model.run(cfg)
-    assert provenance["sha256"] == model.sha256_file(source) and provenance["source"] == cfg.model.weights
+    provenance = weights.run(cfg)
+    assert provenance["sha256"] == backbone.sha256_file(source) and provenance["source"] == cfg.model.weights
     cfg.model.weights = f"s3://{cfg.storage.bucket}/fruits/models/missing.weights.h5"
-    with pytest.raises(model.WeightsUnavailable, match="missing.weights.h5: file not found"):
-        model.run(cfg)
+    with pytest.raises(backbone.WeightsUnavailable, match="missing.weights.h5: file not found"):
+        weights.run(cfg)

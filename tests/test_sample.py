@@ -2,8 +2,8 @@ import hashlib
 import json
 import shutil
 
-from fruits import sample
-from fruits.images import decode_image
+from fruits.stages import sample
+from fruits.core.images import decode_image
 
 from conftest import make_cfg
 

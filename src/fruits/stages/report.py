@@ -1,7 +1,7 @@
 """report: a critique report built from measured numbers only (HTML, self-contained, and a Markdown twin).
 
-Reads what the other stages wrote (metrics, provenance, manifest, features, rejects, PCA vectors) and
-the price table in conf/cluster; computes the critique (what k keeps, where the time went, what the
+Reads what the other stages wrote (metrics, provenance, the ingest manifest, features, rejects, PCA
+vectors) and the price table in conf/cluster; computes the critique (what k keeps, where the time went, what the
 run would cost on EMR at 10x and 100x the data, the alternatives) from those numbers.
 """
 
@@ -17,9 +17,12 @@ import platform
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from fruits.costs import alternatives, emr_estimate
+from fruits.core.config import stage_config
+from fruits.core.costs import alternatives, emr_estimate
+from fruits.core.pipeline import params_of
+from fruits.core.spark import get_session
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +94,10 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
 # --- rendering -----------------------------------------------------------------------------------------
 
 
-def render_markdown(title: str, sections: list[Section]) -> str:
+def render_markdown(title: str, sections: list[Section], folder: Path) -> str:
+    """Markdown; figures linked relative to folder (where the Markdown file is)."""
+    sections = [Section(s.title, [("img", os.path.relpath(b[1], folder), b[2]) if b[0] == "img" else b
+                                  for b in s.blocks]) for s in sections]
     out = [f"# {title}", ""]
     for section in sections:
         out += [f"## {section.title}", ""]
@@ -101,7 +107,7 @@ def render_markdown(title: str, sections: list[Section]) -> str:
             elif block[0] == "banner":
                 out += [f"> **{block[1]}**", ""]
             elif block[0] == "img":
-                out += [f"![{block[2]}]({block[1].name})", ""]
+                out += [f"![{block[2]}]({block[1]})", ""]
             elif block[0] == "table":
                 out += ["| " + " | ".join(block[1]) + " |", "|" + "---|" * len(block[1])]
                 out += ["| " + " | ".join(str(c) for c in row) + " |" for row in block[2]] + [""]
@@ -193,8 +199,8 @@ def extract(spark, cfg: DictConfig) -> dict:
     """The small numbers the report needs; the big tables stay in Spark (aggregates and a bounded sample)."""
     from pyspark.sql import functions as F
 
-    metrics = Path(cfg.env.paths.metrics)
-    features = spark.read.parquet(cfg.env.paths.features)
+    paths = cfg.env.paths
+    features = spark.read.parquet(paths.features)
     counts = features.groupBy("split", "label").count().orderBy("label", "split").collect()
     rejects = spark.read.parquet(cfg.env.paths.rejects).groupBy("reject_reason").count().collect()
     vectors = spark.read.parquet(cfg.env.paths.pca_vectors)
@@ -202,12 +208,11 @@ def extract(spark, cfg: DictConfig) -> dict:
     fraction = min(1.0, cfg.report.scatter_points / max(1, total))
     sample = vectors.sample(fraction=fraction, seed=0).limit(cfg.report.scatter_points)
     points = sample.select(F.col("pca")[0], F.col("pca")[1], "label").collect()
-    manifest_path = Path(cfg.data.root) / "MANIFEST.json"
     return {
-        "featurize": read_json(metrics / "featurize.json"),
-        "pca": read_json(metrics / "pca.json"),
-        "provenance": read_json(cfg.env.paths.provenance),
-        "manifest": json.loads(manifest_path.read_text()) if manifest_path.exists() else {},
+        "featurize": read_json(paths.featurize_metrics),
+        "pca": read_json(paths.pca_metrics),
+        "provenance": read_json(paths.provenance),
+        "manifest": read_json(paths.ingest_metrics),
         "counts": [(r["label"], r["split"], r["count"]) for r in counts],
         "rejects": [(r["reject_reason"], r["count"]) for r in rejects],
         "points": [(float(p[0]), float(p[1]), p[2]) for p in points],
@@ -217,7 +222,7 @@ def extract(spark, cfg: DictConfig) -> dict:
     }
 
 
-def transform(facts: dict, cfg: DictConfig, figures: Path) -> list[Section]:
+def transform(facts: dict, cfg: DictConfig) -> list[Section]:
     featurize_m, pca_m, provenance = facts["featurize"], facts["pca"], facts["provenance"]
     sections = []
     header = Section("Summary")
@@ -243,14 +248,15 @@ def transform(facts: dict, cfg: DictConfig, figures: Path) -> list[Section]:
         ["wall time (s)", featurize_m["seconds"]], ["images per second", featurize_m["images_per_second"]],
         ["partitions", featurize_m["partitions"]], ["model builds per worker", featurize_m["model_builds_per_worker"]]])]))
 
-    variance_png = figures / "pca_variance.png"
-    plot_variance(Path(cfg.env.paths.metrics) / "pca_variance.csv", pca_m["k"], variance_png)
-    scatter_png = figures / "pca_scatter.png"
+    variance_png, scatter_png = Path(cfg.env.paths.variance_plot), Path(cfg.env.paths.scatter_plot)
+    for figure in (variance_png, scatter_png):
+        figure.parent.mkdir(parents=True, exist_ok=True)
+    plot_variance(Path(cfg.env.paths.pca_variance), pca_m["k"], variance_png)
     plot_scatter(facts["points"], scatter_png)
     sections.append(Section("PCA", [
         ("p", f"k = {pca_m['k']} ({pca_m['k_rule']}), {pca_m['explained_variance_at_k']:.1%} of the variance; "
               f"fitted on {pca_m['rows_fitted']} Training rows, {pca_m['rows_projected']} rows projected; "
-              f"standardised: {pca_m['standardize']}; LAPACK: {pca_m['lapack']}."),
+              f"standardised: {pca_m['standardize']}."),
         ("img", variance_png, "explained variance per component and cumulative"),
         ("p", f"First two components of {len(facts['points'])} images, coloured by label:"),
         ("img", scatter_png, "2-D projection coloured by label")]))
@@ -273,43 +279,31 @@ def transform(facts: dict, cfg: DictConfig, figures: Path) -> list[Section]:
                                     f"{cluster.core_instance_count} x {cluster.core_instance_type}"],
                         ["estimated cost of this run", f"${estimate['usd']:.2f}"]]
     sections.append(Section("Run environment", [("table", ["key", "value"], environment)]))
-    sections.append(Section("Configuration", [("p", "The composed config this run used (params.yaml):"),
-                                              ("table", ["key", "value"], flatten(OmegaConf.to_container(cfg)))]))
+    sections.append(Section("Configuration", [("p", "The parameters the pipeline's stages ran with (params.yaml):"),
+                                              ("table", ["key", "value"], [[k, v] for k, v in params_of(cfg).items()])]))
     return sections
 
 
-def flatten(tree, prefix: str = "") -> list[list]:
-    if isinstance(tree, dict):
-        return [row for key, value in tree.items() for row in flatten(value, f"{prefix}{key}.")]
-    return [[prefix.rstrip("."), tree]]
-
-
 def load(sections: list[Section], cfg: DictConfig) -> tuple[Path, Path]:
-    out = Path(cfg.env.paths.reports)
+    html_path, md_path = Path(cfg.env.paths.report_html), Path(cfg.env.paths.report_md)
     title = f"Fruits! pipeline report ({cfg.env.name}, {cfg.data.name})"
-    html_path, md_path = out / "report.html", out / "report.md"
+    for path in (html_path, md_path):
+        path.parent.mkdir(parents=True, exist_ok=True)
     html_path.write_text(render_html(title, sections), encoding="utf-8")
-    md_path.write_text(render_markdown(title, sections), encoding="utf-8")
+    md_path.write_text(render_markdown(title, sections, md_path.parent), encoding="utf-8")
     return html_path, md_path
 
 
 def run(cfg: DictConfig, spark=None) -> tuple[Path, Path]:
-    from fruits.spark import get_session
-
     spark = spark or get_session(cfg)
-    figures = Path(cfg.env.paths.reports)
-    figures.mkdir(parents=True, exist_ok=True)
-    paths = load(transform(extract(spark, cfg), cfg, figures), cfg)
+    paths = load(transform(extract(spark, cfg), cfg), cfg)
     log.info("report: %s and %s", *paths)
     return paths
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fruits.config import stage_config
-    from fruits.steps import dispatch
-
     os.environ.setdefault("MPLBACKEND", "Agg")
-    dispatch("report", stage_config("Build the critique report from the measured numbers.", argv), run)
+    run(stage_config("Build the critique report from the measured numbers.", argv))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""One filesystem abstraction (fsspec) for local paths and S3, configured from the guarded config."""
+"""One filesystem abstraction (fsspec) for local paths and S3, configured from the validated config."""
 
 from __future__ import annotations
 
@@ -29,16 +29,20 @@ def filesystem(uri: str, cfg: DictConfig):
     import fsspec
 
     if is_s3(uri):
-        from fruits.config import validate
+        from fruits.core.config import check_region
 
-        validate(cfg)  # the region guard, before any call
+        check_region("storage.region", cfg.storage.region)  # the GDPR guard, before any call
         options = {"client_kwargs": {"region_name": cfg.storage.region}}
         if cfg.storage.endpoint_url:
             options["endpoint_url"] = cfg.storage.endpoint_url
         fs = fsspec.filesystem("s3", **options)
         return fs, uri.split("://", 1)[1]
-    fs = fsspec.filesystem("file")
-    return fs, uri.removeprefix("file:")
+    return fsspec.filesystem("file"), local_path(uri)
+
+
+def local_path(uri: str) -> str:
+    """A local path from a path or a `file:` URI as Spark writes it (`file:/a/b`)."""
+    return uri.removeprefix("file:")
 
 
 class ListedFile(NamedTuple):

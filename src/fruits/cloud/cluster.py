@@ -20,9 +20,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fruits.aws import client
-from fruits.config import PROJECT_ROOT, ConfigError, load_config
-from fruits.costs import cluster_hourly_price
+from fruits.core.aws import client
+from fruits.core.backbone import TF_ENVIRONMENT
+from fruits.core.config import PROJECT_ROOT, ConfigError, load_config
+from fruits.core.costs import cluster_hourly_price
 
 log = logging.getLogger(__name__)
 
@@ -31,22 +32,16 @@ READY_STATES = ("WAITING", "RUNNING")
 MIN_IDLE_TIMEOUT_S, MAX_IDLE_TIMEOUT_S = 60, 7 * 24 * 3600  # EMR's own bounds
 
 
-def emr_prefix(cfg: DictConfig) -> str:
-    return f"s3://{cfg.storage.bucket}/{cfg.storage.prefix}/emr"
-
-
 def artifact_uris(cfg: DictConfig) -> dict[str, str]:
-    """Where `make cluster` puts what the nodes and the steps need."""
-    base = emr_prefix(cfg)
+    """Where `make cluster` puts what the nodes and the steps need (prefixes from storage.uris)."""
+    uris = cfg.storage.uris
     return {
-        "bootstrap": f"{base}/bootstrap/install-deps.sh",
-        "requirements": f"{base}/bootstrap/runtime.txt",
-        "constraints": f"{base}/bootstrap/lock.txt",
-        "code": f"{base}/code/fruits.zip",
-        "entry": f"{base}/code/run_stage.py",
-        "logs": f"{base}/logs/",
-        "outputs": f"{base}/outputs",
-        "params": f"{base}/params",
+        "bootstrap": f"{uris.bootstrap}/install-deps.sh",
+        "requirements": f"{uris.bootstrap}/runtime.txt",
+        "constraints": f"{uris.bootstrap}/lock.txt",
+        "code": f"{uris.code}/fruits.zip",
+        "entry": f"{uris.code}/run_stage.py",
+        "logs": uris.logs,
     }
 
 
@@ -89,7 +84,7 @@ def run_job_flow_request(cfg: DictConfig) -> dict:
     if cluster.ec2_key_name:  # SSH stays closed to the world: EMR-managed groups open nothing to 0.0.0.0/0
         instances["Ec2KeyName"] = cluster.ec2_key_name
     return {
-        "Name": cluster.name,
+        "Name": cluster.emr_name,
         "ReleaseLabel": cluster.release_label,
         "LogUri": uris["logs"],
         "Applications": [{"Name": "Spark"}],
@@ -101,10 +96,10 @@ def run_job_flow_request(cfg: DictConfig) -> dict:
         }],
         "Configurations": [
             {"Classification": "spark-env", "Configurations": [
-                {"Classification": "export", "Properties": {"PYSPARK_PYTHON": python, "TF_ENABLE_ONEDNN_OPTS": "1"}}]},
+                {"Classification": "export", "Properties": {"PYSPARK_PYTHON": python, **TF_ENVIRONMENT}}]},
             {"Classification": "spark-defaults", "Properties": {
                 "spark.pyspark.python": python, "spark.python.worker.reuse": "true",
-                "spark.executorEnv.TF_ENABLE_ONEDNN_OPTS": "1"}},
+                **{f"spark.executorEnv.{name}": value for name, value in TF_ENVIRONMENT.items()}}},
         ],
         "ServiceRole": cluster.service_role,
         "JobFlowRole": cluster.instance_profile,
@@ -128,7 +123,7 @@ def package_code() -> bytes:
     """The fruits package as a zip for spark-submit --py-files (code only, no data)."""
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted((PROJECT_ROOT / "src" / "fruits").rglob("*.py")):
+        for path in sorted((PROJECT_ROOT / "src" / "fruits").rglob("*.py")):  # every layer: the runner imports stages
             archive.write(path, path.relative_to(PROJECT_ROOT / "src").as_posix())
     return buffer.getvalue()
 
@@ -152,7 +147,7 @@ def find_active_cluster(emr, cfg: DictConfig) -> str | None:
     """A running cluster of this project (same name and project tag), if any."""
     for page in emr.get_paginator("list_clusters").paginate(ClusterStates=ACTIVE_STATES):
         for summary in page["Clusters"]:
-            if summary["Name"] != cfg.cluster.name:
+            if summary["Name"] != cfg.cluster.emr_name:
                 continue
             tags = {t["Key"]: t["Value"] for t in emr.describe_cluster(ClusterId=summary["Id"])["Cluster"].get("Tags", [])}
             if tags.get("project") == str(cfg.cluster.tags.project):
@@ -170,22 +165,36 @@ def ensure_security_configuration(emr, cfg: DictConfig) -> None:
         emr.create_security_configuration(Name=name, SecurityConfiguration=json.dumps(security_configuration()))
 
 
-def wait_until(emr, cluster_id: str, wanted: tuple[str, ...], poll_seconds: float, out=sys.stderr) -> dict:
-    """Poll with a one-line progress display; raise with EMR's reason if the cluster dies instead."""
+def wait_for(describe, label: str, wanted, failed, failure, poll_seconds: float, out=sys.stderr):
+    """Poll describe() -> (thing, state) with a one-line progress display until state is in wanted;
+    raise RuntimeError(failure(thing)) if it reaches a failed state instead. Shared by cluster and steps."""
     started = time.monotonic()
     while True:
-        cluster = emr.describe_cluster(ClusterId=cluster_id)["Cluster"]
-        state = cluster["Status"]["State"]
-        out.write(f"\r{cluster_id}: {state:<22} {time.monotonic() - started:6.0f} s")
+        thing, state = describe()
+        out.write(f"\r{label}: {state:<22} {time.monotonic() - started:6.0f} s")
         out.flush()
-        if state in wanted:
+        if state in wanted or state in failed:
             out.write("\n")
-            return cluster
-        if state in ("TERMINATED", "TERMINATED_WITH_ERRORS"):
-            out.write("\n")
-            reason = cluster["Status"].get("StateChangeReason", {})
-            raise RuntimeError(f"cluster {cluster_id} ended {state}: {reason.get('Code', '')} {reason.get('Message', '')}")
+            if state in failed:
+                raise RuntimeError(failure(thing))
+            return thing
         time.sleep(poll_seconds)
+
+
+def wait_until(emr, cluster_id: str, wanted: tuple[str, ...], poll_seconds: float, out=sys.stderr) -> dict:
+    """Wait for the cluster to reach a wanted state; raise with EMR's reason if it ends instead."""
+
+    def describe():
+        cluster = emr.describe_cluster(ClusterId=cluster_id)["Cluster"]
+        return cluster, cluster["Status"]["State"]
+
+    def failure(cluster: dict) -> str:
+        reason = cluster["Status"].get("StateChangeReason", {})
+        return (f"cluster {cluster_id} ended {cluster['Status']['State']}: "
+                f"{reason.get('Code', '')} {reason.get('Message', '')}")
+
+    ended = tuple(s for s in ("TERMINATED", "TERMINATED_WITH_ERRORS") if s not in wanted)
+    return wait_for(describe, cluster_id, wanted, ended, failure, poll_seconds, out)
 
 
 def state_path(cfg: DictConfig) -> Path:
@@ -194,7 +203,7 @@ def state_path(cfg: DictConfig) -> Path:
 
 def create(cfg: DictConfig) -> str:
     """Bucket, artifacts, cluster (or the running one), state file. Returns the cluster id."""
-    from fruits.bucket import ensure_bucket
+    from fruits.cloud.bucket import ensure_bucket
 
     check_definition(cfg)
     emr, s3 = client("emr", cfg, "cluster.region"), client("s3", cfg)
@@ -267,10 +276,11 @@ def down(cfg: DictConfig) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="EMR cluster lifecycle")
     parser.add_argument("action", choices=["plan", "create", "status", "down"])
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--params", default="emr/params.yaml", help="composed config (default: %(default)s)")
+    parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. cluster.core_instance_count=4")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config(["storage=s3", "env=emr", *args.overrides])
+    cfg = load_config(args.overrides, args.params)
     if args.action == "plan":
         print(json.dumps(run_job_flow_request(cfg), indent=2))
     elif args.action == "create":

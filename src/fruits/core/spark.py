@@ -1,16 +1,13 @@
-"""The Spark session, from config only: no master is hard-coded, so the same job runs under
-`local[N]` and under spark-submit on YARN (EMR)."""
+"""The Spark session, from config only (`env.spark`): no master is hard-coded, so the same job runs
+under `local[N]` and under spark-submit on YARN (EMR)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import sys
 
 from omegaconf import DictConfig
-
-log = logging.getLogger(__name__)
 
 
 def check_java() -> None:
@@ -28,13 +25,26 @@ def get_session(cfg: DictConfig):
     check_java()
     # Workers must run this interpreter (the venv's), not whatever `python3` is first on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.appName(f"{cfg.project}-{cfg.env.name}")
-    if cfg.env.spark.master:
-        builder = builder.config("spark.master", cfg.env.spark.master)
-    for key, value in cfg.env.spark.conf.items():
+    spark_cfg = cfg.env.spark
+    builder = SparkSession.builder.appName(spark_cfg.app_name)
+    if spark_cfg.master:
+        builder = builder.config("spark.master", spark_cfg.master)
+    for key, value in spark_cfg.conf.items():
         builder = builder.config(key, str(value))
-    # Bounds the raw bytes held per Arrow batch; decoding happens model-batch by model-batch.
-    builder = builder.config("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.arrow_batch_rows))
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+class PidCounts:
+    """Accumulator param: {worker pid: count}, summed across tasks (e.g. model builds per worker)."""
+
+    @staticmethod
+    def zero(value):
+        return {}
+
+    @staticmethod
+    def addInPlace(left, right):
+        for pid, count in right.items():
+            left[pid] = left.get(pid, 0) + count
+        return left

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from fruits.aws import client
-from fruits.config import EU_REGIONS, ConfigError
+from fruits.core.aws import check_location, client
+from fruits.core.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +44,6 @@ def encryption_rule(kms_key: str | None) -> dict:
         default = {"SSEAlgorithm": "aws:kms", "KMSMasterKeyID": kms_key}
         return {"Rules": [{"ApplyServerSideEncryptionByDefault": default, "BucketKeyEnabled": True}]}
     return {"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}
-
-
-def bucket_region(s3, bucket: str) -> str | None:
-    """The bucket's region, or None if it does not exist."""
-    from botocore.exceptions import ClientError
-
-    try:
-        location = s3.get_bucket_location(Bucket=bucket)["LocationConstraint"]
-    except ClientError as err:
-        if err.response["Error"]["Code"] in ("NoSuchBucket", "404"):
-            return None
-        raise
-    return location or "us-east-1"  # S3 reports us-east-1 as an empty constraint
-
-
-def check_location(s3, bucket: str) -> str | None:
-    region = bucket_region(s3, bucket)
-    if region is not None and region not in EU_REGIONS:
-        raise ConfigError(
-            f"storage.bucket={bucket} is located in {region}, outside the EU; GDPR requires one of "
-            f"{', '.join(EU_REGIONS)}. Use another bucket name."
-        )
-    return region
 
 
 def ensure_bucket(cfg: DictConfig) -> list[str]:
@@ -116,7 +93,7 @@ def ensure_bucket(cfg: DictConfig) -> list[str]:
 
 
 def dvc_remote_url(cfg: DictConfig) -> str:
-    return f"s3://{cfg.storage.bucket}/{cfg.storage.prefix}/dvc"
+    return cfg.storage.uris.dvc
 
 
 def configure_dvc_remote(cfg: DictConfig, repo: Path = Path(".")) -> None:
@@ -147,7 +124,7 @@ def run(cfg: DictConfig, dvc_repo: Path | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fruits.config import stage_config
+    from fruits.core.config import stage_config
 
     cfg = stage_config("Create or check the project bucket (EU region, private, encrypted, TLS only, versioned).", argv)
     run(cfg, Path(".") if Path(".dvc").is_dir() else None)

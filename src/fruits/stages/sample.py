@@ -22,8 +22,9 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFilter
 
-from fruits.images import SPLITS
-from fruits.storage import write_json
+from fruits.core.config import stage_config
+from fruits.core.images import SPLITS
+from fruits.core.storage import write_json
 
 log = logging.getLogger(__name__)
 
@@ -188,43 +189,60 @@ def copy_subset(source: Path, root: Path, labels: list[str] | None, per_split: d
     return count
 
 
-def run(cfg: DictConfig) -> dict:
+def extract(cfg: DictConfig) -> Path | None:
+    """The real Fruits-360 folder data.source names (downloaded and unpacked if needed); None: generate."""
     data = cfg.data
-    root = Path(data.root)
+    if data.source == "generate":
+        return None
+    source = Path(data.source)
+    if data.source == "download":
+        source = download(data.url, Path(data.root).parent / "downloads")
+    if source.suffix == ".zip":
+        extracted = source.with_suffix("")
+        if not extracted.exists():
+            with zipfile.ZipFile(source) as archive:
+                archive.extractall(extracted)
+        source = extracted
+    return find_fruits360_root(source)
+
+
+def transform(cfg: DictConfig, source: Path | None, staging: Path) -> dict:
+    """Write the subset under staging (copied from source, or generated); its manifest."""
+    data = cfg.data
     per_split = {"Training": data.train_per_label, "Test": data.test_per_label}
-    # Build beside the target, then swap: an interrupted run never leaves a half sample.
+    if source is None:
+        count = generate(staging, list(data.labels), per_split, data.image_size, data.seed)
+        origin = f"generated offline (seed {data.seed}): synthetic fruit-like images, not photos"
+    else:
+        count = copy_subset(source, staging, data.labels and list(data.labels), per_split)
+        origin = f"Fruits-360 images from {data.source}"
+    manifest = {"origin": origin, "images": count, "labels": sorted(p.name for p in (staging / "Training").iterdir())}
+    write_json(staging / "MANIFEST.json", manifest)
+    return manifest
+
+
+def load(staging: Path, root: Path) -> None:
+    """Swap the finished subset into place."""
+    if root.exists():
+        shutil.rmtree(root)
+    os.replace(staging, root)
+
+
+def run(cfg: DictConfig) -> dict:
+    root = Path(cfg.data.root)
     root.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then swap: an interrupted run never leaves a half sample.
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        if data.source == "generate":
-            count = generate(staging, list(data.labels), per_split, data.image_size, data.seed)
-            origin = f"generated offline (seed {data.seed}): synthetic fruit-like images, not photos"
-        else:
-            source = Path(data.source)
-            if data.source == "download":
-                source = download(data.url, root.parent / "downloads")
-            if source.suffix == ".zip":
-                extracted = source.with_suffix("")
-                if not extracted.exists():
-                    with zipfile.ZipFile(source) as archive:
-                        archive.extractall(extracted)
-                source = extracted
-            count = copy_subset(find_fruits360_root(source), staging, data.labels and list(data.labels), per_split)
-            origin = f"Fruits-360 images from {data.source}"
-        manifest = {"origin": origin, "images": count, "labels": sorted(p.name for p in (staging / "Training").iterdir())}
-        write_json(staging / "MANIFEST.json", manifest)
-        if root.exists():
-            shutil.rmtree(root)
-        os.replace(staging, root)
+        manifest = transform(cfg, extract(cfg), staging)
+        load(staging, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("sample: %d images in %s (%s)", count, root, origin)
+    log.info("sample: %d images in %s (%s)", manifest["images"], root, manifest["origin"])
     return manifest
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fruits.config import stage_config
-
     run(stage_config("Build the sample subset in the Fruits-360 layout.", argv))
 
 

@@ -1,7 +1,7 @@
 """ingest: put the selected dataset where featurize reads it, and write its manifest.
 
 storage=local: the images stay on local disk (data.root). storage=s3: they are uploaded in parallel
-to s3://<bucket>/<prefix>/raw/<split>/<label>/<file>, skipping objects already there with the same
+to storage.uris.raw (s3://<bucket>/<prefix>/raw/<split>/<label>/<file>), skipping objects already there with the same
 size and MD5 (so an interrupted upload resumes), and the final count is verified. Either way the
 manifest (count per label and split, total bytes, a checksum of the listing) is what DVC tracks.
 """
@@ -9,6 +9,7 @@ manifest (count per label and split, total bytes, a checksum of the listing) is 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -17,10 +18,10 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from fruits.aws import client
-from fruits.bucket import check_location
-from fruits.images import RejectedImage, parse_image_path
-from fruits.storage import ListedFile, file_digest, filesystem, list_files, write_json
+from fruits.core.aws import check_location, client
+from fruits.core.config import stage_config
+from fruits.core.images import RejectedImage, parse_image_path
+from fruits.core.storage import ListedFile, file_digest, filesystem, list_files, local_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -62,51 +63,62 @@ def to_upload(local: list[ListedFile], remote: list[ListedFile], md5) -> list[Li
     return pending
 
 
-def raw_prefix(cfg: DictConfig) -> str:
-    return f"s3://{cfg.storage.bucket}/{cfg.storage.prefix}/raw"
-
-
 def upload(cfg: DictConfig, local: list[ListedFile]) -> dict:
     """Upload what is missing, in parallel with a progress bar; verify the count at the end."""
-    destination = raw_prefix(cfg)
+    destination = cfg.storage.uris.raw
     fs, root = filesystem(destination, cfg)
     check_location(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU bucket
-    remote = list_files(destination, cfg, cfg.featurize.extensions) if fs.exists(root) else []
-    pending = to_upload(local, remote, lambda f: file_digest(f.uri.removeprefix("file:"), "md5"))
+    remote = list_files(destination, cfg, cfg.data.extensions) if fs.exists(root) else []
+    pending = to_upload(local, remote, lambda f: file_digest(local_path(f.uri), "md5"))
     log.info("ingest: %d of %d files to upload to %s", len(pending), len(local), destination)
 
     def put(file: ListedFile) -> None:
-        fs.put_file(file.uri.removeprefix("file:"), f"{root}/{file.relative}")
+        fs.put_file(local_path(file.uri), f"{root}/{file.relative}")
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         for _ in tqdm(pool.map(put, pending), total=len(pending), desc="upload", unit="file", disable=not pending):
             pass
     fs.invalidate_cache()
-    uploaded = list_files(destination, cfg, cfg.featurize.extensions)
+    uploaded = list_files(destination, cfg, cfg.data.extensions)
     missing = {f.relative for f in local} - {f.relative for f in uploaded}
     if missing:
         raise RuntimeError(f"ingest: {len(missing)} file(s) missing in {destination} after upload, e.g. {sorted(missing)[:3]}")
     return {"destination": destination, "uploaded": len(pending), "skipped": len(local) - len(pending)}
 
 
-def run(cfg: DictConfig) -> dict:
-    local = list_files(cfg.data.root, cfg, cfg.featurize.extensions)
+def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict]:
+    """The image files under data.root, and the sample's own manifest (where the images come from)."""
+    local = list_files(cfg.data.root, cfg, cfg.data.extensions)
     if not local:
-        raise FileNotFoundError(f"data.root={cfg.data.root} holds no {list(cfg.featurize.extensions)} files")
-    result = manifest(local)
-    if cfg.storage.kind == "s3":
+        raise FileNotFoundError(f"data.root={cfg.data.root} holds no {list(cfg.data.extensions)} files")
+    origin_file = Path(cfg.data.root) / "MANIFEST.json"
+    origin = json.loads(origin_file.read_text()).get("origin") if origin_file.exists() else None
+    return local, {"origin": origin or f"images found in {cfg.data.root}"}
+
+
+def transform(local: list[ListedFile], origin: dict) -> dict:
+    return {**origin, **manifest(local)}
+
+
+def load(cfg: DictConfig, local: list[ListedFile], result: dict) -> dict:
+    """Upload to S3 (storage=s3), then write the manifest that DVC tracks."""
+    if cfg.storage.name == "s3":
         transfer = upload(cfg, local)
         result["destination"] = transfer["destination"]
         log.info("ingest: %d uploaded, %d already there", transfer["uploaded"], transfer["skipped"])
-    write_json(Path(cfg.env.paths.metrics) / "ingest.json", result)
+    write_json(cfg.env.paths.ingest_metrics, result)
+    return result
+
+
+def run(cfg: DictConfig) -> dict:
+    local, origin = extract(cfg)
+    result = load(cfg, local, transform(local, origin))
     log.info("ingest: %d images, %d labels, %d bytes in %s", result["images"], result["labels"], result["bytes"],
              cfg.env.paths.images)
     return result
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fruits.config import stage_config
-
     run(stage_config("Place the dataset where featurize reads it and write its manifest.", argv))
 
 

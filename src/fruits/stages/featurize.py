@@ -19,8 +19,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from fruits import model as backbone
-from fruits.images import RejectedImage, parse_image_path, prepare
+from fruits.core import backbone
+from fruits.core.config import stage_config
+from fruits.core.images import RejectedImage, parse_image_path, prepare
+from fruits.core.spark import PidCounts, get_session
+from fruits.core.storage import list_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -83,20 +86,6 @@ def build_udf(broadcast_weights, weights_key: str, cfg: DictConfig, builds_accum
     return featurize_images
 
 
-class PidCounts:
-    """Accumulator param: {worker pid: model builds}, summed across tasks."""
-
-    @staticmethod
-    def zero(value):
-        return {}
-
-    @staticmethod
-    def addInPlace(left, right):
-        for pid, count in right.items():
-            left[pid] = left.get(pid, 0) + count
-        return left
-
-
 def image_glob(extensions) -> str:
     """A case-insensitive glob for binaryFile's pathGlobFilter: *.{jpg,JPG,...}."""
     names = sorted({e.lower() for e in extensions} | {e.upper() for e in extensions})
@@ -123,14 +112,14 @@ def extract(spark, cfg: DictConfig):
     return (
         spark.read.format("binaryFile")
         .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", image_glob(cfg.featurize.extensions))
+        .option("pathGlobFilter", image_glob(cfg.data.extensions))
         .load(cfg.env.paths.images)
         .select("path", "content")
     )
 
 
 def transform(images, featurize_udf):
-    """path, content -> path, split, label, features, reject_reason."""
+    """path, content -> path, split, label, features, reject_reason (one UDF call per row)."""
     from pyspark.sql import functions as F
 
     result = featurize_udf(F.col("path"), F.col("content"))
@@ -143,15 +132,18 @@ def transform(images, featurize_udf):
     )
 
 
-def load(results, listing_rejects, cfg: DictConfig) -> None:
-    """Features and rejects to Parquet (the results are persisted, so the UDF runs once)."""
+def split_results(results, listing_rejects):
+    """(features, rejects): featurized rows, and every reject with its reason, including the files the
+    listing found that Spark's reader never returns (listing_rejects: path, reject_reason)."""
     from pyspark.sql import functions as F
 
     features = results.where(F.col("reject_reason").isNull()).select("path", "label", "split", "features")
     rejects = results.where(F.col("reject_reason").isNotNull()).select("path", "reject_reason")
-    if listing_rejects:
-        spark = results.sparkSession
-        rejects = rejects.unionByName(spark.createDataFrame(listing_rejects, "path string, reject_reason string"))
+    return features, rejects.unionByName(listing_rejects)
+
+
+def load(features, rejects, cfg: DictConfig) -> None:
+    """Features and rejects to Parquet."""
     features.write.mode("overwrite").parquet(cfg.env.paths.features)
     rejects.write.mode("overwrite").parquet(cfg.env.paths.rejects)
 
@@ -181,32 +173,28 @@ def broadcast_weights(spark, cfg: DictConfig):
     """Read the weights file once on the driver and broadcast its arrays; returns (broadcast, key)."""
     path = Path(cfg.env.paths.weights)
     if not path.exists():
-        raise FileNotFoundError(f"weights file {path} not found: run `python -m fruits.model` first")
+        raise FileNotFoundError(f"weights file {path} not found: run the weights stage first "
+                                "(python -m fruits.stages.weights)")
     arrays = backbone.load_weight_arrays(path, cfg.model.input_size, cfg.model.alpha)
-    key = f"{backbone.sha256_file(path)}/{cfg.model.input_size}/{cfg.model.alpha}"
-    return spark.sparkContext.broadcast(arrays), key
+    return spark.sparkContext.broadcast(arrays), backbone.weights_key(path, cfg.model.input_size, cfg.model.alpha)
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark import StorageLevel
 
-    from fruits.spark import get_session
-    from fruits.storage import list_files, write_json
-
     spark = spark or get_session(cfg)
-    # Bounds the raw bytes per Arrow batch (decoding then goes model-batch by model-batch).
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.arrow_batch_rows))
     started = time.perf_counter()
     weights, weights_key = broadcast_weights(spark, cfg)
     builds = spark.sparkContext.accumulator({}, PidCounts())
     # Our own listing is the ground truth of what came in: Spark's file source skips some files.
-    listed = list_files(cfg.env.paths.images, cfg, cfg.featurize.extensions)
+    listed = list_files(cfg.env.paths.images, cfg, cfg.data.extensions)
     for setting, value in partition_settings(listed, cfg.featurize.images_per_partition).items():
         spark.conf.set(setting, value)
     images = extract(spark, cfg)
     results = transform(images, build_udf(weights, weights_key, cfg, builds)).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        load(results, unreadable_by_spark(listed), cfg)
+        listing_rejects = spark.createDataFrame(unreadable_by_spark(listed), "path string, reject_reason string")
+        load(*split_results(results, listing_rejects), cfg)
         seconds = time.perf_counter() - started
         inputs = len(listed)
         featurized = spark.read.parquet(cfg.env.paths.features).count()
@@ -218,7 +206,8 @@ def run(cfg: DictConfig, spark=None) -> dict:
         results.unpersist()
         weights.unpersist()
     check_accounting(inputs, featurized, rejected)
-    provenance = json.loads(Path(cfg.env.paths.provenance).read_text()) if Path(cfg.env.paths.provenance).exists() else {}
+    provenance_file = Path(cfg.env.paths.provenance)
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     metrics = {
         "images": inputs,
         "featurized": featurized,
@@ -234,7 +223,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "weights_source": provenance.get("source"),
         "weights_sha256": provenance.get("sha256"),
     }
-    write_json(Path(cfg.env.paths.metrics) / "featurize.json", metrics)
+    write_json(cfg.env.paths.featurize_metrics, metrics)
     log.info("featurize: %d images, %d featurized, %d rejected, %.1f img/s", inputs, featurized, rejected,
              metrics["images_per_second"] or 0)
     if provenance.get("warning"):
@@ -243,10 +232,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fruits.config import stage_config
-    from fruits.steps import dispatch
-
-    dispatch("featurize", stage_config("Featurize the images with MobileNetV2 on Spark.", argv), run)
+    run(stage_config("Featurize the images with MobileNetV2 on Spark.", argv))
 
 
 if __name__ == "__main__":

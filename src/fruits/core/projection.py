@@ -1,0 +1,57 @@
+"""The engine-free PCA projection: what the pca stage fitted, as numpy arrays (no Spark, no JVM).
+
+Spark's PCA projects without centring; with standardisation, Spark's StandardScaler first subtracts
+the Training mean and multiplies by 1/std (0 where a feature is constant). The artifact stores exactly
+that, so `project` gives Spark's vectors, for a whole table (the pca stage) or for one photo (the app).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Projection:
+    components: np.ndarray  # (dimension, k): the first k principal components, as columns
+    shift: np.ndarray  # (dimension,): subtracted first (the Training mean if standardised, else zeros)
+    factor: np.ndarray  # (dimension,): multiplied next (1/std if standardised, else ones)
+    explained_variance: np.ndarray  # (k,): share of the variance of each kept component
+
+    @property
+    def k(self) -> int:
+        return self.components.shape[1]
+
+    @property
+    def dimension(self) -> int:
+        return self.components.shape[0]
+
+    def project(self, features: np.ndarray) -> np.ndarray:
+        """(n, dimension) features -> (n, k) PCA vectors, float64."""
+        features = np.asarray(features, dtype=np.float64)
+        if features.shape[-1] != self.dimension:
+            raise ValueError(f"features have {features.shape[-1]} dimensions, the PCA expects {self.dimension}")
+        return ((features - self.shift) * self.factor) @ self.components
+
+
+def save_projection(projection: Projection, path: str | Path) -> Path:
+    """Write atomically (.npz): an interrupted write never leaves a half artifact."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as partial:
+        np.savez(partial, components=projection.components, shift=projection.shift, factor=projection.factor,
+                 explained_variance=projection.explained_variance)
+    os.replace(partial.name, path)
+    return path
+
+
+def load_projection(path: str | Path) -> Projection:
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"PCA projection {path} not found: run the pca stage first (dvc repro)")
+    with np.load(path) as arrays:
+        return Projection(arrays["components"], arrays["shift"], arrays["factor"], arrays["explained_variance"])
