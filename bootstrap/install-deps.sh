@@ -18,7 +18,7 @@ trap 'rm -rf "${workdir}"' EXIT
 aws s3 cp --only-show-errors "${requirements_uri}" "${workdir}/runtime.txt"
 aws s3 cp --only-show-errors "${constraints_uri}" "${workdir}/lock.txt"
 
-stamp="/var/tmp/fruits-deps-$(cat "${workdir}/runtime.txt" "${workdir}/lock.txt" | sha256sum | cut -c1-16)"
+stamp="${FRUITS_STAMP_DIR:-/var/tmp}/fruits-deps-$(cat "${workdir}/runtime.txt" "${workdir}/lock.txt" | sha256sum | cut -c1-16)"
 if [[ -f "${stamp}" ]]; then
   log "dependencies already installed (${stamp}): nothing to do"
   exit 0
