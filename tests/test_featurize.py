@@ -47,31 +47,51 @@ def test_transform_featurizes_each_row_with_the_broadcast_weights(spark, tiny_pr
     from pyspark.testing import assertDataFrameEqual
 
     files = sorted((tiny_project / "images" / "Training" / "Kiwi").glob("*.jpg"))[:3]
-    rows = [(f"file:{f}", f.read_bytes()) for f in files] + [("file:/d/Test/Kiwi/bad.jpg", b"junk")]
-    images = spark.createDataFrame(rows, "path string, content binary")
+    rows = [(f"file:{f}", f.read_bytes(), f"sum{i}") for i, f in enumerate(files)]
+    images = spark.createDataFrame(rows + [("file:/d/Test/Kiwi/bad.jpg", b"junk", "sumbad")],
+                                   "path string, content binary, checksum string")
     udf = featurize.build_udf(spark.sparkContext.broadcast(tiny_weights), "transform-test",
                               make_cfg(tiny_project))
     expected_features = reference_features(tiny_weights, [f.read_bytes() for f in files])
     expected = spark.createDataFrame(
-        [(f"file:{f}", "Training", "Kiwi", [float(v) for v in vector], None)
-         for f, vector in zip(files, expected_features, strict=True)]
-        + [("file:/d/Test/Kiwi/bad.jpg", "Test", "Kiwi", None, "not an image (format not recognised)")],
-        "path string, split string, label string, features array<float>, reject_reason string")
+        [(f"file:{f}", f"sum{i}", "Training", "Kiwi", [float(v) for v in vector], None)
+         for i, (f, vector) in enumerate(zip(files, expected_features, strict=True))]
+        + [("file:/d/Test/Kiwi/bad.jpg", "sumbad", "Test", "Kiwi", None, "not an image (format not recognised)")],
+        "path string, checksum string, split string, label string, features array<float>, reject_reason string")
     assertDataFrameEqual(featurize.transform(images, udf), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_split_results_keeps_features_and_gathers_every_reject(spark):
+IDENTITY = "checksum string, size long, modified timestamp, model string"
+
+
+def test_split_results_separates_features_and_rejects(spark):
     from pyspark.testing import assertDataFrameEqual
 
     results = spark.createDataFrame(
-        [("a", "Training", "Fig", [1.0], None), ("b", "Test", "Fig", None, "empty file")],
-        "path string, split string, label string, features array<float>, reject_reason string")
-    listing = spark.createDataFrame([("_c", "hidden name")], "path string, reject_reason string")
-    features, rejects = featurize.split_results(results, listing)
+        [("a", "Training", "Fig", [1.0], None, "c1", 3, None, "m"), ("b", "Test", "Fig", None, "empty file", "c2", 0, None, "m")],
+        f"path string, split string, label string, features array<float>, reject_reason string, {IDENTITY}")
+    features, rejects = featurize.split_results(results)
     assertDataFrameEqual(features, spark.createDataFrame(
-        [("a", "Fig", "Training", [1.0])], "path string, label string, split string, features array<float>"))
-    assertDataFrameEqual(rejects, spark.createDataFrame(
-        [("b", "empty file"), ("_c", "hidden name")], "path string, reject_reason string"))
+        [("a", "Fig", "Training", [1.0], "c1", 3, None, "m")], f"path string, label string, split string, features array<float>, {IDENTITY}"))
+    assertDataFrameEqual(rejects, spark.createDataFrame([("b", "empty file", "c2", 0, None, "m")], f"path string, reject_reason string, {IDENTITY}"))
+
+
+def test_plan_keeps_unchanged_reads_new_or_touched_and_finds_deleted(spark):
+    from datetime import datetime
+
+    from pyspark.testing import assertDataFrameEqual
+
+    day1, day2 = datetime(2026, 1, 1), datetime(2026, 1, 2)
+    listing = spark.createDataFrame([("same", 10, day1), ("grown", 12, day1), ("touched", 10, day2), ("new", 5, day2)],
+                                    "path string, size long, modified timestamp")
+    previous = spark.createDataFrame(
+        [("same", "c1", 10, day1, "m"), ("grown", "c2", 10, day1, "m"), ("touched", "c3", 10, day1, "m"),
+         ("gone", "c4", 7, day1, "m")], f"path string, {IDENTITY}")
+    kept, candidates, deleted = featurize.plan(listing, previous)
+    assertDataFrameEqual(kept, spark.createDataFrame([("same",)], "path string"))
+    assertDataFrameEqual(candidates, spark.createDataFrame([("grown", "c2"), ("touched", "c3"), ("new", None)],
+                                                           "path string, previous_checksum string"))
+    assertDataFrameEqual(deleted, spark.createDataFrame([("gone",)], "path string"))
 
 
 # --- the Spark job ---------------------------------------------------------------------------------
@@ -164,10 +184,19 @@ def test_missing_weights_file_is_named(spark, tiny_cfg, tmp_path):
 
 
 def test_partition_settings_give_about_the_requested_images_per_task():
-    from fruits.core.storage import ListedFile
-
-    listed = [ListedFile(f"file:/d/{i}.jpg", f"{i}.jpg", 5000) for i in range(1000)]
-    settings = featurize.partition_settings(listed, 100)
+    settings = featurize.partition_settings(1000, 1000 * 5000, 100)
     open_cost = int(settings["spark.sql.files.openCostInBytes"])
     per_task = int(settings["spark.sql.files.maxPartitionBytes"]) // (5000 + open_cost)
     assert per_task == 100
+
+
+def test_odd_names_are_read_literally(spark, tmp_path):
+    """Explicit paths go through Hadoop's glob: brackets, braces, stars must not be patterns."""
+    names = ["a[1].jpg", "b c.jpg", "é%20.jpg", "x{y}.jpg", "q?.jpg"]
+    for name in names:
+        write_image(tmp_path / "Training" / "Kiwi" / name, draw_fruit("Kiwi", 1), "JPEG")
+    (tmp_path / "Training" / "Kiwi" / "a1.jpg").write_bytes(b"decoy: a[1] as a pattern would match me")
+    uris = [f"file:{tmp_path}/Training/Kiwi/{name}" for name in names]
+    cfg = make_cfg(tmp_path)
+    read = {row["path"]: row["checksum"] for row in featurize.read_contents(spark, cfg, uris).collect()}
+    assert set(read) == set(uris)

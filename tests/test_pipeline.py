@@ -185,6 +185,15 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
                         ks.add(source["data"]["k"])
     assert {3, 4, 5} <= ks, ks
 
+    # Growth: one more Test image per label. Only the new images go through the model (Training is
+    # unchanged, so even the seeded offline weights stay the same), and then nothing is left to run.
+    grown = run(["dvc", "exp", "run", "-S", "data.test_per_label=4"], clone, env)
+    assert {"sample", "ingest", "featurize", "pca", "report"} <= set(re.findall(r"Running stage '(\w+)'", grown))
+    featurized = json.loads((clone / "metrics/featurize.json").read_text())
+    assert featurized["images"] == featurized["featurized"] == 36
+    assert (featurized["run"]["new"], featurized["run"]["reused"], featurized["run"]["computed"]) == (3, 33, 3)
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone, env)
+
     metrics = run(["dvc", "metrics", "show", "--json"], clone, env)
     assert "explained_variance_at_k" in metrics
     run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], clone, env)

@@ -110,9 +110,11 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     assert json.loads(Path(cfg.env.paths.ingest_metrics).read_text())["images"] == 32
 
     # Idempotent: nothing new to upload; a changed file is uploaded again.
-    assert ingest.upload(cfg, ingest.list_files(cfg.data.root, cfg, ["jpg"]))["uploaded"] == 0
+    listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
+    assert ingest.upload(cfg, listed, ingest.content_md5s(listed))["uploaded"] == 0
     local[0].write_bytes(local[1].read_bytes())
-    assert ingest.upload(cfg, ingest.list_files(cfg.data.root, cfg, ["jpg"]))["uploaded"] == 1
+    listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
+    assert ingest.upload(cfg, listed, ingest.content_md5s(listed))["uploaded"] == 1
 
 
 def test_dvc_push_pull_round_trip(tmp_path, s3_endpoint):

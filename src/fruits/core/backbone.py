@@ -123,6 +123,7 @@ def extract_in_batches(extract, images: np.ndarray, batch_size: int) -> np.ndarr
     return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, FEATURE_DIM), np.float32)
 
 
-def weights_key(weights_file: str | Path, input_size: int, alpha: float) -> str:
-    """What identifies an extractor: the weights' checksum and the architecture's settings."""
-    return f"{sha256_file(weights_file)}/{input_size}/{alpha}"
+def model_identity(weights_file: str | Path, input_size: int, alpha: float, engine: str = "tensorflow") -> str:
+    """What identifies the features a model makes (and its extractor in a worker): architecture, the
+    weights' checksum, input size, width, engine. Rows made by another identity are recomputed."""
+    return f"mobilenetv2/{sha256_file(weights_file)}/{input_size}/{alpha}/{engine}"

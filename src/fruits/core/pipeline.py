@@ -21,6 +21,8 @@ from fruits.core.storage import is_s3
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/fruits
 SOURCE_ROOT = PACKAGE_ROOT.parent  # src
 RUNNER_MODULE = "fruits.cloud.steps"
+# Values of data.source that are not a folder: nothing on disk for DVC to watch.
+SOURCE_KEYWORDS = ("generate", "download")
 # Folders of many files (datasets, Spark tables): on EMR they live in S3; they never travel as small files.
 TABLES = ("data.root", "env.paths.images", "env.paths.features", "env.paths.rejects", "env.paths.pca_vectors")
 EMR_PARAMS = "emr/params.yaml"
@@ -33,6 +35,7 @@ class Stage:
     params: tuple[str, ...]  # config keys (or whole sections) the stage reads
     inputs: tuple[str, ...] = ()  # config keys naming the files or folders it reads
     outputs: tuple[str, ...] = ()  # ... the data it writes (DVC-cached)
+    incremental: tuple[str, ...] = ()  # outputs the stage updates from their previous version (persist)
     small_outputs: tuple[str, ...] = ()  # ... small files it writes, kept in git (provenance, reports)
     metrics: tuple[str, ...] = ()
     plots: tuple[str, ...] = ()
@@ -52,6 +55,7 @@ SAMPLE = Stage(
     "sample",
     params=("data.source", "data.root", "data.url", "data.labels", "data.train_per_label", "data.test_per_label",
             "data.image_size", "data.seed"),
+    inputs=("data.source",),  # a real Fruits-360 folder or .zip: images added there re-run the pipeline
     outputs=("data.root",),
     in_emr_pipeline=False,
 )
@@ -76,6 +80,7 @@ FEATURIZE = Stage(
             "env.paths.featurize_metrics"),
     inputs=("env.paths.ingest_metrics", "env.paths.weights", "env.paths.provenance"),
     outputs=("env.paths.features", "env.paths.rejects"),
+    incremental=("env.paths.features", "env.paths.rejects"),
     metrics=("env.paths.featurize_metrics",),
     on_cluster=True,
 )
@@ -224,6 +229,8 @@ def dvc_stage(stage: Stage, cfg: DictConfig, emr: bool, made_by: dict[str, Stage
         modules, extra = [stage.module], []
     data_deps = []
     for key in stage.inputs:
+        if str(value(cfg, key)) in SOURCE_KEYWORDS:
+            continue
         if not is_s3(str(value(cfg, key))):
             data_deps.append(f"${{{key}}}")
         else:  # in S3 (not versioned by DVC): depend on the metrics of the stage that wrote it
@@ -234,7 +241,8 @@ def dvc_stage(stage: Stage, cfg: DictConfig, emr: bool, made_by: dict[str, Stage
     entry["cmd"] = cmd
     entry["deps"] = code_deps(modules) + extra + data_deps
     entry["params"] = [{EMR_PARAMS: list(stage.params)}] if emr else list(stage.params)
-    outs = [f"${{{key}}}" for key in stage.outputs if not is_s3(str(value(cfg, key)))]
+    outs = [{f"${{{key}}}": {"persist": True}} if key in stage.incremental else f"${{{key}}}"
+            for key in stage.outputs if not is_s3(str(value(cfg, key)))]
     outs += [{f"${{{key}}}": {"cache": False}} for key in stage.small_outputs]
     if outs:
         entry["outs"] = outs

@@ -1,9 +1,16 @@
-"""featurize: images -> 1280-d MobileNetV2 features, with Spark.
+"""featurize: images -> 1280-d MobileNetV2 features, with Spark, incrementally.
 
 The weights are read once on the driver and broadcast; each Python worker builds the model once
 (`weights=None`, filled from the broadcast) and keeps it for every later task and batch. A pandas
 Iterator UDF decodes, resizes and predicts in fixed-size batches. Files that cannot be decoded go to
 a rejects table with the reason; the job checks inputs = featurized + rejected.
+
+Incremental: every row carries the image's content checksum (sha256) and the model identity. Spark
+lists the inputs without reading them (binaryFile metadata); an image whose size and modification
+time are those of its row is kept as it is; the others are read and checksummed, and only those whose
+content is new or changed go through the model. Rows of deleted images are dropped; a new model
+identity re-featurizes everything. The new tables are written aside and swapped into place, so a
+killed run never leaves a table that mixes old and half-written rows.
 """
 
 from __future__ import annotations
@@ -11,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,11 +31,15 @@ from fruits.core import backbone
 from fruits.core.config import stage_config
 from fruits.core.images import RejectedImage, parse_image_path, prepare
 from fruits.core.spark import PidCounts, get_session
-from fruits.core.storage import list_files, write_json
+from fruits.core.storage import filesystem, iter_files, recover_folder, replace_folder, write_json
 
 log = logging.getLogger(__name__)
 
 RESULT_SCHEMA = "split string, label string, features array<float>, reject_reason string"
+# What identifies an image's row besides its path: what it contained, and when it was listed.
+ROW_IDENTITY = ["checksum", "size", "modified", "model"]
+FEATURE_COLUMNS = ["path", "label", "split", "features", *ROW_IDENTITY]
+REJECT_COLUMNS = ["path", "reject_reason", *ROW_IDENTITY]
 
 
 def featurize_batch(
@@ -92,7 +104,7 @@ def image_glob(extensions) -> str:
     return "*.{" + ",".join(names) + "}"
 
 
-def partition_settings(listed, images_per_partition: int) -> dict[str, str]:
+def partition_settings(images: int, total_bytes: int, images_per_partition: int) -> dict[str, str]:
     """File-source settings for about images_per_partition images per task.
 
     By default Spark counts 4 MB of "open cost" per file, so small images come 32 to a task and the
@@ -100,31 +112,95 @@ def partition_settings(listed, images_per_partition: int) -> dict[str, str]:
     size instead makes partitions of about images_per_partition images (fewer when the data is small,
     still one per core at least, as Spark splits by bytes per core).
     """
-    mean_size = max(1, sum(f.size for f in listed) // max(1, len(listed)))
+    mean_size = max(1, total_bytes // max(1, images))
     return {
         "spark.sql.files.openCostInBytes": str(mean_size),
         "spark.sql.files.maxPartitionBytes": str(2 * mean_size * images_per_partition),
     }
 
 
+def escape_glob(uri: str) -> str:
+    """A path Spark's reader takes literally (Hadoop expands [, ], {, }, *, ? in the paths it loads)."""
+    return re.sub(r"([\\\[\]{}*?])", r"\\\1", uri)
+
+
+def image_reader(spark, cfg: DictConfig):
+    return (spark.read.format("binaryFile")
+            .option("recursiveFileLookup", "true")
+            .option("pathGlobFilter", image_glob(cfg.data.extensions)))
+
+
 def extract(spark, cfg: DictConfig):
-    """Every image file under env.paths.images (recursively): path, content."""
-    return (
-        spark.read.format("binaryFile")
-        .option("recursiveFileLookup", "true")
-        .option("pathGlobFilter", image_glob(cfg.data.extensions))
-        .load(cfg.env.paths.images)
-        .select("path", "content")
-    )
+    """The listing of every image file under env.paths.images (recursively), read by Spark without the
+    content: path, size, modified."""
+    from pyspark.sql import functions as F
+
+    return (image_reader(spark, cfg).load(cfg.env.paths.images)
+            .select("path", F.col("length").alias("size"), F.col("modificationTime").alias("modified")))
+
+
+def read_contents(spark, cfg: DictConfig, paths: list[str] | None):
+    """path, content, checksum of the given image files (all of env.paths.images for None)."""
+    from pyspark.sql import functions as F
+
+    if paths is None:
+        images = image_reader(spark, cfg).load(cfg.env.paths.images)
+    elif paths:
+        images = spark.read.format("binaryFile").load([escape_glob(p) for p in paths])
+    else:
+        return spark.createDataFrame([], "path string, content binary, checksum string")
+    return images.select("path", "content", F.sha2("content", 256).alias("checksum"))
+
+
+def read_previous(spark, cfg: DictConfig, identity: str):
+    """(features, rejects, their rows' path and identity) of the last run, if it used this model
+    identity; None otherwise (first run, another model, or tables written before rows had an identity)."""
+    from pyspark.sql import functions as F
+
+    tables = []
+    for path, columns in ((cfg.env.paths.features, FEATURE_COLUMNS), (cfg.env.paths.rejects, REJECT_COLUMNS)):
+        fs, local = filesystem(path, cfg)
+        if not fs.exists(local):
+            return None
+        table = spark.read.parquet(path)
+        if not set(columns) <= set(table.columns):
+            return None  # written before rows carried their identity: start afresh
+        tables.append(table)
+    features, rejects = tables
+    rows = features.select("path", *ROW_IDENTITY).unionByName(rejects.select("path", *ROW_IDENTITY))
+    if rows.where(F.col("model") != identity).limit(1).count() or not rows.limit(1).count():
+        return None
+    return features, rejects, rows
+
+
+def plan(listing, previous):
+    """listing (path, size, modified) against the previous rows: (kept, candidates, deleted).
+
+    kept: paths whose size and modification time are unchanged (their rows are reused without reading
+    the file); candidates: path, previous checksum (null if new) of everything else, to be read;
+    deleted: previous paths no longer listed.
+    """
+    from pyspark.sql import functions as F
+
+    before = previous.select("path", F.col("checksum").alias("previous_checksum"),
+                             F.col("size").alias("previous_size"), F.col("modified").alias("previous_modified"))
+    joined = listing.join(before, "path", "left")
+    same = (F.col("size") == F.col("previous_size")) & (F.col("modified") == F.col("previous_modified"))
+    kept = joined.where(same).select("path")
+    candidates = joined.where(~same | F.col("previous_checksum").isNull()).select("path", "previous_checksum")
+    deleted = previous.select("path").join(listing.select("path"), "path", "left_anti")
+    return kept, candidates, deleted
 
 
 def transform(images, featurize_udf):
-    """path, content -> path, split, label, features, reject_reason (one UDF call per row)."""
+    """path, content, checksum -> path, checksum, split, label, features, reject_reason (the model runs
+    once per row)."""
     from pyspark.sql import functions as F
 
     result = featurize_udf(F.col("path"), F.col("content"))
     return images.select(
         "path",
+        "checksum",
         result["split"].alias("split"),
         result["label"].alias("label"),
         result["features"].alias("features"),
@@ -132,27 +208,49 @@ def transform(images, featurize_udf):
     )
 
 
-def split_results(results, listing_rejects):
-    """(features, rejects): featurized rows, and every reject with its reason, including the files the
-    listing found that Spark's reader never returns (listing_rejects: path, reject_reason)."""
+def merge(previous_tables, reused, computed, listing, identity: str):
+    """The new (features, rejects): previous rows of reused paths, plus the rows computed now; size and
+    modification time from this listing."""
     from pyspark.sql import functions as F
 
-    features = results.where(F.col("reject_reason").isNull()).select("path", "label", "split", "features")
-    rejects = results.where(F.col("reject_reason").isNotNull()).select("path", "reject_reason")
-    return features, rejects.unionByName(listing_rejects)
+    stamp = listing.select("path", "size", "modified")
+    new_rows = computed.join(stamp, "path").withColumn("model", F.lit(identity))
+    features, rejects = split_results(new_rows)
+    if previous_tables is not None:
+        old_features, old_rejects = previous_tables
+        for old, columns in ((old_features, FEATURE_COLUMNS), (old_rejects, REJECT_COLUMNS)):
+            kept = old.drop("size", "modified").join(reused, "path").join(stamp, "path").select(*columns)
+            if columns is FEATURE_COLUMNS:
+                features = features.unionByName(kept)
+            else:
+                rejects = rejects.unionByName(kept)
+    return features, rejects
+
+
+def split_results(results):
+    """(features, rejects) of rows carrying path, label, split, features, reject_reason and their identity."""
+    from pyspark.sql import functions as F
+
+    features = results.where(F.col("reject_reason").isNull()).select(*FEATURE_COLUMNS)
+    rejects = results.where(F.col("reject_reason").isNotNull()).select(*REJECT_COLUMNS)
+    return features, rejects
 
 
 def load(features, rejects, cfg: DictConfig) -> None:
-    """Features and rejects to Parquet."""
-    features.write.mode("overwrite").parquet(cfg.env.paths.features)
-    rejects.write.mode("overwrite").parquet(cfg.env.paths.rejects)
+    """Both tables written aside, then swapped into place (a killed run leaves the previous ones)."""
+    for table, path in ((features, cfg.env.paths.features), (rejects, cfg.env.paths.rejects)):
+        staged = f"{path}.next"
+        table.write.mode("overwrite").parquet(staged)
+    for path in (cfg.env.paths.features, cfg.env.paths.rejects):
+        replace_folder(f"{path}.next", path, cfg)
 
 
-def unreadable_by_spark(listed) -> list[tuple[str, str]]:
-    """(uri, reject_reason) for listed files that Spark's file source never returns: empty files and
-    hidden names (a path part starting with '.' or '_'). Listed here so that they are not lost."""
+def unreadable_by_spark(files) -> list[tuple[str, str]]:
+    """(uri, reject_reason) for the files that Spark's file source never returns: empty files and
+    hidden names (a path part starting with '.' or '_'). Taken from a streaming walk, so that they are
+    not lost; only these are kept in memory."""
     rejects = []
-    for file in listed:
+    for file in files:
         if any(part.startswith((".", "_")) for part in file.relative.split("/")):
             rejects.append((file.uri, "hidden name (a part starts with '.' or '_'): Spark skips it, rename it"))
         elif file.size == 0:
@@ -170,41 +268,76 @@ def check_accounting(inputs: int, featurized: int, rejected: int) -> None:
 
 
 def broadcast_weights(spark, cfg: DictConfig):
-    """Read the weights file once on the driver and broadcast its arrays; returns (broadcast, key)."""
+    """Read the weights file once on the driver and broadcast its arrays; (broadcast, model identity)."""
     path = Path(cfg.env.paths.weights)
     if not path.exists():
         raise FileNotFoundError(f"weights file {path} not found: run the weights stage first "
                                 "(python -m fruits.stages.weights)")
     arrays = backbone.load_weight_arrays(path, cfg.model.input_size, cfg.model.alpha)
-    return spark.sparkContext.broadcast(arrays), backbone.weights_key(path, cfg.model.input_size, cfg.model.alpha)
+    return spark.sparkContext.broadcast(arrays), backbone.model_identity(path, cfg.model.input_size, cfg.model.alpha)
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
     spark = spark or get_session(cfg)
     started = time.perf_counter()
-    weights, weights_key = broadcast_weights(spark, cfg)
+    for table in (cfg.env.paths.features, cfg.env.paths.rejects):
+        if recover_folder(table, cfg):
+            log.warning("featurize: %s recovered from an interrupted run", table)
+    weights, identity = broadcast_weights(spark, cfg)
     builds = spark.sparkContext.accumulator({}, PidCounts())
-    # Our own listing is the ground truth of what came in: Spark's file source skips some files.
-    listed = list_files(cfg.env.paths.images, cfg, cfg.data.extensions)
-    for setting, value in partition_settings(listed, cfg.featurize.images_per_partition).items():
+    listing = extract(spark, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    listed, listed_bytes = listing.agg(F.count("path"), F.coalesce(F.sum("size"), F.lit(0))).first()
+    # Spark's file source skips empty files and hidden names: a streaming walk finds them, so that
+    # nothing is lost (only those are held in memory).
+    unreadable = unreadable_by_spark(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
+    for setting, value in partition_settings(listed, listed_bytes, cfg.featurize.images_per_partition).items():
         spark.conf.set(setting, value)
-    images = extract(spark, cfg)
-    results = transform(images, build_udf(weights, weights_key, cfg, builds)).persist(StorageLevel.MEMORY_AND_DISK)
+
+    previous, hashed = read_previous(spark, cfg, identity), None
+    if previous is None:  # first run or a new model: every image, read once
+        kept = touched = listing.limit(0).select("path")
+        deleted, changed = 0, 0
+        to_compute = read_contents(spark, cfg, None)
+    else:
+        kept, candidates, deleted_paths = plan(listing, previous[2])
+        deleted = deleted_paths.count()
+        # Only what changed by size or date is read and checksummed: for a growth run, a short list.
+        hashed = (read_contents(spark, cfg, [row["path"] for row in candidates.select("path").collect()])
+                  .select("path", "checksum").join(candidates, "path").persist(StorageLevel.MEMORY_AND_DISK))
+        touched = hashed.where(F.col("checksum") == F.col("previous_checksum")).select("path")  # same content
+        fresh = hashed.where(F.col("previous_checksum").isNull() | (F.col("checksum") != F.col("previous_checksum")))
+        changed = fresh.where(F.col("previous_checksum").isNotNull()).count()
+        to_compute = read_contents(spark, cfg, [row["path"] for row in fresh.select("path").collect()])
+    udf = build_udf(weights, identity, cfg, builds)
+    computed = transform(to_compute, udf).persist(StorageLevel.MEMORY_AND_DISK)
+    reused = kept.unionByName(touched).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        listing_rejects = spark.createDataFrame(unreadable_by_spark(listed), "path string, reject_reason string")
-        load(*split_results(results, listing_rejects), cfg)
+        # Counted before the swap: the plan reads the previous tables, which the swap replaces.
+        reused_count = reused.count()
+        rejected_now = computed.where(F.col("reject_reason").isNotNull()).count() + len(unreadable)
+        computed_count = computed.count()
+        partitions = to_compute.rdd.getNumPartitions()
+        features, rejects = merge(previous and previous[:2], reused, computed, listing, identity)
+        unreadable_rows = spark.createDataFrame(
+            [(uri, reason, None, None, None, identity) for uri, reason in unreadable],
+            "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
+        load(features, rejects.unionByName(unreadable_rows), cfg)
         seconds = time.perf_counter() - started
-        inputs = len(listed)
         featurized = spark.read.parquet(cfg.env.paths.features).count()
-        rejects = spark.read.parquet(cfg.env.paths.rejects)
-        rejected = rejects.count()
-        reasons = {row["reject_reason"]: row["count"] for row in rejects.groupBy("reject_reason").count().collect()}
-        partitions = images.rdd.getNumPartitions()
+        rejects_table = spark.read.parquet(cfg.env.paths.rejects)
+        rejected = rejects_table.count()
+        reasons = {row["reject_reason"]: row["count"] for row in rejects_table.groupBy("reject_reason").count().collect()}
     finally:
-        results.unpersist()
+        computed.unpersist()
+        listing.unpersist()
+        reused.unpersist()
+        if hashed is not None:
+            hashed.unpersist()
         weights.unpersist()
+    inputs = listed + len(unreadable)
     check_accounting(inputs, featurized, rejected)
     provenance_file = Path(cfg.env.paths.provenance)
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
@@ -213,10 +346,14 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "featurized": featurized,
         "rejected": rejected,
         "reject_reasons": reasons,
+        "run": {"new": computed_count - changed, "changed": changed, "deleted": deleted,
+                "reused": reused_count, "computed": computed_count, "rejected": rejected_now,
+                "model_changed_or_first_run": previous is None},
         "seconds": round(seconds, 3),
-        "images_per_second": round(inputs / seconds, 2) if seconds else None,
+        "images_per_second": round(computed_count / seconds, 2) if seconds else None,
         "partitions": partitions,
         "model_builds_per_worker": {str(pid): count for pid, count in builds.value.items()},
+        "model": identity,
         "input_size": cfg.model.input_size,
         "weights_pretrained": provenance.get("pretrained"),
         "weights_imagenet": provenance.get("imagenet"),
@@ -224,8 +361,9 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "weights_sha256": provenance.get("sha256"),
     }
     write_json(cfg.env.paths.featurize_metrics, metrics)
-    log.info("featurize: %d images, %d featurized, %d rejected, %.1f img/s", inputs, featurized, rejected,
-             metrics["images_per_second"] or 0)
+    log.info("featurize: %d images (%d new, %d changed, %d deleted, %d reused), %d featurized, %d rejected, "
+             "%.1f img/s computed", inputs, metrics["run"]["new"], metrics["run"]["changed"], deleted, reused_count,
+             featurized, rejected, metrics["images_per_second"] or 0)
     if provenance.get("warning"):
         log.warning(provenance["warning"])
     return metrics

@@ -28,13 +28,14 @@ log = logging.getLogger(__name__)
 UPLOAD_THREADS = 8  # small objects: latency-bound, so a few requests in flight
 
 
-def manifest(listed: list[ListedFile]) -> dict:
-    """Counts per split and label, total bytes, and a checksum of (relative path, size) of every file."""
+def manifest(listed: list[ListedFile], md5s: dict[str, str]) -> dict:
+    """Counts per split and label, total bytes, and a checksum of (relative path, size, content MD5) of
+    every file: any image added, changed or deleted changes it, so DVC re-runs what depends on it."""
     counts: Counter[tuple[str, str]] = Counter()
     outside = []
     digest = hashlib.sha256()
     for file in sorted(listed, key=lambda f: f.relative):
-        digest.update(f"{file.relative}\t{file.size}\n".encode())
+        digest.update(f"{file.relative}\t{file.size}\t{md5s[file.relative]}\n".encode())
         try:
             counts[parse_image_path(file.relative)] += 1
         except RejectedImage:
@@ -52,24 +53,24 @@ def manifest(listed: list[ListedFile]) -> dict:
     }
 
 
-def to_upload(local: list[ListedFile], remote: list[ListedFile], md5) -> list[ListedFile]:
+def to_upload(local: list[ListedFile], remote: list[ListedFile], md5s: dict[str, str]) -> list[ListedFile]:
     """The local files whose object is missing or differs (size, then MD5 against the ETag)."""
     present = {f.relative: f for f in remote}
     pending = []
     for file in local:
         there = present.get(file.relative)
-        if there is None or there.size != file.size or there.etag != md5(file):
+        if there is None or there.size != file.size or there.etag != md5s[file.relative]:
             pending.append(file)
     return pending
 
 
-def upload(cfg: DictConfig, local: list[ListedFile]) -> dict:
+def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> dict:
     """Upload what is missing, in parallel with a progress bar; verify the count at the end."""
     destination = cfg.storage.uris.raw
     fs, root = filesystem(destination, cfg)
     check_location(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU bucket
     remote = list_files(destination, cfg, cfg.data.extensions) if fs.exists(root) else []
-    pending = to_upload(local, remote, lambda f: file_digest(local_path(f.uri), "md5"))
+    pending = to_upload(local, remote, md5s)
     log.info("ingest: %d of %d files to upload to %s", len(pending), len(local), destination)
 
     def put(file: ListedFile) -> None:
@@ -86,24 +87,29 @@ def upload(cfg: DictConfig, local: list[ListedFile]) -> dict:
     return {"destination": destination, "uploaded": len(pending), "skipped": len(local) - len(pending)}
 
 
-def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict]:
-    """The image files under data.root, and the sample's own manifest (where the images come from)."""
+def content_md5s(local: list[ListedFile]) -> dict[str, str]:
+    """{relative path: MD5 of the content}, read once per run (manifest and upload skip both use it)."""
+    return {file.relative: file_digest(local_path(file.uri), "md5") for file in local}
+
+
+def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict[str, str], dict]:
+    """The image files under data.root, their MD5s, and where they come from (the sample's manifest)."""
     local = list_files(cfg.data.root, cfg, cfg.data.extensions)
     if not local:
         raise FileNotFoundError(f"data.root={cfg.data.root} holds no {list(cfg.data.extensions)} files")
     origin_file = Path(cfg.data.root) / "MANIFEST.json"
     origin = json.loads(origin_file.read_text()).get("origin") if origin_file.exists() else None
-    return local, {"origin": origin or f"images found in {cfg.data.root}"}
+    return local, content_md5s(local), {"origin": origin or f"images found in {cfg.data.root}"}
 
 
-def transform(local: list[ListedFile], origin: dict) -> dict:
-    return {**origin, **manifest(local)}
+def transform(local: list[ListedFile], md5s: dict[str, str], origin: dict) -> dict:
+    return {**origin, **manifest(local, md5s)}
 
 
-def load(cfg: DictConfig, local: list[ListedFile], result: dict) -> dict:
+def load(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str], result: dict) -> dict:
     """Upload to S3 (storage=s3), then write the manifest that DVC tracks."""
     if cfg.storage.name == "s3":
-        transfer = upload(cfg, local)
+        transfer = upload(cfg, local, md5s)
         result["destination"] = transfer["destination"]
         log.info("ingest: %d uploaded, %d already there", transfer["uploaded"], transfer["skipped"])
     write_json(cfg.env.paths.ingest_metrics, result)
@@ -111,8 +117,8 @@ def load(cfg: DictConfig, local: list[ListedFile], result: dict) -> dict:
 
 
 def run(cfg: DictConfig) -> dict:
-    local, origin = extract(cfg)
-    result = load(cfg, local, transform(local, origin))
+    local, md5s, origin = extract(cfg)
+    result = load(cfg, local, md5s, transform(local, md5s, origin))
     log.info("ingest: %d images, %d labels, %d bytes in %s", result["images"], result["labels"], result["bytes"],
              cfg.env.paths.images)
     return result

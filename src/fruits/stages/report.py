@@ -244,8 +244,12 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
     sections.append(Section("Model and weights", [("table", ["key", "value"],
                             [[k, provenance[k]] for k in ("architecture", "input_size", "alpha", "feature_dim",
                                                           "source", "pretrained", "imagenet", "sha256") if k in provenance])]))
+    run = featurize_m["run"]
     sections.append(Section("Featurize", [("table", ["measure", "value"], [
-        ["wall time (s)", featurize_m["seconds"]], ["images per second", featurize_m["images_per_second"]],
+        ["images now (featurized + rejected)", featurize_m["images"]],
+        ["this run: new / changed / deleted / reused", f"{run['new']} / {run['changed']} / {run['deleted']} / {run['reused']}"],
+        ["this run: images through the model", run["computed"]], ["this run: rejected", run["rejected"]],
+        ["wall time (s)", featurize_m["seconds"]], ["images per second (through the model)", featurize_m["images_per_second"]],
         ["partitions", featurize_m["partitions"]], ["model builds per worker", featurize_m["model_builds_per_worker"]]])]))
 
     variance_png, scatter_png = Path(cfg.env.paths.variance_plot), Path(cfg.env.paths.scatter_plot)

@@ -1,0 +1,129 @@
+"""Growth: incremental featurize equals a from-scratch run after images are added, changed, deleted."""
+
+import io
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fruits.core import backbone
+from fruits.stages import featurize, ingest, weights
+from fruits.stages.sample import draw_fruit
+
+from conftest import TINY_SIZE, make_cfg
+
+
+def jpeg(label: str, seed: int) -> bytes:
+    buffer = io.BytesIO()
+    draw_fruit(label, seed).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def growing(tiny_cfg, tmp_path):
+    """A copy of the tiny sample that the test may change, and an incremental output root beside it."""
+    images = tmp_path / "images"
+    shutil.copytree(tiny_cfg.data.root, images)
+    cfg = make_cfg(tmp_path / "incremental", f"data.root={images}")
+    cfg.env.paths.weights, cfg.env.paths.provenance = tiny_cfg.env.paths.weights, tiny_cfg.env.paths.provenance
+    return cfg
+
+
+def tables(spark, cfg):
+    features = {r["path"]: r for r in spark.read.parquet(cfg.env.paths.features).collect()}
+    rejects = {r["path"]: r["reject_reason"] for r in spark.read.parquet(cfg.env.paths.rejects).collect()}
+    return features, rejects
+
+
+def full_run(spark, cfg, root: Path):
+    """The same images featurized from scratch, outputs under a fresh root."""
+    fresh = make_cfg(root, f"data.root={cfg.data.root}")
+    fresh.env.paths.weights, fresh.env.paths.provenance = cfg.env.paths.weights, cfg.env.paths.provenance
+    assert featurize.run(fresh, spark)["run"]["reused"] == 0
+    return tables(spark, fresh)
+
+
+def assert_same_as_full_run(spark, cfg, root: Path) -> None:
+    features, rejects = tables(spark, cfg)
+    full_features, full_rejects = full_run(spark, cfg, root)
+    assert set(features) == set(full_features) and rejects == full_rejects
+    for path, row in features.items():
+        expected = full_features[path]
+        assert (row["label"], row["split"], row["checksum"]) == (expected["label"], expected["split"], expected["checksum"])
+        np.testing.assert_allclose(row["features"], expected["features"], rtol=1e-6, atol=1e-6)
+
+
+def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_path):
+    first = featurize.run(growing, spark)
+    assert first["run"]["new"] == first["images"] == 32 and first["run"]["reused"] == 0
+
+    root = Path(growing.data.root)
+    for i in range(10):
+        (root / "Training" / "Kiwi" / f"added_{i}.jpg").write_bytes(jpeg("Kiwi", 1000 + i))
+    changed = sorted((root / "Training" / "Banana").glob("*.jpg"))[0]
+    changed.write_bytes(jpeg("Banana", 2000))
+    deleted = sorted((root / "Test" / "Lemon").glob("*.jpg"))[0]
+    deleted.unlink()
+    broken = root / "Test" / "Kiwi" / "broken.jpg"
+    broken.write_bytes(b"not a picture yet")
+
+    grown = featurize.run(growing, spark)
+    assert grown["run"] == {"new": 11, "changed": 1, "deleted": 1, "reused": 30, "computed": 12, "rejected": 1,
+                            "model_changed_or_first_run": False}
+    assert grown["images"] == 42 == grown["featurized"] + grown["rejected"]
+    features, rejects = tables(spark, growing)
+    assert f"file:{deleted}" not in features and rejects == {f"file:{broken}": "not an image (format not recognised)"}
+    assert_same_as_full_run(spark, growing, tmp_path / "full-1")
+
+    broken.write_bytes(jpeg("Kiwi", 3000))  # fixed: it leaves the rejects table
+    fixed = featurize.run(growing, spark)
+    assert fixed["run"]["changed"] == 1 and fixed["run"]["computed"] == 1 and fixed["rejected"] == 0
+    assert_same_as_full_run(spark, growing, tmp_path / "full-2")
+
+    again = featurize.run(growing, spark)  # nothing changed: nothing goes through the model
+    assert again["run"]["computed"] == 0 and again["run"]["reused"] == 42
+
+
+def test_a_new_model_refeaturizes_everything(spark, growing, tmp_path):
+    featurize.run(growing, spark)
+    other = weights.seeded_random_backbone(TINY_SIZE, 1.0, 5, weights.calibration_images(growing))
+    backbone.save_weights(other, tmp_path / "other.weights.h5")
+    growing.env.paths.weights = str(tmp_path / "other.weights.h5")
+    metrics = featurize.run(growing, spark)
+    assert metrics["run"]["computed"] == 32 and metrics["run"]["reused"] == 0
+    assert metrics["run"]["model_changed_or_first_run"] is True
+    assert_same_as_full_run(spark, growing, tmp_path / "full")
+
+
+def test_three_growth_steps_lose_nothing(spark, growing, tmp_path):
+    """add; change and delete; add again. After each: inputs = featurized + rejected, the result equals a
+    full run, and the ingest manifest agrees with both tables."""
+    root = Path(growing.data.root)
+
+    def add(count: int, start: int) -> None:
+        for i in range(count):
+            (root / "Test" / "Apple Red" / f"grow_{start + i}.jpg").write_bytes(jpeg("Apple Red", start + i))
+
+    def change_and_delete() -> None:
+        for path in sorted((root / "Training" / "Lemon").glob("*.jpg"))[:2]:
+            path.write_bytes(jpeg("Lemon", hash(path.name) % 10_000))
+        sorted((root / "Training" / "Kiwi").glob("*.jpg"))[-1].unlink()
+        (root / "Training" / "Kiwi" / "_hidden.jpg").write_bytes(jpeg("Kiwi", 7))  # Spark skips it: a reject
+
+    featurize.run(growing, spark)
+    for step, grow in enumerate([lambda: add(5, 100), change_and_delete, lambda: add(3, 200)]):
+        grow()
+        metrics = featurize.run(growing, spark)
+        manifest = ingest.run(growing)
+        assert metrics["images"] == metrics["featurized"] + metrics["rejected"] == manifest["images"], step
+        features, rejects = tables(spark, growing)
+        per_split: dict = {}
+        for row in features.values():
+            per_split.setdefault(row["split"], {}).setdefault(row["label"], 0)
+            per_split[row["split"]][row["label"]] += 1
+        hidden = [p for p in rejects if "/_" in p]
+        for path in hidden:  # the manifest counts the hidden reject under its folder's label
+            per_split["Training"]["Kiwi"] += 1
+        assert per_split == manifest["per_split"], step
+        assert_same_as_full_run(spark, growing, tmp_path / f"full-{step}")
