@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench clean
+.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench bench-growth clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -92,6 +92,9 @@ test-fast: $(STAMP) lint-imports ## Run the layer contracts and the tests not ma
 
 bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
 	$(PY) benchmarks/featurize_bench.py
+
+bench-growth: $(STAMP) ## Growth: incremental vs full featurize; listing time and driver memory at 10k/100k files
+	$(PY) benchmarks/growth_bench.py
 
 docs: $(STAMP) ## Refresh the code excerpts in docs/*.md from the source
 	$(PY) docs/excerpts.py

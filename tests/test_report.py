@@ -47,7 +47,8 @@ def test_report_from_a_real_run(spark, tiny_cfg):
 def test_critique_follows_the_numbers():
     cluster = compose().cluster
     featurize_m = {"images": 90_000, "featurized": 89_990, "rejected": 10, "reject_reasons": {"empty file": 10},
-                   "seconds": 600.0, "images_per_second": 150.0, "partitions": 180, "model_builds_per_worker": {"1": 1}}
+                   "seconds": 600.0, "images_per_second": 150.0, "partitions": 180, "model_builds_per_worker": {"1": 1},
+                   "run": {"computed": 90_000, "reused": 0}}
     pca_m = {"k": 50, "k_rule": "pca.k", "explained_variance_at_k": 0.58, "components_for_90pct": 210,
              "components_for_95pct": 330, "dimension": 1280, "rows_fitted": 67_000, "seconds": 60.0}
     lines = report.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2)
@@ -58,3 +59,9 @@ def test_critique_follows_the_numbers():
     assert "fewer than the 1280 dimensions" not in text and "NOT pretrained" not in text
     assert "fixed costs" not in text  # 90k images: not a small run
     assert "At 10x the data (900000 images)" in text
+
+    # An incremental run where every image was reused measured no throughput: no cost is extrapolated.
+    featurize_m.update(images_per_second=None, run={"computed": 0, "reused": 90_000})
+    text = " ".join(report.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2))
+    assert "0 image(s) through the model out of 90000 (90000 reused" in text
+    assert "no throughput to extrapolate" in text and "At 10x" not in text and "10 file(s) were rejected" in text

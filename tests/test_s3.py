@@ -108,6 +108,12 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
         assert uploaded[f"{cfg.storage.prefix}/raw/{relative}"] == hashlib.md5(path.read_bytes()).hexdigest()
     assert manifest["per_split"]["Training"]["Kiwi"] == 6
     assert json.loads(Path(cfg.env.paths.ingest_metrics).read_text())["images"] == 32
+    # The S3 change signal: an image put straight into the raw prefix changes it, without a download.
+    s3 = raw_client(s3_endpoint)
+    s3.put_object(Bucket=cfg.storage.bucket, Key=f"{cfg.storage.prefix}/raw/Test/Kiwi/direct.jpg", Body=local[0].read_bytes())
+    again = ingest.run(cfg)
+    assert again["remote_images"] == 33 and again["remote_listing_sha256"] != manifest["remote_listing_sha256"]
+    assert again["listing_sha256"] == manifest["listing_sha256"]  # the local images did not change
 
     # Idempotent: nothing new to upload; a changed file is uploaded again.
     listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])

@@ -41,6 +41,7 @@ class Stage:
     plots: tuple[str, ...] = ()
     on_cluster: bool = False  # with env=emr it runs as an EMR step (a Spark stage)
     in_emr_pipeline: bool = True  # false: its output is the same local path in both pipelines
+    watches_s3: bool = False  # on EMR it re-lists S3 on every run (always_changed): its metrics say if anything did
     plot_specs: dict = field(default_factory=dict)
 
     @property
@@ -64,6 +65,7 @@ INGEST = Stage(
     params=("data.root", "data.extensions", "storage", "env.paths.images", "env.paths.ingest_metrics"),
     inputs=("data.root",),
     metrics=("env.paths.ingest_metrics",),
+    watches_s3=True,  # images put straight into the raw prefix must reach featurize too
 )
 WEIGHTS = Stage(
     "weights",
@@ -239,6 +241,8 @@ def dvc_stage(stage: Stage, cfg: DictConfig, emr: bool, made_by: dict[str, Stage
     if emr:
         entry["wdir"] = ".."
     entry["cmd"] = cmd
+    if emr and stage.watches_s3:
+        entry["always_changed"] = True
     entry["deps"] = code_deps(modules) + extra + data_deps
     entry["params"] = [{EMR_PARAMS: list(stage.params)}] if emr else list(stage.params)
     outs = [{f"${{{key}}}": {"persist": True}} if key in stage.incremental else f"${{{key}}}"

@@ -84,7 +84,17 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
     missing = {f.relative for f in local} - {f.relative for f in uploaded}
     if missing:
         raise RuntimeError(f"ingest: {len(missing)} file(s) missing in {destination} after upload, e.g. {sorted(missing)[:3]}")
-    return {"destination": destination, "uploaded": len(pending), "skipped": len(local) - len(pending)}
+    return {"destination": destination, "uploaded": len(pending), "skipped": len(local) - len(pending),
+            "remote_images": len(uploaded), "remote_listing_sha256": listing_checksum(uploaded)}
+
+
+def listing_checksum(remote: list[ListedFile]) -> str:
+    """A change signal for the S3 prefix from its LIST alone (key, size, ETag): images added, replaced or
+    deleted there by anyone change it, and no object is downloaded."""
+    digest = hashlib.sha256()
+    for file in sorted(remote, key=lambda f: f.relative):
+        digest.update(f"{file.relative}\t{file.size}\t{file.etag}\n".encode())
+    return digest.hexdigest()
 
 
 def content_md5s(local: list[ListedFile]) -> dict[str, str]:
@@ -110,7 +120,8 @@ def load(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str], result:
     """Upload to S3 (storage=s3), then write the manifest that DVC tracks."""
     if cfg.storage.name == "s3":
         transfer = upload(cfg, local, md5s)
-        result["destination"] = transfer["destination"]
+        result.update(destination=transfer["destination"], remote_images=transfer["remote_images"],
+                      remote_listing_sha256=transfer["remote_listing_sha256"])
         log.info("ingest: %d uploaded, %d already there", transfer["uploaded"], transfer["skipped"])
     write_json(cfg.env.paths.ingest_metrics, result)
     return result

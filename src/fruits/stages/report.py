@@ -54,19 +54,25 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
             "dimensions: at most rows - 1 components carry variance, so the curve says little about the full "
             "dataset. Refit on the full data before trusting the choice of k."
         )
-    rate = featurize_m["images_per_second"]
+    rate, computed = featurize_m["images_per_second"], featurize_m["run"]["computed"]
     total = featurize_m["seconds"] + pca_m["seconds"]
     lines.append(
         f"Of {total:.1f} s of Spark work, featurize took {featurize_m['seconds']:.1f} s "
-        f"({featurize_m['seconds'] / total:.0%}) for {featurize_m['images']} images ({rate:.1f} img/s on "
+        f"({featurize_m['seconds'] / total:.0%}) for {computed} image(s) through the model out of "
+        f"{featurize_m['images']} ({featurize_m['run']['reused']} reused; {rate or 0:.1f} img/s on "
         f"{local_cores} cores, {featurize_m['partitions']} partitions, model built "
         f"{sum(featurize_m['model_builds_per_worker'].values())} time(s) over "
         f"{len(featurize_m['model_builds_per_worker'])} worker(s)) and the PCA {pca_m['seconds']:.1f} s."
     )
-    if featurize_m["images"] < SMALL_RUN_IMAGES:
+    if not rate:
+        lines.append("No image went through the model in this run (all reused): there is no throughput to "
+                     "extrapolate costs from; `make bench` measures it.")
+        return lines + rejects_and_weights(featurize_m, provenance)
+    if computed < SMALL_RUN_IMAGES:
         lines.append(
-            f"With fewer than {SMALL_RUN_IMAGES} images, fixed costs (worker start, TensorFlow import, model build, "
-            "about 10 s) dominate the rate above; `make bench` measures the warm rate on 1,920 images."
+            f"With fewer than {SMALL_RUN_IMAGES} images through the model, fixed costs (worker start, TensorFlow "
+            "import, model build, about 10 s) dominate the rate above; `make bench` measures the warm rate on "
+            "1,920 images."
         )
     per_core = rate / max(1, local_cores)
     for scale in (10, 100):
@@ -76,6 +82,11 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
             f"would need about {estimate['hours']:.2f} h, ${estimate['usd']:.2f} at ${estimate['usd_per_hour']:.2f}/h "
             "(measured per-core rate, list prices from conf/cluster)."
         )
+    return lines + rejects_and_weights(featurize_m, provenance)
+
+
+def rejects_and_weights(featurize_m: dict, provenance: dict) -> list[str]:
+    lines = []
     if featurize_m["rejected"]:
         lines.append(f"{featurize_m['rejected']} file(s) were rejected: {featurize_m['reject_reasons']}.")
     if not provenance.get("pretrained", False):
@@ -266,9 +277,9 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
         ("img", scatter_png, "2-D projection coloured by label")]))
 
     cluster = cfg.cluster
-    per_core = featurize_m["images_per_second"] / max(1, facts["cores"])
+    per_core = (featurize_m["images_per_second"] or 0) / max(1, facts["cores"])
     rows = []
-    for scale in (10, 100):
+    for scale in (10, 100) if per_core else ():
         for option in alternatives(featurize_m["images"] * scale, per_core, cluster):
             rows.append([f"{scale}x", option["option"], f"{option['hours']:.2f}", f"${option['usd']:.2f}", option["note"]])
     sections.append(Section("Critique", [("p", line) for line in critique(featurize_m, pca_m, provenance, cluster,
@@ -277,7 +288,7 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
 
     environment = [["env", cfg.env.name], ["Spark master", facts["master"]], ["Spark", facts["spark_version"]],
                    ["cores", facts["cores"]], ["Python", platform.python_version()], ["machine", platform.machine()]]
-    if cfg.env.name == "emr":
+    if cfg.env.name == "emr" and per_core:
         estimate = emr_estimate(featurize_m["images"], per_core, cluster)
         environment += [["cluster", f"{cluster.release_label}, 1 x {cluster.primary_instance_type} + "
                                     f"{cluster.core_instance_count} x {cluster.core_instance_type}"],
