@@ -86,6 +86,7 @@ def incremental(spark, base_overrides: list[str]) -> list[dict]:
         measured(f"incremental, +{share:.0%} ({count} images)", cfg)
     fresh = load_config([*base_overrides, f"env.paths.root={ROOT}/fresh", f"data.root={ROOT}/sample",
                          f"env.paths.weights={cfg.env.paths.weights}", f"env.paths.provenance={cfg.env.paths.provenance}"])
+    shutil.rmtree(fresh.env.paths.root, ignore_errors=True)  # from scratch: no table of an earlier bench
     measured("from scratch, grown set", fresh)
     return rows
 
