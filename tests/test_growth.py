@@ -127,3 +127,44 @@ def test_three_growth_steps_lose_nothing(spark, growing, tmp_path):
             per_split["Training"]["Kiwi"] += 1
         assert per_split == manifest["per_split"], step
         assert_same_as_full_run(spark, growing, tmp_path / f"full-{step}")
+
+
+def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, growing, tmp_path):
+    """data.layout=parquet: ingest packs the images into shards; growth adds a shard, never rewrites one;
+    featurize reads only new or changed content and gives the features of the loose-files layout."""
+    loose = featurize.run(growing, spark)
+    loose_features, _ = tables(spark, growing)
+    by_relative = {path.split("/images/", 1)[1]: row for path, row in loose_features.items()}
+
+    sharded = make_cfg(tmp_path / "sharded", f"data.root={growing.data.root}", "data.layout=parquet", "data.shard_mb=0")
+    sharded.env.paths.weights, sharded.env.paths.provenance = growing.env.paths.weights, growing.env.paths.provenance
+    packed = ingest.run(sharded)["shards"]
+    assert packed["images_packed"] == 32 and packed["shards"] == packed["shards_written"] > 1  # shard_mb=0: many
+    first = featurize.run(sharded, spark)
+    assert first["images"] == loose["images"] == first["featurized"] and first["layout"] == "parquet"
+    features, _ = tables(spark, sharded)
+    assert set(features) == set(by_relative)
+    for path, row in features.items():
+        np.testing.assert_allclose(row["features"], by_relative[path]["features"], rtol=1e-6, atol=1e-6)
+
+    shards = Path(sharded.env.paths.shards)
+    before = {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.parquet")}
+    root = Path(sharded.data.root)
+    for i in range(5):
+        (root / "Test" / "Banana" / f"new_{i}.jpg").write_bytes(jpeg("Banana", 500 + i))
+    sorted((root / "Training" / "Apple Red").glob("*.jpg"))[0].write_bytes(jpeg("Apple Red", 600))
+    sorted((root / "Training" / "Lemon").glob("*.jpg"))[0].unlink()
+    grown = ingest.run(sharded.copy())["shards"]
+    assert grown["images_packed"] == 6  # 5 new + 1 changed, into new shards
+    assert {p.name: p.stat().st_mtime_ns for p in shards.glob("shard-*.parquet") if p.name in before} == before
+    metrics = featurize.run(sharded, spark)
+    assert metrics["run"] == {"new": 5, "changed": 1, "deleted": 1, "reused": 30, "computed": 6, "rejected": 0,
+                              "model_changed_or_first_run": False}
+    fresh = make_cfg(tmp_path / "fresh", f"data.root={sharded.data.root}", "data.layout=parquet",
+                     f"env.paths.shards={sharded.env.paths.shards}")
+    fresh.env.paths.weights, fresh.env.paths.provenance = growing.env.paths.weights, growing.env.paths.provenance
+    assert featurize.run(fresh, spark)["run"]["computed"] == 36
+    incremental, full = tables(spark, sharded)[0], tables(spark, fresh)[0]
+    assert set(incremental) == set(full)
+    for path, row in incremental.items():
+        np.testing.assert_allclose(row["features"], full[path]["features"], rtol=1e-6, atol=1e-6)

@@ -23,8 +23,11 @@ SOURCE_ROOT = PACKAGE_ROOT.parent  # src
 RUNNER_MODULE = "fruits.cloud.steps"
 # Values of data.source that are not a folder: nothing on disk for DVC to watch.
 SOURCE_KEYWORDS = ("generate", "download")
+# Outputs that exist only with one setting: {key: (setting, value)}.
+ONLY_WITH = {"env.paths.shards": ("data.layout", "parquet")}
 # Folders of many files (datasets, Spark tables): on EMR they live in S3; they never travel as small files.
-TABLES = ("data.root", "env.paths.images", "env.paths.features", "env.paths.rejects", "env.paths.pca_vectors")
+TABLES = ("data.root", "env.paths.images", "env.paths.shards", "env.paths.features", "env.paths.rejects",
+          "env.paths.pca_vectors")
 EMR_PARAMS = "emr/params.yaml"
 EMR_PIPELINE = "emr/dvc.yaml"
 
@@ -62,8 +65,11 @@ SAMPLE = Stage(
 )
 INGEST = Stage(
     "ingest",
-    params=("data.root", "data.extensions", "storage", "env.paths.images", "env.paths.ingest_metrics"),
+    params=("data.root", "data.extensions", "data.layout", "data.shard_mb", "storage", "env.paths.images",
+            "env.paths.shards", "env.paths.shard_index", "env.paths.ingest_metrics"),
     inputs=("data.root",),
+    outputs=("env.paths.shards",),
+    incremental=("env.paths.shards",),
     metrics=("env.paths.ingest_metrics",),
     watches_s3=True,  # images put straight into the raw prefix must reach featurize too
 )
@@ -77,7 +83,8 @@ WEIGHTS = Stage(
 )
 FEATURIZE = Stage(
     "featurize",
-    params=("model.input_size", "model.alpha", "featurize", "data.extensions", "env.spark", "env.paths.images",
+    params=("model.input_size", "model.alpha", "featurize", "data.extensions", "data.layout", "env.spark",
+            "env.paths.images", "env.paths.shards", "env.paths.shard_index",
             "env.paths.weights", "env.paths.provenance", "env.paths.features", "env.paths.rejects",
             "env.paths.featurize_metrics"),
     inputs=("env.paths.ingest_metrics", "env.paths.weights", "env.paths.provenance"),
@@ -216,6 +223,11 @@ def module_file_has_code(relative: str) -> bool:
 # --- the two DVC pipelines --------------------------------------------------------------------------
 
 
+def enabled(cfg: DictConfig, key: str) -> bool:
+    setting, wanted = ONLY_WITH.get(key, (None, None))
+    return setting is None or value(cfg, setting) == wanted
+
+
 def producers(stages) -> dict[str, Stage]:
     return {key: stage for stage in stages for key in stage.written()}
 
@@ -246,7 +258,7 @@ def dvc_stage(stage: Stage, cfg: DictConfig, emr: bool, made_by: dict[str, Stage
     entry["deps"] = code_deps(modules) + extra + data_deps
     entry["params"] = [{EMR_PARAMS: list(stage.params)}] if emr else list(stage.params)
     outs = [{f"${{{key}}}": {"persist": True}} if key in stage.incremental else f"${{{key}}}"
-            for key in stage.outputs if not is_s3(str(value(cfg, key)))]
+            for key in stage.outputs if not is_s3(str(value(cfg, key))) and enabled(cfg, key)]
     outs += [{f"${{{key}}}": {"cache": False}} for key in stage.small_outputs]
     if outs:
         entry["outs"] = outs

@@ -11,6 +11,14 @@ from typing import NamedTuple
 from omegaconf import DictConfig
 
 
+# data.layout=parquet: ingest's shards are named shard-<run>-<n>.parquet; the index beside them is not one.
+SHARD_GLOB = "shard-*.parquet"
+
+
+def shard_name(run: str, number: int) -> str:
+    return SHARD_GLOB.replace("*", f"{run}-{number:05d}")
+
+
 def is_s3(uri: str) -> bool:
     return uri.startswith(("s3://", "s3a://"))
 

@@ -31,7 +31,7 @@ from fruits.core import backbone
 from fruits.core.config import stage_config
 from fruits.core.images import RejectedImage, parse_image_path, prepare
 from fruits.core.spark import PidCounts, get_session
-from fruits.core.storage import filesystem, iter_files, recover_folder, replace_folder, write_json
+from fruits.core.storage import SHARD_GLOB, filesystem, iter_files, recover_folder, replace_folder, write_json
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,21 @@ def extract(spark, cfg: DictConfig):
             .select("path", F.col("length").alias("size"), F.col("modificationTime").alias("modified")))
 
 
+def extract_shard_index(spark, cfg: DictConfig):
+    """data.layout=parquet: the listing is ingest's shard index (path, size, checksum; no date)."""
+    from pyspark.sql import functions as F
+
+    return spark.read.parquet(cfg.env.paths.shard_index).select(
+        "path", "size", F.lit(None).cast("timestamp").alias("modified"), "checksum")
+
+
+def shard_contents(spark, cfg: DictConfig, wanted):
+    """path, content, checksum of the wanted (path, checksum) rows, from the shards: old versions of a
+    changed image stay in their shard, the checksum picks the current one."""
+    shards = spark.read.parquet(f"{cfg.env.paths.shards}/{SHARD_GLOB}").select("path", "content", "checksum")
+    return shards.join(wanted.select("path", "checksum"), ["path", "checksum"])
+
+
 def read_contents(spark, cfg: DictConfig, paths: list[str] | None):
     """path, content, checksum of the given image files (all of env.paths.images for None)."""
     from pyspark.sql import functions as F
@@ -213,7 +228,7 @@ def merge(previous_tables, reused, computed, listing, identity: str):
     modification time from this listing."""
     from pyspark.sql import functions as F
 
-    stamp = listing.select("path", "size", "modified")
+    stamp = listing.select("path", "size", "modified")  # (a shard listing has no date)
     new_rows = computed.join(stamp, "path").withColumn("model", F.lit(identity))
     features, rejects = split_results(new_rows)
     if previous_tables is not None:
@@ -288,19 +303,27 @@ def run(cfg: DictConfig, spark=None) -> dict:
             log.warning("featurize: %s recovered from an interrupted run", table)
     weights, identity = broadcast_weights(spark, cfg)
     builds = spark.sparkContext.accumulator({}, PidCounts())
-    listing = extract(spark, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    shards = cfg.data.layout == "parquet"
+    listing = (extract_shard_index if shards else extract)(spark, cfg).persist(StorageLevel.MEMORY_AND_DISK)
     listed, listed_bytes = listing.agg(F.count("path"), F.coalesce(F.sum("size"), F.lit(0))).first()
     # Spark's file source skips empty files and hidden names: a streaming walk finds them, so that
-    # nothing is lost (only those are held in memory).
-    unreadable = unreadable_by_spark(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
+    # nothing is lost (only those are held in memory). Shards hold every file ingest saw.
+    unreadable = [] if shards else unreadable_by_spark(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
     for setting, value in partition_settings(listed, listed_bytes, cfg.featurize.images_per_partition).items():
         spark.conf.set(setting, value)
 
     previous, hashed = read_previous(spark, cfg, identity), None
+    touched = listing.limit(0).select("path")
     if previous is None:  # first run or a new model: every image, read once
-        kept = touched = listing.limit(0).select("path")
-        deleted, changed = 0, 0
-        to_compute = read_contents(spark, cfg, None)
+        kept, deleted, changed = touched, 0, 0
+        to_compute = shard_contents(spark, cfg, listing) if shards else read_contents(spark, cfg, None)
+    elif shards:  # the index knows every checksum: nothing is read to compare
+        before = previous[2].select("path", "checksum")
+        kept = listing.join(before, ["path", "checksum"], "left_semi").select("path")
+        fresh = listing.join(before, ["path", "checksum"], "left_anti")
+        deleted = before.join(listing, "path", "left_anti").count()
+        changed = fresh.join(before, "path", "left_semi").count()
+        to_compute = shard_contents(spark, cfg, fresh)
     else:
         kept, candidates, deleted_paths = plan(listing, previous[2])
         deleted = deleted_paths.count()
@@ -354,6 +377,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "partitions": partitions,
         "model_builds_per_worker": {str(pid): count for pid, count in builds.value.items()},
         "model": identity,
+        "layout": cfg.data.layout,
         "input_size": cfg.model.input_size,
         "weights_pretrained": provenance.get("pretrained"),
         "weights_imagenet": provenance.get("imagenet"),

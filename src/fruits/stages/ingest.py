@@ -1,5 +1,10 @@
 """ingest: put the selected dataset where featurize reads it, and write its manifest.
 
+data.layout=parquet packs the images into Parquet shards (path, split, label, checksum, size, content)
+of about data.shard_mb, locally or in S3: a run writes only the new and changed images, into new
+shards, never rewriting an old one; an index (path, checksum, size, shard) says which shard holds
+each current image. Otherwise:
+
 storage=local: the images stay on local disk (data.root). storage=s3: they are uploaded in parallel
 to storage.uris.raw (s3://<bucket>/<prefix>/raw/<split>/<label>/<file>), skipping objects already there with the same
 size and MD5 (so an interrupted upload resumes), and the final count is verified. Either way the
@@ -11,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +27,15 @@ from tqdm import tqdm
 from fruits.core.aws import check_location, client
 from fruits.core.config import stage_config
 from fruits.core.images import RejectedImage, parse_image_path
-from fruits.core.storage import ListedFile, file_digest, filesystem, list_files, local_path, write_json
+from fruits.core.storage import (
+    ListedFile,
+    file_digest,
+    filesystem,
+    list_files,
+    local_path,
+    shard_name,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +116,90 @@ def content_md5s(local: list[ListedFile]) -> dict[str, str]:
     return {file.relative: file_digest(local_path(file.uri), "md5") for file in local}
 
 
+SHARD_COLUMNS = [("path", "string"), ("split", "string"), ("label", "string"), ("checksum", "string"),
+                 ("size", "int64"), ("content", "binary")]
+ROW_GROUP_IMAGES = 256  # Spark splits a Parquet file by row groups: a few hundred images per task at most
+
+
+def arrow_schema(columns):
+    import pyarrow as pa
+
+    return pa.schema([(name, getattr(pa, kind)()) for name, kind in columns])
+
+
+def read_index(cfg: DictConfig) -> dict[str, tuple[str, int, str]]:
+    """{image path: (checksum, size, shard)} of the images the shards hold now; empty before the first."""
+    import pyarrow.parquet as pq
+
+    fs, index = filesystem(cfg.env.paths.shard_index, cfg)
+    if not fs.exists(index):
+        return {}
+    with fs.open(index, "rb") as stream:
+        table = pq.read_table(stream)
+    return {row["path"]: (row["checksum"], row["size"], row["shard"]) for row in table.to_pylist()}
+
+
+def write_parquet(table, destination: str, cfg: DictConfig) -> None:
+    """Written beside it under a hidden name (Spark skips those), then moved into place: a reader never
+    sees half a file (a rename locally; on S3 an object appears whole)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(destination, cfg)
+    folder, name = path.rsplit("/", 1)
+    partial = f"{folder}/_partial-{name}"
+    fs.makedirs(folder, exist_ok=True)
+    with fs.open(partial, "wb") as stream:
+        pq.write_table(table, stream, row_group_size=ROW_GROUP_IMAGES)
+    fs.mv(partial, path)
+
+
+def pack(cfg: DictConfig, local: list[ListedFile]) -> dict:
+    """Pack new and changed images into new shards of about data.shard_mb; old shards are never
+    rewritten. The index (path, checksum, size, shard of every current image) is rewritten last."""
+    import pyarrow as pa
+
+    index, current = read_index(cfg), {}
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    pending: list[dict] = []
+    pending_bytes, shards_written = 0, []
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            name = shard_name(stamp, len(shards_written))
+            write_parquet(pa.Table.from_pylist(pending, arrow_schema(SHARD_COLUMNS)), f"{cfg.env.paths.shards}/{name}", cfg)
+            for row in pending:
+                current[row["path"]] = (row["checksum"], row["size"], name)
+            shards_written.append(name)
+            pending, pending_bytes = [], 0
+
+    for file in sorted(local, key=lambda f: f.relative):
+        content = Path(local_path(file.uri)).read_bytes()
+        checksum = hashlib.sha256(content).hexdigest()
+        known = index.get(file.relative)
+        if known and known[0] == checksum:
+            current[file.relative] = known
+            continue
+        try:
+            split, label = parse_image_path(file.relative)
+        except RejectedImage:
+            split = label = None  # featurize rejects it with the reason
+        pending.append({"path": file.relative, "split": split, "label": label, "checksum": checksum,
+                        "size": len(content), "content": content})
+        pending_bytes += len(content)
+        if pending_bytes >= cfg.data.shard_mb * 2**20:
+            flush()
+    flush()
+    rows = [{"path": path, "checksum": c, "size": s, "shard": shard} for path, (c, s, shard) in sorted(current.items())]
+    index_columns = [("path", "string"), ("checksum", "string"), ("size", "int64"), ("shard", "string")]
+    write_parquet(pa.Table.from_pylist(rows, arrow_schema(index_columns)), cfg.env.paths.shard_index, cfg)
+    per_shard = Counter(shard for _, _, shard in current.values())
+    digest = hashlib.sha256("".join(f"{r['path']}\t{r['checksum']}\t{r['shard']}\n" for r in rows).encode())
+    return {"shards": len(per_shard), "shards_written": len(shards_written), "images_packed": sum(
+        1 for _, _, shard in current.values() if shard in shards_written), "images_per_shard": dict(sorted(per_shard.items())),
+        "shard_index_sha256": digest.hexdigest()}
+
+
 def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict[str, str], dict]:
     """The image files under data.root, their MD5s, and where they come from (the sample's manifest)."""
     local = list_files(cfg.data.root, cfg, cfg.data.extensions)
@@ -117,8 +215,13 @@ def transform(local: list[ListedFile], md5s: dict[str, str], origin: dict) -> di
 
 
 def load(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str], result: dict) -> dict:
-    """Upload to S3 (storage=s3), then write the manifest that DVC tracks."""
-    if cfg.storage.name == "s3":
+    """Pack into shards (data.layout=parquet) or upload the files (storage=s3), then write the manifest
+    that DVC tracks."""
+    if cfg.data.layout == "parquet":
+        result["shards"] = pack(cfg, local)
+        log.info("ingest: %d image(s) packed into %d new shard(s) under %s", result["shards"]["images_packed"],
+                 result["shards"]["shards_written"], cfg.env.paths.shards)
+    elif cfg.storage.name == "s3":
         transfer = upload(cfg, local, md5s)
         result.update(destination=transfer["destination"], remote_images=transfer["remote_images"],
                       remote_listing_sha256=transfer["remote_listing_sha256"])
