@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench bench-growth clean
+.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench bench-growth bench-layout clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -95,6 +95,9 @@ bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe 
 
 bench-growth: $(STAMP) ## Growth: incremental vs full featurize; listing time and driver memory at 10k/100k files
 	$(PY) benchmarks/growth_bench.py
+
+bench-layout: $(STAMP) ## Loose files vs Parquet shards: featurize's input stage on 20,000 images, S3 request arithmetic
+	$(PY) benchmarks/layout_bench.py
 
 docs: $(STAMP) ## Refresh the code excerpts in docs/*.md from the source
 	$(PY) docs/excerpts.py

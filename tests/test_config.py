@@ -80,6 +80,15 @@ def test_a_group_choice_keeps_the_values_of_the_params_file(tmp_path):
     assert emr.env.paths.features.startswith("s3://") and emr.pca.k == 7
 
 
+def test_keys_with_dots_survive_a_rebuild(tmp_path):
+    """Spark settings are keys with dots inside env.spark.conf: kept as keys, never nested."""
+    params = tmp_path / "params.yaml"
+    params.write_text(composed_yaml().replace("spark.driver.memory: 4g", "spark.driver.memory: 3g"))
+    conf = load_config(["pca.k=4"], params).env.spark.conf
+    assert conf["spark.driver.memory"] == "3g" and "spark" not in conf
+    assert set(conf) == set(compose().env.spark.conf)
+
+
 def test_derived_settings_follow_an_override(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(composed_yaml())

@@ -65,3 +65,14 @@ def test_critique_follows_the_numbers():
     text = " ".join(report.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2))
     assert "0 image(s) through the model out of 90000 (90000 reused" in text
     assert "no throughput to extrapolate" in text and "At 10x" not in text and "10 file(s) were rejected" in text
+
+
+def test_s3_read_arithmetic_for_both_layouts():
+    s3 = compose().cluster.prices.s3
+    files, shards = costs.s3_reads(100_000, 3000.0, 128, s3)
+    assert (files["list_requests"], files["get_requests"]) == (100, 100_000)
+    assert files["usd"] == pytest.approx(0.1 * s3.list_per_1000 + 100 * s3.get_per_1000)
+    assert files["latency_ms_per_image"] == s3.first_byte_ms  # a GET per image
+    # 3e8 bytes in 128 MiB shards: 3 shards, a footer each, 3 columns of 391 row groups of 256 images.
+    assert (shards["list_requests"], shards["get_requests"]) == (1, 3 + 3 * 391)
+    assert shards["latency_ms_per_image"] == pytest.approx(s3.first_byte_ms * 1176 / 100_000)

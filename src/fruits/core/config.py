@@ -103,20 +103,33 @@ def is_group_choice(override) -> bool:
     return override.key_or_group in GROUPS and not override.is_delete()
 
 
-def leaves(node, prefix: str = "") -> Iterator[tuple[str, object]]:
-    """(dotted key, value) of every leaf of a plain container; lists are leaves."""
+def leaves(node, parts: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], object]]:
+    """(key parts, value) of every leaf of a plain container; lists are leaves. Parts, not a dotted
+    string: keys may hold dots themselves (`env.spark.conf["spark.driver.memory"]`)."""
     if isinstance(node, dict):
         for key, value in node.items():
-            yield from leaves(value, f"{prefix}{key}.")
+            yield from leaves(value, (*parts, str(key)))
     else:
-        yield prefix.rstrip("."), node
+        yield parts, node
 
 
-def is_derived(skeleton: DictConfig, key: str) -> bool:
-    """True when conf/ defines key by interpolation (its value is derived from other settings)."""
-    parent_key, _, leaf = key.rpartition(".")
-    parent = OmegaConf.select(skeleton, parent_key) if parent_key else skeleton
-    return isinstance(parent, DictConfig) and leaf in parent and OmegaConf.is_interpolation(parent, leaf)
+def is_derived(skeleton: DictConfig, parts: tuple[str, ...]) -> bool:
+    """True when conf/ defines this key by interpolation (its value is derived from other settings)."""
+    node = skeleton
+    for part in parts[:-1]:
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return isinstance(node, DictConfig) and parts[-1] in node and OmegaConf.is_interpolation(node, parts[-1])
+
+
+def set_leaf(cfg: DictConfig, parts: tuple[str, ...], value) -> None:
+    node = cfg
+    for part in parts[:-1]:
+        if part not in node or not isinstance(node._get_node(part), DictConfig):
+            node[part] = {}
+        node = node._get_node(part)
+    node[parts[-1]] = value
 
 
 def rebuild(base: DictConfig, choices: dict[str, str]) -> DictConfig:
@@ -129,10 +142,10 @@ def rebuild(base: DictConfig, choices: dict[str, str]) -> DictConfig:
     options.update(choices)
     skeleton = compose_unresolved([f"{group}={option}" for group, option in options.items()])
     with open_dict(skeleton):
-        for key, value in leaves(OmegaConf.to_container(base, resolve=False)):
-            if key.split(".", 1)[0] in choices or is_derived(skeleton, key):
+        for parts, value in leaves(OmegaConf.to_container(base, resolve=False)):
+            if parts[0] in choices or is_derived(skeleton, parts):
                 continue
-            OmegaConf.update(skeleton, key, value, merge=False, force_add=True)
+            set_leaf(skeleton, parts, value)
     return skeleton
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 from omegaconf import DictConfig
+
+from fruits.core.storage import ROW_GROUP_IMAGES
 
 
 def node_price(prices: DictConfig, instance_type: str) -> float:
@@ -51,3 +55,22 @@ def alternatives(images: int, per_core_rate: float, cluster: DictConfig) -> list
         {"option": f"one GPU node ({prices.gpu.instance_type}) + primary", "hours": gpu_hours, "usd": gpu,
          "note": f"assumes {prices.gpu.images_per_second} img/s (not measured here)"},
     ]
+
+
+SHARD_COLUMNS_READ = 3  # featurize reads path, checksum and content from a shard
+
+
+def s3_reads(images: int, mean_bytes: float, shard_mb: float, s3: DictConfig) -> list[dict]:
+    """LIST and GET requests, their cost, and the GET latency paid per image, to read `images` once from
+    S3 as loose files (one GET each) or as Parquet shards (a footer and a ranged GET per column chunk)."""
+    shards = max(1, math.ceil(images * mean_bytes / (shard_mb * 2**20)))
+    layouts = {
+        "files": (math.ceil(images / 1000), images),
+        "parquet": (math.ceil(shards / 1000), shards + SHARD_COLUMNS_READ * math.ceil(images / ROW_GROUP_IMAGES)),
+    }
+    rows = []
+    for layout, (lists, gets) in layouts.items():
+        usd = lists / 1000 * s3.list_per_1000 + gets / 1000 * s3.get_per_1000
+        rows.append({"images": images, "layout": layout, "list_requests": lists, "get_requests": gets,
+                     "usd": usd, "latency_ms_per_image": s3.first_byte_ms * gets / images})
+    return rows

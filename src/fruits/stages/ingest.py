@@ -28,6 +28,7 @@ from fruits.core.aws import check_location, client
 from fruits.core.config import stage_config
 from fruits.core.images import RejectedImage, parse_image_path
 from fruits.core.storage import (
+    ROW_GROUP_IMAGES,
     ListedFile,
     file_digest,
     filesystem,
@@ -118,7 +119,6 @@ def content_md5s(local: list[ListedFile]) -> dict[str, str]:
 
 SHARD_COLUMNS = [("path", "string"), ("split", "string"), ("label", "string"), ("checksum", "string"),
                  ("size", "int64"), ("content", "binary")]
-ROW_GROUP_IMAGES = 256  # Spark splits a Parquet file by row groups: a few hundred images per task at most
 
 
 def arrow_schema(columns):

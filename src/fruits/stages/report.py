@@ -20,7 +20,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fruits.core.config import stage_config
-from fruits.core.costs import alternatives, emr_estimate
+from fruits.core.costs import alternatives, emr_estimate, s3_reads
 from fruits.core.pipeline import params_of
 from fruits.core.spark import get_session
 
@@ -285,6 +285,18 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
     sections.append(Section("Critique", [("p", line) for line in critique(featurize_m, pca_m, provenance, cluster,
                                                                           facts["cores"])]
                             + [("table", ["data", "option", "hours", "cost", "note"], rows)]))
+
+    manifest, s3 = facts["manifest"], cfg.cluster.prices.s3
+    mean_bytes = manifest["bytes"] / max(1, manifest["images"])
+    sections.append(Section("Reading the images from S3: loose files or Parquet shards", [
+        ("p", f"Featurize reads every image once. Loose files cost a GET each, whose latency (about "
+              f"{s3.first_byte_ms} ms, assumed) is paid inside the tasks; shards of {cfg.data.shard_mb} MB "
+              f"(`data.layout=parquet`) are read with a few ranged GETs per {mean_bytes / 1024:.1f} KiB image row group. "
+              f"Prices: {s3.source}."),
+        ("table", ["images", "layout", "LIST", "GET", "cost (USD)", "GET latency per image (ms)"],
+         [[f"{r['images']:,}", r["layout"], f"{r['list_requests']:,}", f"{r['get_requests']:,}", f"{r['usd']:.4f}",
+           f"{r['latency_ms_per_image']:.3f}"] for n in (100_000, 10_000_000)
+          for r in s3_reads(n, mean_bytes, cfg.data.shard_mb, s3)])]))
 
     environment = [["env", cfg.env.name], ["Spark master", facts["master"]], ["Spark", facts["spark_version"]],
                    ["cores", facts["cores"]], ["Python", platform.python_version()], ["machine", platform.machine()]]
