@@ -118,3 +118,15 @@ def test_a_projection_refuses_features_of_another_dimension(tmp_path):
         loaded.project(np.ones((1, 3)))
     with pytest.raises(FileNotFoundError, match="run the pca stage first"):
         load_projection(tmp_path / "missing.npz")
+
+
+def test_transform_projects_each_row_with_the_broadcast_artifact(spark):
+    from pyspark.testing import assertDataFrameEqual
+
+    projection = Projection(np.array([[1.0, 0.0], [0.0, 2.0], [0.0, 0.0]]), np.array([1.0, 0.0, 0.0]),
+                            np.array([1.0, 0.5, 1.0]), np.array([0.7, 0.2]))
+    features = spark.createDataFrame([("a", "Fig", "Training", [3.0, 4.0, 5.0]), ("b", "Fig", "Test", [1.0, 0.0, 9.0])],
+                                     "path string, label string, split string, features array<float>")
+    expected = spark.createDataFrame([("a", "Fig", "Training", [2.0, 4.0]), ("b", "Fig", "Test", [0.0, 0.0])],
+                                     "path string, label string, split string, pca array<double>")
+    assertDataFrameEqual(pca.transform(features, spark.sparkContext.broadcast(projection)), expected)

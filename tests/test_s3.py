@@ -170,3 +170,40 @@ def test_weights_from_an_s3_uri_go_through_the_guarded_layer(tmp_path, s3_endpoi
     cfg.model.weights = f"s3://{cfg.storage.bucket}/fruits/models/missing.weights.h5"
     with pytest.raises(backbone.WeightsUnavailable, match="missing.weights.h5: file not found"):
         weights.run(cfg)
+
+
+def test_shards_in_s3_grow_by_new_objects_only(tmp_path, s3_endpoint):
+    import pyarrow.parquet as pq
+
+    cfg = s3_cfg(tmp_path, s3_endpoint, "data.layout=parquet")
+    bucket.run(cfg)
+    sample.run(cfg)
+    shards = f"s3://{cfg.storage.bucket}/{cfg.storage.prefix}/shards"
+    cfg.env.paths.shards, cfg.env.paths.shard_index = shards, f"{shards}/index.parquet"
+    first = ingest.run(cfg)["shards"]
+    assert first["images_packed"] == 32 and first["shards_written"] == 1
+    s3 = raw_client(s3_endpoint)
+
+    def objects():
+        listed = s3.list_objects_v2(Bucket=cfg.storage.bucket, Prefix=f"{cfg.storage.prefix}/shards/")["Contents"]
+        return {o["Key"].rsplit("/", 1)[1]: (o["ETag"], o["LastModified"]) for o in listed}
+
+    before = objects()
+    assert "index.parquet" in before and len(before) == 2  # one shard and its index, no partial left
+    new_image = Path(cfg.data.root) / "Test" / "Kiwi" / "new.jpg"
+    new_image.write_bytes(sorted(Path(cfg.data.root).rglob("*.jpg"))[0].read_bytes())
+    grown = ingest.run(cfg)["shards"]
+    assert grown["images_packed"] == 1 and grown["shards"] == 2
+    after = objects()
+    old_shard = next(name for name in before if name.startswith("shard-"))
+    assert after[old_shard] == before[old_shard]  # never rewritten
+    with fsspec_open(cfg, cfg.env.paths.shard_index) as stream:
+        index = {row["path"]: row["shard"] for row in pq.read_table(stream).to_pylist()}
+    assert len(index) == 33 and index["Test/Kiwi/new.jpg"] != old_shard
+
+
+def fsspec_open(cfg, uri):
+    from fruits.core.storage import filesystem
+
+    fs, path = filesystem(uri, cfg)
+    return fs.open(path, "rb")

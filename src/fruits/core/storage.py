@@ -11,7 +11,7 @@ from typing import NamedTuple
 from omegaconf import DictConfig
 
 
-# data.layout=parquet: ingest's shards are named shard-<run>-<n>.parquet; the index beside them is not one.
+# data.layout=parquet: ingest's shards are named shard-<run id>-<n>.parquet; the index beside them is not one.
 SHARD_GLOB = "shard-*.parquet"
 ROW_GROUP_IMAGES = 256  # images per row group: Spark splits a Parquet file by row groups (a task reads a few)
 

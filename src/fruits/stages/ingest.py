@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -132,6 +133,7 @@ def read_index(cfg: DictConfig) -> dict[str, tuple[str, int, str]]:
     import pyarrow.parquet as pq
 
     fs, index = filesystem(cfg.env.paths.shard_index, cfg)
+    fs.invalidate_cache()  # s3fs keeps listings across calls: the index may be newer than they are
     if not fs.exists(index):
         return {}
     with fs.open(index, "rb") as stream:
@@ -139,12 +141,15 @@ def read_index(cfg: DictConfig) -> dict[str, tuple[str, int, str]]:
     return {row["path"]: (row["checksum"], row["size"], row["shard"]) for row in table.to_pylist()}
 
 
-def write_parquet(table, destination: str, cfg: DictConfig) -> None:
+def write_parquet(table, destination: str, cfg: DictConfig, replace: bool = True) -> None:
     """Written beside it under a hidden name (Spark skips those), then moved into place: a reader never
-    sees half a file (a rename locally; on S3 an object appears whole)."""
+    sees half a file (a rename locally; on S3 an object appears whole). replace=False refuses to
+    overwrite an existing file."""
     import pyarrow.parquet as pq
 
     fs, path = filesystem(destination, cfg)
+    if not replace and fs.exists(path):
+        raise FileExistsError(f"{destination} exists already: a shard is never rewritten")
     folder, name = path.rsplit("/", 1)
     partial = f"{folder}/_partial-{name}"
     fs.makedirs(folder, exist_ok=True)
@@ -159,15 +164,17 @@ def pack(cfg: DictConfig, local: list[ListedFile]) -> dict:
     import pyarrow as pa
 
     index, current = read_index(cfg), {}
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    # Unique per run: a shard, once written, is never replaced (two runs may start in the same second).
+    run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
     pending: list[dict] = []
     pending_bytes, shards_written = 0, []
 
     def flush() -> None:
         nonlocal pending, pending_bytes
         if pending:
-            name = shard_name(stamp, len(shards_written))
-            write_parquet(pa.Table.from_pylist(pending, arrow_schema(SHARD_COLUMNS)), f"{cfg.env.paths.shards}/{name}", cfg)
+            name = shard_name(run, len(shards_written))
+            write_parquet(pa.Table.from_pylist(pending, arrow_schema(SHARD_COLUMNS)), f"{cfg.env.paths.shards}/{name}",
+                          cfg, replace=False)
             for row in pending:
                 current[row["path"]] = (row["checksum"], row["size"], name)
             shards_written.append(name)
