@@ -154,24 +154,15 @@ def small_files(cfg: DictConfig, keys) -> list[str]:
 
 def params_of(cfg: DictConfig, stages=None) -> dict[str, object]:
     """{param: value} of the params the stages list (all stages by default), flattened."""
-    listed = merged_params(stages or STAGES.values())
+    from fruits.core.config import leaves
+
     flat: dict[str, object] = {}
-    for key in listed:
+    for key in merged_params(stages or STAGES.values()):
         node = value(cfg, key)
-        if isinstance(node, DictConfig):
-            for leaf, leaf_value in _flatten(OmegaConf.to_container(node), key):
-                flat[leaf] = leaf_value
-        else:
-            flat[key] = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+        tree = OmegaConf.to_container(node) if OmegaConf.is_config(node) else node
+        for parts, leaf in leaves(tree, (key,)):
+            flat[".".join(parts)] = leaf
     return flat
-
-
-def _flatten(tree, prefix: str):
-    if isinstance(tree, dict):
-        for key, child in tree.items():
-            yield from _flatten(child, f"{prefix}.{key}")
-    else:
-        yield prefix, tree
 
 
 # --- code deps: the import closure of a module inside the package ----------------------------------

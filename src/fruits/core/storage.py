@@ -77,17 +77,9 @@ def iter_files(uri: str, cfg: DictConfig, extensions):
 
 
 def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
-    """Every file under uri whose extension is one of extensions (any case), sorted by URI."""
-    fs, root = filesystem(uri, cfg)
-    root = fs._strip_protocol(root).rstrip("/")
-    wanted = {e.lower() for e in extensions}
-    scheme = "s3://" if is_s3(uri) else "file:"
-    return [
-        ListedFile(scheme + path, path[len(root) + 1 :], int(info.get("size") or 0),
-                   info["ETag"].strip('"') if info.get("ETag") else None)
-        for path, info in sorted(fs.find(root, detail=True).items())
-        if info.get("type", "file") == "file" and path.rsplit(".", 1)[-1].lower() in wanted
-    ]
+    """Every file under uri whose extension is one of extensions (any case), sorted by URI, in memory:
+    for the driver-side work that needs them all at once (ingest's upload and manifest)."""
+    return sorted(iter_files(uri, cfg, extensions), key=lambda f: f.uri)
 
 
 def copy_file(source: str, destination: str, cfg: DictConfig) -> None:

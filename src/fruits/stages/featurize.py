@@ -22,6 +22,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -77,7 +78,7 @@ def featurize_batch(
     return pd.DataFrame({"split": splits, "label": labels, "features": features, "reject_reason": reasons})
 
 
-def build_udf(broadcast_weights, weights_key: str, cfg: DictConfig, builds_accumulator=None):
+def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumulator=None):
     """The pandas Iterator UDF (path, content) -> struct; the model is cached per worker process."""
     from pyspark.sql.functions import pandas_udf
 
@@ -86,12 +87,12 @@ def build_udf(broadcast_weights, weights_key: str, cfg: DictConfig, builds_accum
 
     @pandas_udf(RESULT_SCHEMA)
     def featurize_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        builds_before = backbone.BUILD_COUNT.get(weights_key, 0)
+        builds_before = backbone.BUILD_COUNT.get(identity, 0)
         extract = backbone.cached_extractor(
-            weights_key, lambda: broadcast_weights.value, input_size, alpha, tf_threads
+            identity, lambda: broadcast_weights.value, input_size, alpha, tf_threads
         )
         if builds_accumulator is not None:
-            builds_accumulator.add({os.getpid(): backbone.BUILD_COUNT[weights_key] - builds_before})
+            builds_accumulator.add({os.getpid(): backbone.BUILD_COUNT[identity] - builds_before})
         for paths, contents in batches:
             yield featurize_batch(extract, paths.tolist(), contents.tolist(), input_size, batch_size)
 
@@ -225,21 +226,20 @@ def transform(images, featurize_udf):
 
 def merge(previous_tables, reused, computed, listing, identity: str):
     """The new (features, rejects): previous rows of reused paths, plus the rows computed now; size and
-    modification time from this listing."""
+    modification time from this listing (a shard listing has no date)."""
     from pyspark.sql import functions as F
 
-    stamp = listing.select("path", "size", "modified")  # (a shard listing has no date)
-    new_rows = computed.join(stamp, "path").withColumn("model", F.lit(identity))
-    features, rejects = split_results(new_rows)
-    if previous_tables is not None:
-        old_features, old_rejects = previous_tables
-        for old, columns in ((old_features, FEATURE_COLUMNS), (old_rejects, REJECT_COLUMNS)):
-            kept = old.drop("size", "modified").join(reused, "path").join(stamp, "path").select(*columns)
-            if columns is FEATURE_COLUMNS:
-                features = features.unionByName(kept)
-            else:
-                rejects = rejects.unionByName(kept)
-    return features, rejects
+    stamp = listing.select("path", "size", "modified")
+    features, rejects = split_results(computed.join(stamp, "path").withColumn("model", F.lit(identity)))
+    if previous_tables is None:
+        return features, rejects
+
+    def kept(old, columns):
+        return old.drop("size", "modified").join(reused, "path").join(stamp, "path").select(*columns)
+
+    old_features, old_rejects = previous_tables
+    return (features.unionByName(kept(old_features, FEATURE_COLUMNS)),
+            rejects.unionByName(kept(old_rejects, REJECT_COLUMNS)))
 
 
 def split_results(results):
@@ -271,6 +271,40 @@ def unreadable_by_spark(files) -> list[tuple[str, str]]:
         elif file.size == 0:
             rejects.append((file.uri, "empty file"))
     return rejects
+
+
+class RunPlan(NamedTuple):
+    reused: object  # paths whose previous rows are kept
+    to_compute: object  # path, content, checksum of what goes through the model
+    deleted: int
+    changed: int
+    hashed: object  # checksums read to compare (persisted; None when none were read)
+
+
+def plan_run(spark, cfg: DictConfig, listing, previous, shards: bool) -> RunPlan:
+    """What this run reuses and what it computes, from the listing and the previous rows (None: none)."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    nothing = listing.limit(0).select("path")
+    if previous is None:  # first run or a new model: every image, read once
+        everything = shard_contents(spark, cfg, listing) if shards else read_contents(spark, cfg, None)
+        return RunPlan(nothing, everything, 0, 0, None)
+    if shards:  # the index knows every checksum: nothing is read to compare
+        before = previous.select("path", "checksum")
+        kept = listing.join(before, ["path", "checksum"], "left_semi").select("path")
+        fresh = listing.join(before, ["path", "checksum"], "left_anti")
+        return RunPlan(kept, shard_contents(spark, cfg, fresh), before.join(listing, "path", "left_anti").count(),
+                       fresh.join(before, "path", "left_semi").count(), None)
+    kept, candidates, deleted = plan(listing, previous)
+    # Only what changed by size or date is read and checksummed: for a growth run, a short list.
+    hashed = (read_contents(spark, cfg, [row["path"] for row in candidates.select("path").collect()])
+              .select("path", "checksum").join(candidates, "path").persist(StorageLevel.MEMORY_AND_DISK))
+    touched = hashed.where(F.col("checksum") == F.col("previous_checksum")).select("path")  # same content
+    fresh = hashed.where(F.col("previous_checksum").isNull() | (F.col("checksum") != F.col("previous_checksum")))
+    to_compute = read_contents(spark, cfg, [row["path"] for row in fresh.select("path").collect()])
+    return RunPlan(kept.unionByName(touched), to_compute, deleted.count(),
+                   fresh.where(F.col("previous_checksum").isNotNull()).count(), hashed)
 
 
 def check_accounting(inputs: int, featurized: int, rejected: int) -> None:
@@ -312,37 +346,17 @@ def run(cfg: DictConfig, spark=None) -> dict:
     for setting, value in partition_settings(listed, listed_bytes, cfg.featurize.images_per_partition).items():
         spark.conf.set(setting, value)
 
-    previous, hashed = read_previous(spark, cfg, identity), None
-    touched = listing.limit(0).select("path")
-    if previous is None:  # first run or a new model: every image, read once
-        kept, deleted, changed = touched, 0, 0
-        to_compute = shard_contents(spark, cfg, listing) if shards else read_contents(spark, cfg, None)
-    elif shards:  # the index knows every checksum: nothing is read to compare
-        before = previous[2].select("path", "checksum")
-        kept = listing.join(before, ["path", "checksum"], "left_semi").select("path")
-        fresh = listing.join(before, ["path", "checksum"], "left_anti")
-        deleted = before.join(listing, "path", "left_anti").count()
-        changed = fresh.join(before, "path", "left_semi").count()
-        to_compute = shard_contents(spark, cfg, fresh)
-    else:
-        kept, candidates, deleted_paths = plan(listing, previous[2])
-        deleted = deleted_paths.count()
-        # Only what changed by size or date is read and checksummed: for a growth run, a short list.
-        hashed = (read_contents(spark, cfg, [row["path"] for row in candidates.select("path").collect()])
-                  .select("path", "checksum").join(candidates, "path").persist(StorageLevel.MEMORY_AND_DISK))
-        touched = hashed.where(F.col("checksum") == F.col("previous_checksum")).select("path")  # same content
-        fresh = hashed.where(F.col("previous_checksum").isNull() | (F.col("checksum") != F.col("previous_checksum")))
-        changed = fresh.where(F.col("previous_checksum").isNotNull()).count()
-        to_compute = read_contents(spark, cfg, [row["path"] for row in fresh.select("path").collect()])
+    previous = read_previous(spark, cfg, identity)
+    work = plan_run(spark, cfg, listing, previous and previous[2], shards)
     udf = build_udf(weights, identity, cfg, builds)
-    computed = transform(to_compute, udf).persist(StorageLevel.MEMORY_AND_DISK)
-    reused = kept.unionByName(touched).persist(StorageLevel.MEMORY_AND_DISK)
+    computed = transform(work.to_compute, udf).persist(StorageLevel.MEMORY_AND_DISK)
+    reused = work.reused.persist(StorageLevel.MEMORY_AND_DISK)
     try:
         # Counted before the swap: the plan reads the previous tables, which the swap replaces.
         reused_count = reused.count()
         rejected_now = computed.where(F.col("reject_reason").isNotNull()).count() + len(unreadable)
         computed_count = computed.count()
-        partitions = to_compute.rdd.getNumPartitions()
+        partitions = work.to_compute.rdd.getNumPartitions()
         features, rejects = merge(previous and previous[:2], reused, computed, listing, identity)
         unreadable_rows = spark.createDataFrame(
             [(uri, reason, None, None, None, identity) for uri, reason in unreadable],
@@ -357,8 +371,8 @@ def run(cfg: DictConfig, spark=None) -> dict:
         computed.unpersist()
         listing.unpersist()
         reused.unpersist()
-        if hashed is not None:
-            hashed.unpersist()
+        if work.hashed is not None:
+            work.hashed.unpersist()
         weights.unpersist()
     inputs = listed + len(unreadable)
     check_accounting(inputs, featurized, rejected)
@@ -369,7 +383,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "featurized": featurized,
         "rejected": rejected,
         "reject_reasons": reasons,
-        "run": {"new": computed_count - changed, "changed": changed, "deleted": deleted,
+        "run": {"new": computed_count - work.changed, "changed": work.changed, "deleted": work.deleted,
                 "reused": reused_count, "computed": computed_count, "rejected": rejected_now,
                 "model_changed_or_first_run": previous is None},
         "seconds": round(seconds, 3),
@@ -386,7 +400,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     }
     write_json(cfg.env.paths.featurize_metrics, metrics)
     log.info("featurize: %d images (%d new, %d changed, %d deleted, %d reused), %d featurized, %d rejected, "
-             "%.1f img/s computed", inputs, metrics["run"]["new"], metrics["run"]["changed"], deleted, reused_count,
+             "%.1f img/s computed", inputs, metrics["run"]["new"], work.changed, work.deleted, reused_count,
              featurized, rejected, metrics["images_per_second"] or 0)
     if provenance.get("warning"):
         log.warning(provenance["warning"])
