@@ -35,8 +35,8 @@ log "pip install -r runtime.txt -c lock.txt with ${python}"
 sudo "${python}" -m pip install --quiet --no-cache-dir -r "${workdir}/runtime.txt" -c "${workdir}/lock.txt"
 
 "${python}" - <<'PY'
-import numpy, pandas, PIL, pyarrow, tensorflow
-print("imports ok:", "tensorflow", tensorflow.__version__, "pyarrow", pyarrow.__version__,
+import numpy, onnxruntime, pandas, PIL, pyarrow, tensorflow
+print("imports ok:", "tensorflow", tensorflow.__version__, "onnxruntime", onnxruntime.__version__, "pyarrow", pyarrow.__version__,
       "pillow", PIL.__version__, "numpy", numpy.__version__, "pandas", pandas.__version__)
 PY
 

@@ -62,7 +62,7 @@ def tiny_cfg(tiny_project, tmp_path):
     """The tiny project's sample and weights, with outputs in a fresh folder for each test."""
     cfg, shared = make_cfg(tmp_path), make_cfg(tiny_project)
     cfg.data.root = shared.data.root
-    for key in ("images", "weights", "provenance"):
+    for key in ("images", "weights", "onnx", "provenance"):
         cfg.env.paths[key] = shared.env.paths[key]
     return cfg
 

@@ -51,7 +51,7 @@ def test_transform_featurizes_each_row_with_the_broadcast_weights(spark, tiny_pr
     images = spark.createDataFrame(rows + [("file:/d/Test/Kiwi/bad.jpg", b"junk", "sumbad")],
                                    "path string, content binary, checksum string")
     udf = featurize.build_udf(spark.sparkContext.broadcast(tiny_weights), "transform-test",
-                              make_cfg(tiny_project))
+                              make_cfg(tiny_project, "model.engine=tensorflow"))
     expected_features = reference_features(tiny_weights, [f.read_bytes() for f in files])
     expected = spark.createDataFrame(
         [(f"file:{f}", f"sum{i}", "Training", "Kiwi", [float(v) for v in vector], None)
@@ -106,6 +106,7 @@ def local_path(uri: str) -> Path:
 
 
 def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny_weights):
+    tiny_cfg.model.engine = "tensorflow"  # the reference engine, to 1e-5 (onnxruntime: its own test, 1e-4)
     metrics = featurize.run(tiny_cfg, spark)
     rows = read_features(spark, tiny_cfg)
     assert metrics["images"] == metrics["featurized"] == len(rows) == 32 and metrics["rejected"] == 0
@@ -120,6 +121,19 @@ def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny
     assert written["featurized"] == 32 and written["weights_pretrained"] is False
 
 
+def test_the_onnxruntime_engine_gives_the_tensorflow_features_built_once_per_worker(spark, tiny_cfg, tiny_weights):
+    tiny_cfg.model.engine = "onnxruntime"
+    tiny_cfg.featurize.images_per_partition = 3
+    metrics = featurize.run(tiny_cfg, spark)
+    assert metrics["engine"] == "onnxruntime" and metrics["model"].endswith("/onnxruntime")
+    builds = metrics["model_builds_per_worker"]
+    assert metrics["partitions"] >= 8 > len(builds) and set(builds.values()) == {1}, builds
+    rows = read_features(spark, tiny_cfg)
+    expected = reference_features(tiny_weights, [local_path(p).read_bytes() for p in sorted(rows)])
+    actual = np.array([rows[p]["features"] for p in sorted(rows)])
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cfg, tmp_path):
     # Fresh weights (another seed): no worker has this model cached yet.
     calibration = weights.calibration_images(tiny_cfg)
@@ -127,6 +141,7 @@ def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cf
     weights_file = tmp_path / "other.weights.h5"
     backbone.save_weights(other, weights_file)
     tiny_cfg.env.paths.weights = str(weights_file)
+    tiny_cfg.model.engine = "tensorflow"  # these weights have no ONNX export: the TensorFlow path
     tiny_cfg.featurize.images_per_partition = 3
     metrics = featurize.run(tiny_cfg, spark)
     builds = metrics["model_builds_per_worker"]

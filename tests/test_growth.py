@@ -20,14 +20,19 @@ def jpeg(label: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def same_model(cfg, source):
+    """cfg runs the model source has (weights, their ONNX graph, provenance): only outputs differ."""
+    for key in ("weights", "onnx", "provenance"):
+        cfg.env.paths[key] = source.env.paths[key]
+    return cfg
+
+
 @pytest.fixture
 def growing(tiny_cfg, tmp_path):
     """A copy of the tiny sample that the test may change, and an incremental output root beside it."""
     images = tmp_path / "images"
     shutil.copytree(tiny_cfg.data.root, images)
-    cfg = make_cfg(tmp_path / "incremental", f"data.root={images}")
-    cfg.env.paths.weights, cfg.env.paths.provenance = tiny_cfg.env.paths.weights, tiny_cfg.env.paths.provenance
-    return cfg
+    return same_model(make_cfg(tmp_path / "incremental", f"data.root={images}"), tiny_cfg)
 
 
 def tables(spark, cfg):
@@ -38,8 +43,7 @@ def tables(spark, cfg):
 
 def full_run(spark, cfg, root: Path):
     """The same images featurized from scratch, outputs under a fresh root."""
-    fresh = make_cfg(root, f"data.root={cfg.data.root}")
-    fresh.env.paths.weights, fresh.env.paths.provenance = cfg.env.paths.weights, cfg.env.paths.provenance
+    fresh = same_model(make_cfg(root, f"data.root={cfg.data.root}", f"model.engine={cfg.model.engine}"), cfg)
     assert featurize.run(fresh, spark)["run"]["reused"] == 0
     return tables(spark, fresh)
 
@@ -86,6 +90,7 @@ def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_pat
 
 
 def test_a_new_model_refeaturizes_everything(spark, growing, tmp_path):
+    growing.model.engine = "tensorflow"  # the engine that runs the swapped weights file itself
     featurize.run(growing, spark)
     other = weights.seeded_random_backbone(TINY_SIZE, 1.0, 5, weights.calibration_images(growing))
     backbone.save_weights(other, tmp_path / "other.weights.h5")
@@ -136,8 +141,8 @@ def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, gro
     loose_features, _ = tables(spark, growing)
     by_relative = {path.split("/images/", 1)[1]: row for path, row in loose_features.items()}
 
-    sharded = make_cfg(tmp_path / "sharded", f"data.root={growing.data.root}", "data.layout=parquet", "data.shard_mb=0")
-    sharded.env.paths.weights, sharded.env.paths.provenance = growing.env.paths.weights, growing.env.paths.provenance
+    sharded = same_model(make_cfg(tmp_path / "sharded", f"data.root={growing.data.root}", "data.layout=parquet",
+                                  "data.shard_mb=0"), growing)
     packed = ingest.run(sharded)["shards"]
     assert packed["images_packed"] == 32 and packed["shards"] == packed["shards_written"] > 1  # shard_mb=0: many
     first = featurize.run(sharded, spark)
@@ -160,9 +165,8 @@ def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, gro
     metrics = featurize.run(sharded, spark)
     assert metrics["run"] == {"new": 5, "changed": 1, "deleted": 1, "reused": 30, "computed": 6, "rejected": 0,
                               "model_changed_or_first_run": False}
-    fresh = make_cfg(tmp_path / "fresh", f"data.root={sharded.data.root}", "data.layout=parquet",
-                     f"env.paths.shards={sharded.env.paths.shards}")
-    fresh.env.paths.weights, fresh.env.paths.provenance = growing.env.paths.weights, growing.env.paths.provenance
+    fresh = same_model(make_cfg(tmp_path / "fresh", f"data.root={sharded.data.root}", "data.layout=parquet",
+                                f"env.paths.shards={sharded.env.paths.shards}"), growing)
     assert featurize.run(fresh, spark)["run"]["computed"] == 36
     incremental, full = tables(spark, sharded)[0], tables(spark, fresh)[0]
     assert set(incremental) == set(full)

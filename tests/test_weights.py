@@ -112,3 +112,16 @@ def test_seeded_weights_are_reproducible(tiny_project):
     first = stage.seeded_random_backbone(TINY_SIZE, 1.0, 7, calibration).get_weights()
     second = stage.seeded_random_backbone(TINY_SIZE, 1.0, 7, calibration).get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(first, second))
+
+
+def test_the_onnx_graph_gives_the_tensorflow_features(tiny_project, tiny_weights):
+    """The weights stage exports the same weights as ONNX (tf2onnx, pinned opset): onnxruntime's features
+    equal TensorFlow's to 1e-4, relative to their scale."""
+    cfg = make_cfg(tiny_project)
+    provenance = json.loads(Path(cfg.env.paths.provenance).read_text())
+    assert provenance["onnx_sha256"] == backbone.sha256_file(cfg.env.paths.onnx)
+    assert provenance["onnx_exporter"].endswith(f"opset {cfg.model.onnx_opset}")
+    batch = np.stack([prepare(c, TINY_SIZE) for c in sample_contents(tiny_project / "images")[:8]])
+    expected = backbone.make_extractor(tiny_weights, TINY_SIZE, 1.0)(batch)
+    actual = backbone.make_onnx_extractor(Path(cfg.env.paths.onnx).read_bytes(), 1)(batch)
+    np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

@@ -1,6 +1,7 @@
-"""The MobileNetV2 backbone: build, load and save weights, and the per-process feature extractor that
-Spark workers (and the app) keep for their whole life. Workers never download anything: they build
-with `weights=None` and take the weights they are given (the broadcast value on Spark).
+"""The MobileNetV2 backbone: build, load and save weights, export them as an ONNX graph, and the
+per-process feature extractor of each engine (TensorFlow or onnxruntime) that Spark workers (and the
+app) keep for their whole life. Workers never download anything: they take the weights they are given
+(the broadcast value on Spark): weight arrays for TensorFlow, the serialized ONNX model for onnxruntime.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 FEATURE_DIM = 1280
+ENGINES = ("tensorflow", "onnxruntime")
 # Set before TensorFlow loads, in every process that builds a model (driver, workers, EMR nodes):
 # oneDNN kernels are off by default on some CPUs (AMD here) and double the speed; the C++ log level
 # keeps TensorFlow's start-up chatter out of the pipeline's output.
@@ -102,17 +104,48 @@ def make_extractor(weights: Sequence[np.ndarray], input_size: int, alpha: float)
     return lambda batch: call(tf.constant(batch, dtype=tf.float32)).numpy()
 
 
+def export_onnx(weights: Sequence[np.ndarray], input_size: int, alpha: float, opset: int) -> bytes:
+    """The same model as an ONNX graph (tf2onnx, traced from the Keras model with these weights)."""
+    import_keras()
+    import tensorflow as tf
+    import tf2onnx
+
+    model = build_backbone(input_size, alpha, weights=None)
+    model.set_weights(list(weights))
+    signature = (tf.TensorSpec([None, input_size, input_size, 3], tf.float32, name="images"),)
+    call = tf.autograph.experimental.do_not_convert(lambda batch: model(batch, training=False))
+    proto, _ = tf2onnx.convert.from_function(tf.function(call), input_signature=signature, opset=opset)
+    return proto.SerializeToString()
+
+
+def make_onnx_extractor(model_bytes: bytes, threads: int):
+    """An onnxruntime session (one per process), threads intra-op threads: (N, size, size, 3) -> (N, 1280)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
 def cached_extractor(
     key: str,
-    weights: Callable[[], Sequence[np.ndarray]],
+    payload: Callable[[], object],
     input_size: int,
     alpha: float,
-    tf_threads: int,
+    threads: int,
+    engine: str = "tensorflow",
 ):
-    """The extractor of this process, built at most once per key (weights fetched lazily)."""
+    """The extractor of this process, built at most once per key. payload() (fetched lazily, once) is
+    the weight arrays for TensorFlow, the serialized ONNX model for onnxruntime."""
     if key not in _EXTRACTORS:
-        configure_tf_threads(tf_threads)
-        _EXTRACTORS[key] = make_extractor(weights(), input_size, alpha)
+        if engine == "onnxruntime":
+            _EXTRACTORS[key] = make_onnx_extractor(payload(), threads)
+        else:
+            configure_tf_threads(threads)
+            _EXTRACTORS[key] = make_extractor(payload(), input_size, alpha)
         BUILD_COUNT[key] = BUILD_COUNT.get(key, 0) + 1
     return _EXTRACTORS[key]
 
@@ -123,7 +156,8 @@ def extract_in_batches(extract, images: np.ndarray, batch_size: int) -> np.ndarr
     return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, FEATURE_DIM), np.float32)
 
 
-def model_identity(weights_file: str | Path, input_size: int, alpha: float, engine: str = "tensorflow") -> str:
+def model_identity(model_file: str | Path, input_size: int, alpha: float, engine: str = "tensorflow") -> str:
     """What identifies the features a model makes (and its extractor in a worker): architecture, the
-    weights' checksum, input size, width, engine. Rows made by another identity are recomputed."""
-    return f"mobilenetv2/{sha256_file(weights_file)}/{input_size}/{alpha}/{engine}"
+    checksum of the file the engine runs (the weights for TensorFlow, the ONNX graph, weights inside,
+    for onnxruntime), input size, width, engine. Rows made by another identity are recomputed."""
+    return f"mobilenetv2/{sha256_file(model_file)}/{input_size}/{alpha}/{engine}"

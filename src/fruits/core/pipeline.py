@@ -76,18 +76,18 @@ INGEST = Stage(
 WEIGHTS = Stage(
     "weights",
     params=("model", "env.name", "env.allow_offline_weights", "data.name", "data.allow_offline_weights",
-            "data.root", "env.paths.models", "env.paths.weights", "env.paths.provenance"),
+            "data.root", "env.paths.models", "env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
     inputs=("data.root",),  # the random fallback recalibrates on the sample's images
-    outputs=("env.paths.weights",),
+    outputs=("env.paths.weights", "env.paths.onnx"),
     small_outputs=("env.paths.provenance",),
 )
 FEATURIZE = Stage(
     "featurize",
-    params=("model.input_size", "model.alpha", "featurize", "data.extensions", "data.layout", "env.spark",
-            "env.paths.images", "env.paths.shards", "env.paths.shard_index",
+    params=("model.input_size", "model.alpha", "model.engine", "featurize", "data.extensions", "data.layout",
+            "env.spark", "env.paths.images", "env.paths.shards", "env.paths.shard_index", "env.paths.onnx",
             "env.paths.weights", "env.paths.provenance", "env.paths.features", "env.paths.rejects",
             "env.paths.featurize_metrics"),
-    inputs=("env.paths.ingest_metrics", "env.paths.weights", "env.paths.provenance"),
+    inputs=("env.paths.ingest_metrics", "env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
     outputs=("env.paths.features", "env.paths.rejects"),
     incremental=("env.paths.features", "env.paths.rejects"),
     metrics=("env.paths.featurize_metrics",),

@@ -82,14 +82,14 @@ def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumula
     """The pandas Iterator UDF (path, content) -> struct; the model is cached per worker process."""
     from pyspark.sql.functions import pandas_udf
 
-    input_size, alpha = cfg.model.input_size, cfg.model.alpha
-    batch_size, tf_threads = cfg.featurize.batch_size, cfg.featurize.tf_threads
+    input_size, alpha, engine = cfg.model.input_size, cfg.model.alpha, cfg.model.engine
+    batch_size, threads = cfg.featurize.batch_size, cfg.featurize.threads
 
     @pandas_udf(RESULT_SCHEMA)
     def featurize_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         builds_before = backbone.BUILD_COUNT.get(identity, 0)
         extract = backbone.cached_extractor(
-            identity, lambda: broadcast_weights.value, input_size, alpha, tf_threads
+            identity, lambda: broadcast_weights.value, input_size, alpha, threads, engine
         )
         if builds_accumulator is not None:
             builds_accumulator.add({os.getpid(): backbone.BUILD_COUNT[identity] - builds_before})
@@ -317,13 +317,20 @@ def check_accounting(inputs: int, featurized: int, rejected: int) -> None:
 
 
 def broadcast_weights(spark, cfg: DictConfig):
-    """Read the weights file once on the driver and broadcast its arrays; (broadcast, model identity)."""
-    path = Path(cfg.env.paths.weights)
-    if not path.exists():
-        raise FileNotFoundError(f"weights file {path} not found: run the weights stage first "
-                                "(python -m fruits.stages.weights)")
+    """Read the model once on the driver and broadcast it: the weight arrays (TensorFlow) or the
+    serialized ONNX model, weights inside (onnxruntime). Returns (broadcast, model identity)."""
+    path, engine = Path(cfg.env.paths.weights), cfg.model.engine
+    if engine not in backbone.ENGINES:
+        raise ValueError(f"model.engine={engine} is not one of {backbone.ENGINES}")
+    model_file = Path(cfg.env.paths.onnx) if engine == "onnxruntime" else path
+    for needed in {path, model_file}:
+        if not needed.exists():
+            raise FileNotFoundError(f"{needed} not found: run the weights stage first (python -m fruits.stages.weights)")
+    identity = backbone.model_identity(model_file, cfg.model.input_size, cfg.model.alpha, engine)
+    if engine == "onnxruntime":
+        return spark.sparkContext.broadcast(model_file.read_bytes()), identity
     arrays = backbone.load_weight_arrays(path, cfg.model.input_size, cfg.model.alpha)
-    return spark.sparkContext.broadcast(arrays), backbone.model_identity(path, cfg.model.input_size, cfg.model.alpha)
+    return spark.sparkContext.broadcast(arrays), identity
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
@@ -392,6 +399,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "model_builds_per_worker": {str(pid): count for pid, count in builds.value.items()},
         "model": identity,
         "layout": cfg.data.layout,
+        "engine": cfg.model.engine,
         "input_size": cfg.model.input_size,
         "weights_pretrained": provenance.get("pretrained"),
         "weights_imagenet": provenance.get("imagenet"),

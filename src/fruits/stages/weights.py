@@ -24,6 +24,7 @@ from fruits.core.backbone import (
     FEATURE_DIM,
     WeightsUnavailable,
     build_backbone,
+    export_onnx,
     import_keras,
     load_weight_arrays,
     save_weights,
@@ -201,16 +202,24 @@ def extract(cfg: DictConfig, staging: Path) -> tuple[Path, dict]:
     return staged, provenance
 
 
-def transform(provenance: dict, staged: Path, cfg: DictConfig) -> dict:
-    """The full provenance: architecture, source, checksum of the weights file, date."""
-    return {"architecture": "MobileNetV2", "include_top": False, "pooling": "avg",
-            "input_size": cfg.model.input_size, "alpha": cfg.model.alpha, "feature_dim": FEATURE_DIM,
-            **provenance, "sha256": sha256_file(staged), "file": str(cfg.env.paths.weights),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+def transform(provenance: dict, staged: Path, cfg: DictConfig) -> tuple[Path, dict]:
+    """The same weights as an ONNX graph (for model.engine=onnxruntime), and the full provenance:
+    architecture, source, checksums of both files, exporter, date."""
+    import tf2onnx
+
+    size, alpha = cfg.model.input_size, cfg.model.alpha
+    onnx = staged.with_name(Path(cfg.env.paths.onnx).name)
+    onnx.write_bytes(export_onnx(load_weight_arrays(staged, size, alpha), size, alpha, cfg.model.onnx_opset))
+    return onnx, {"architecture": "MobileNetV2", "include_top": False, "pooling": "avg", "input_size": size,
+                  "alpha": alpha, "feature_dim": FEATURE_DIM, **provenance, "sha256": sha256_file(staged),
+                  "file": str(cfg.env.paths.weights), "onnx_sha256": sha256_file(onnx), "onnx_file": str(cfg.env.paths.onnx),
+                  "onnx_exporter": f"tf2onnx {tf2onnx.__version__}, opset {cfg.model.onnx_opset}",
+                  "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
-def load(staged: Path, provenance: dict, cfg: DictConfig) -> None:
-    """Swap the checked weights file into place, then write its provenance."""
+def load(staged: Path, onnx: Path, provenance: dict, cfg: DictConfig) -> None:
+    """Swap the checked weights file and its ONNX graph into place, then write their provenance."""
+    os.replace(onnx, cfg.env.paths.onnx)
     os.replace(staged, cfg.env.paths.weights)
     write_json(cfg.env.paths.provenance, provenance)
 
@@ -220,8 +229,8 @@ def run(cfg: DictConfig) -> dict:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as staging:
         staged, found = extract(cfg, Path(staging))
-        provenance = transform(found, staged, cfg)
-        load(staged, provenance, cfg)
+        onnx, provenance = transform(found, staged, cfg)
+        load(staged, onnx, provenance, cfg)
     log.info("weights %s (%s), provenance %s", provenance["file"], provenance["source"], cfg.env.paths.provenance)
     if provenance.get("warning"):
         log.warning(provenance["warning"])
