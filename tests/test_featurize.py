@@ -141,6 +141,8 @@ def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cf
     weights_file = tmp_path / "other.weights.h5"
     backbone.save_weights(other, weights_file)
     tiny_cfg.env.paths.weights = str(weights_file)
+    with pytest.raises(FileNotFoundError, match="not the export of .*other.weights.h5"):
+        featurize.run(tiny_cfg, spark)  # onnxruntime: the ONNX graph on disk is of the other weights
     tiny_cfg.model.engine = "tensorflow"  # these weights have no ONNX export: the TensorFlow path
     tiny_cfg.featurize.images_per_partition = 3
     metrics = featurize.run(tiny_cfg, spark)

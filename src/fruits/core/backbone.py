@@ -156,8 +156,8 @@ def extract_in_batches(extract, images: np.ndarray, batch_size: int) -> np.ndarr
     return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, FEATURE_DIM), np.float32)
 
 
-def model_identity(model_file: str | Path, input_size: int, alpha: float, engine: str = "tensorflow") -> str:
+def model_identity(weights_file: str | Path, input_size: int, alpha: float, engine: str = "tensorflow") -> str:
     """What identifies the features a model makes (and its extractor in a worker): architecture, the
-    checksum of the file the engine runs (the weights for TensorFlow, the ONNX graph, weights inside,
-    for onnxruntime), input size, width, engine. Rows made by another identity are recomputed."""
-    return f"mobilenetv2/{sha256_file(model_file)}/{input_size}/{alpha}/{engine}"
+    weights' checksum, input size, width, engine. Rows made by another identity are recomputed. (Not the
+    ONNX file's checksum: tf2onnx's bytes differ between two exports of the same weights.)"""
+    return f"mobilenetv2/{sha256_file(weights_file)}/{input_size}/{alpha}/{engine}"
