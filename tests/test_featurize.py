@@ -127,7 +127,8 @@ def test_the_onnxruntime_engine_gives_the_tensorflow_features_built_once_per_wor
     metrics = featurize.run(tiny_cfg, spark)
     assert metrics["engine"] == "onnxruntime" and metrics["model"].endswith("/onnxruntime")
     builds = metrics["model_builds_per_worker"]
-    assert metrics["partitions"] >= 8 > len(builds) and set(builds.values()) == {1}, builds
+    # At most once per process over 8+ partitions (0 where an earlier test left this model in the worker).
+    assert metrics["partitions"] >= 8 > len(builds) and set(builds.values()) <= {0, 1}, builds
     rows = read_features(spark, tiny_cfg)
     expected = reference_features(tiny_weights, [local_path(p).read_bytes() for p in sorted(rows)])
     actual = np.array([rows[p]["features"] for p in sorted(rows)])

@@ -120,6 +120,7 @@ def test_three_growth_steps_lose_nothing(spark, growing, tmp_path):
     for step, grow in enumerate([lambda: add(5, 100), change_and_delete, lambda: add(3, 200)]):
         grow()
         metrics = featurize.run(growing, spark)
+        assert metrics["run"]["deleted"] == (1 if step == 1 else 0), step  # the hidden reject is no deletion
         manifest = ingest.run(growing)
         assert metrics["images"] == metrics["featurized"] + metrics["rejected"] == manifest["images"], step
         features, rejects = tables(spark, growing)

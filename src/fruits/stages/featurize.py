@@ -186,7 +186,9 @@ def read_previous(spark, cfg: DictConfig, identity: str):
     rows = features.select("path", *ROW_IDENTITY).unionByName(rejects.select("path", *ROW_IDENTITY))
     if rows.where(F.col("model") != identity).limit(1).count() or not rows.limit(1).count():
         return None
-    return features, rejects, rows
+    # Rows without a checksum are the walk's rejects (files Spark never lists): found again every run,
+    # so they take no part in the plan (else they would count as deleted each time).
+    return features, rejects, rows.where(F.col("checksum").isNotNull())
 
 
 def plan(listing, previous):
