@@ -2,7 +2,7 @@
 
 data.layout=parquet packs the images into Parquet shards (path, split, label, checksum, size, content)
 of about data.shard_mb, locally or in S3: a run writes only the new and changed images, into new
-shards, never rewriting an old one; an index (path, checksum, size, shard) says which shard holds
+shards, never rewriting an old one; an index (path, checksum, size, shard, md5) says which shard holds
 each current image. Otherwise:
 
 storage=local: the images stay on local disk (data.root). storage=s3: they are uploaded in parallel
@@ -128,8 +128,8 @@ def arrow_schema(columns):
     return pa.schema([(name, getattr(pa, kind)()) for name, kind in columns])
 
 
-def read_index(cfg: DictConfig) -> dict[str, tuple[str, int, str]]:
-    """{image path: (checksum, size, shard)} of the images the shards hold now; empty before the first."""
+def read_index(cfg: DictConfig) -> dict[str, tuple[str, int, str, str | None]]:
+    """{image path: (checksum, size, shard, md5)} of the images the shards hold now; empty before the first."""
     import pyarrow.parquet as pq
 
     fs, index = filesystem(cfg.env.paths.shard_index, cfg)
@@ -138,7 +138,7 @@ def read_index(cfg: DictConfig) -> dict[str, tuple[str, int, str]]:
         return {}
     with fs.open(index, "rb") as stream:
         table = pq.read_table(stream)
-    return {row["path"]: (row["checksum"], row["size"], row["shard"]) for row in table.to_pylist()}
+    return {row["path"]: (row["checksum"], row["size"], row["shard"], row.get("md5")) for row in table.to_pylist()}
 
 
 def write_parquet(table, destination: str, cfg: DictConfig, replace: bool = True) -> None:
@@ -158,9 +158,10 @@ def write_parquet(table, destination: str, cfg: DictConfig, replace: bool = True
     fs.mv(partial, path)
 
 
-def pack(cfg: DictConfig, local: list[ListedFile]) -> dict:
+def pack(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> dict:
     """Pack new and changed images into new shards of about data.shard_mb; old shards are never
-    rewritten. The index (path, checksum, size, shard of every current image) is rewritten last."""
+    rewritten. The index (path, checksum, size, shard, md5 of every current image) is rewritten last.
+    An image whose MD5 (already computed for the manifest) is the indexed one is not read again."""
     import pyarrow as pa
 
     index, current = read_index(cfg), {}
@@ -176,16 +177,19 @@ def pack(cfg: DictConfig, local: list[ListedFile]) -> dict:
             write_parquet(pa.Table.from_pylist(pending, arrow_schema(SHARD_COLUMNS)), f"{cfg.env.paths.shards}/{name}",
                           cfg, replace=False)
             for row in pending:
-                current[row["path"]] = (row["checksum"], row["size"], name)
+                current[row["path"]] = (row["checksum"], row["size"], name, md5s[row["path"]])
             shards_written.append(name)
             pending, pending_bytes = [], 0
 
     for file in sorted(local, key=lambda f: f.relative):
+        known = index.get(file.relative)
+        if known and known[3] == md5s[file.relative]:
+            current[file.relative] = known
+            continue
         content = Path(local_path(file.uri)).read_bytes()
         checksum = hashlib.sha256(content).hexdigest()
-        known = index.get(file.relative)
-        if known and known[0] == checksum:
-            current[file.relative] = known
+        if known and known[0] == checksum:  # an index written before it recorded MD5s
+            current[file.relative] = (*known[:3], md5s[file.relative])
             continue
         try:
             split, label = parse_image_path(file.relative)
@@ -197,13 +201,14 @@ def pack(cfg: DictConfig, local: list[ListedFile]) -> dict:
         if pending_bytes >= cfg.data.shard_mb * 2**20:
             flush()
     flush()
-    rows = [{"path": path, "checksum": c, "size": s, "shard": shard} for path, (c, s, shard) in sorted(current.items())]
-    index_columns = [("path", "string"), ("checksum", "string"), ("size", "int64"), ("shard", "string")]
+    rows = [{"path": path, "checksum": c, "size": s, "shard": shard, "md5": md5}
+            for path, (c, s, shard, md5) in sorted(current.items())]
+    index_columns = [("path", "string"), ("checksum", "string"), ("size", "int64"), ("shard", "string"), ("md5", "string")]
     write_parquet(pa.Table.from_pylist(rows, arrow_schema(index_columns)), cfg.env.paths.shard_index, cfg)
-    per_shard = Counter(shard for _, _, shard in current.values())
+    per_shard = Counter(shard for _, _, shard, _ in current.values())
     digest = hashlib.sha256("".join(f"{r['path']}\t{r['checksum']}\t{r['shard']}\n" for r in rows).encode())
     return {"shards": len(per_shard), "shards_written": len(shards_written), "images_packed": sum(
-        1 for _, _, shard in current.values() if shard in shards_written), "images_per_shard": dict(sorted(per_shard.items())),
+        1 for _, _, shard, _ in current.values() if shard in shards_written), "images_per_shard": dict(sorted(per_shard.items())),
         "shard_index_sha256": digest.hexdigest()}
 
 
@@ -225,7 +230,7 @@ def load(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str], result:
     """Pack into shards (data.layout=parquet) or upload the files (storage=s3), then write the manifest
     that DVC tracks."""
     if cfg.data.layout == "parquet":
-        result["shards"] = pack(cfg, local)
+        result["shards"] = pack(cfg, local, md5s)
         log.info("ingest: %d image(s) packed into %d new shard(s) under %s", result["shards"]["images_packed"],
                  result["shards"]["shards_written"], cfg.env.paths.shards)
     elif cfg.storage.name == "s3":
