@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fruits.core import backbone
+from fruits.core import backbone, tables
 from fruits.stages import featurize, weights
 from fruits.stages.sample import draw_fruit
 
@@ -97,7 +97,7 @@ def test_plan_keeps_unchanged_reads_new_or_touched_and_finds_deleted(spark):
 # --- the Spark job ---------------------------------------------------------------------------------
 
 def read_features(spark, cfg):
-    rows = spark.read.parquet(cfg.env.paths.features).orderBy("path").collect()
+    rows = tables.read(spark, cfg.env.paths.features, cfg).orderBy("path").collect()
     return {row["path"]: row for row in rows}
 
 
@@ -182,7 +182,7 @@ def test_bad_files_are_rejected_with_a_reason_and_nothing_is_lost(spark, tiny_cf
 
     metrics = featurize.run(tiny_cfg, spark)
     rows = read_features(spark, tiny_cfg)
-    rejects = {local_path(r["path"]).name: r["reject_reason"] for r in spark.read.parquet(tiny_cfg.env.paths.rejects).collect()}
+    rejects = {local_path(r["path"]).name: r["reject_reason"] for r in tables.read(spark, tiny_cfg.env.paths.rejects, tiny_cfg).collect()}
     assert metrics["images"] == 11 == metrics["featurized"] + metrics["rejected"]
     assert {local_path(p).name for p in rows} == {"é 1.jpg", "cmyk.jpg", "gray.jpg", "alpha.png", "palette.png", "UPPER.JPG"}
     assert rejects["empty.jpg"] == "empty file"

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fruits.core import backbone
+from fruits.core import backbone, tables
 from fruits.stages import featurize, ingest, weights
 from fruits.stages.sample import draw_fruit
 
@@ -35,9 +35,9 @@ def growing(tiny_cfg, tmp_path):
     return same_model(make_cfg(tmp_path / "incremental", f"data.root={images}"), tiny_cfg)
 
 
-def tables(spark, cfg):
-    features = {r["path"]: r for r in spark.read.parquet(cfg.env.paths.features).collect()}
-    rejects = {r["path"]: r["reject_reason"] for r in spark.read.parquet(cfg.env.paths.rejects).collect()}
+def read_tables(spark, cfg):
+    features = {r["path"]: r for r in tables.read(spark, cfg.env.paths.features, cfg).collect()}
+    rejects = {r["path"]: r["reject_reason"] for r in tables.read(spark, cfg.env.paths.rejects, cfg).collect()}
     return features, rejects
 
 
@@ -45,11 +45,11 @@ def full_run(spark, cfg, root: Path):
     """The same images featurized from scratch, outputs under a fresh root."""
     fresh = same_model(make_cfg(root, f"data.root={cfg.data.root}", f"model.engine={cfg.model.engine}"), cfg)
     assert featurize.run(fresh, spark)["run"]["reused"] == 0
-    return tables(spark, fresh)
+    return read_tables(spark, fresh)
 
 
 def assert_same_as_full_run(spark, cfg, root: Path) -> None:
-    features, rejects = tables(spark, cfg)
+    features, rejects = read_tables(spark, cfg)
     full_features, full_rejects = full_run(spark, cfg, root)
     assert set(features) == set(full_features) and rejects == full_rejects
     for path, row in features.items():
@@ -76,7 +76,7 @@ def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_pat
     assert grown["run"] == {"new": 11, "changed": 1, "deleted": 1, "reused": 30, "computed": 12, "rejected": 1,
                             "model_changed_or_first_run": False}
     assert grown["images"] == 42 == grown["featurized"] + grown["rejected"]
-    features, rejects = tables(spark, growing)
+    features, rejects = read_tables(spark, growing)
     assert f"file:{deleted}" not in features and rejects == {f"file:{broken}": "not an image (format not recognised)"}
     assert_same_as_full_run(spark, growing, tmp_path / "full-1")
 
@@ -123,7 +123,7 @@ def test_three_growth_steps_lose_nothing(spark, growing, tmp_path):
         assert metrics["run"]["deleted"] == (1 if step == 1 else 0), step  # the hidden reject is no deletion
         manifest = ingest.run(growing)
         assert metrics["images"] == metrics["featurized"] + metrics["rejected"] == manifest["images"], step
-        features, rejects = tables(spark, growing)
+        features, rejects = read_tables(spark, growing)
         per_split: dict = {}
         for row in features.values():
             per_split.setdefault(row["split"], {}).setdefault(row["label"], 0)
@@ -139,7 +139,7 @@ def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, gro
     """data.layout=parquet: ingest packs the images into shards; growth adds a shard, never rewrites one;
     featurize reads only new or changed content and gives the features of the loose-files layout."""
     loose = featurize.run(growing, spark)
-    loose_features, _ = tables(spark, growing)
+    loose_features, _ = read_tables(spark, growing)
     by_relative = {path.split("/images/", 1)[1]: row for path, row in loose_features.items()}
 
     sharded = same_model(make_cfg(tmp_path / "sharded", f"data.root={growing.data.root}", "data.layout=parquet",
@@ -148,7 +148,7 @@ def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, gro
     assert packed["images_packed"] == 32 and packed["shards"] == packed["shards_written"] > 1  # shard_mb=0: many
     first = featurize.run(sharded, spark)
     assert first["images"] == loose["images"] == first["featurized"] and first["layout"] == "parquet"
-    features, _ = tables(spark, sharded)
+    features, _ = read_tables(spark, sharded)
     assert set(features) == set(by_relative)
     for path, row in features.items():
         np.testing.assert_allclose(row["features"], by_relative[path]["features"], rtol=1e-6, atol=1e-6)
@@ -169,7 +169,49 @@ def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, gro
     fresh = same_model(make_cfg(tmp_path / "fresh", f"data.root={sharded.data.root}", "data.layout=parquet",
                                 f"env.paths.shards={sharded.env.paths.shards}"), growing)
     assert featurize.run(fresh, spark)["run"]["computed"] == 36
-    incremental, full = tables(spark, sharded)[0], tables(spark, fresh)[0]
+    incremental, full = read_tables(spark, sharded)[0], read_tables(spark, fresh)[0]
     assert set(incremental) == set(full)
     for path, row in incremental.items():
         np.testing.assert_allclose(row["features"], full[path]["features"], rtol=1e-6, atol=1e-6)
+
+
+def uncommitted_versions(cfg) -> list[str]:
+    table = Path(cfg.env.paths.features)
+    committed = tables.committed_version(str(table), cfg)
+    return [p.name for p in table.glob("v-*") if p.name != committed] if table.exists() else []
+
+
+def test_a_run_killed_while_it_writes_leaves_the_previous_tables_and_the_next_run_completes(spark, growing, tmp_path):
+    """SIGKILL of a real featurize process (driver and its JVM) while it writes its new version: readers
+    still see the previous complete tables; the next run cleans up and equals an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+
+    featurize.run(growing, spark)
+    before = read_tables(spark, growing)
+    for i in range(6):
+        (Path(growing.data.root) / "Training" / "Lemon" / f"added_{i}.jpg").write_bytes(jpeg("Lemon", 4000 + i))
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(growing, params)
+    run = subprocess.Popen([sys.executable, "-m", "fruits.stages.featurize", "--params", str(params)],
+                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not uncommitted_versions(growing) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)  # polled: killed once the new version is being written, whatever the machine's speed
+        assert run.poll() is None, f"featurize ended before it could be killed: {run.stderr.read().decode()[-2000:]}"
+        os.killpg(run.pid, signal.SIGKILL)
+    finally:
+        run.wait(timeout=60)
+    assert uncommitted_versions(growing), "the kill came after the commit: nothing was interrupted"
+
+    assert read_tables(spark, growing) == before  # the half-written version is not visible
+    resumed = featurize.run(growing, spark)
+    assert not uncommitted_versions(growing)
+    assert resumed["run"]["new"] == 6 and resumed["images"] == 38 == resumed["featurized"] + resumed["rejected"]
+    assert_same_as_full_run(spark, growing, tmp_path / "full")

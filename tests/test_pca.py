@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fruits.core import tables
 from fruits.core.projection import Projection, load_projection, save_projection
 from fruits.stages import pca
 
@@ -35,7 +36,7 @@ def write_features(spark, cfg, features: np.ndarray, train_rows: int) -> None:
         for i in range(len(features))
     ]
     df = spark.createDataFrame(rows, "path string, label string, split string, features array<float>")
-    df.write.mode("overwrite").parquet(cfg.env.paths.features)
+    tables.write(df, cfg.env.paths.features, cfg)
 
 
 def numpy_pca(train: np.ndarray, standardize: bool):
@@ -65,7 +66,7 @@ def test_spark_pca_matches_numpy_svd(spark, tmp_path, standardize, scale):
     assert metrics["explained_variance_at_k"] == pytest.approx(explained[:4].sum(), rel=1e-6)
     assert metrics["rows_fitted"] == 45 and metrics["rows_projected"] == 60 and metrics["k"] == 4
 
-    projected = spark.read.parquet(cfg.env.paths.pca_vectors).collect()
+    projected = tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()
     order = np.argsort([int(r["path"].rsplit("/", 1)[1][:-4]) for r in projected])
     actual = np.array([projected[i]["pca"] for i in order])
     inputs = (features - mean) / std if standardize else features  # Spark's PCA itself does not centre
@@ -93,7 +94,7 @@ def test_the_projection_artifact_gives_spark_mls_own_vectors(spark, tmp_path, st
     assert projection.k == expected_k and projection.dimension == 30
 
     # Spark ML's own transform, fitted independently with k components.
-    table = spark.read.parquet(cfg.env.paths.features).withColumn("v", array_to_vector(F.col("features")))
+    table = tables.read(spark, cfg.env.paths.features, cfg).withColumn("v", array_to_vector(F.col("features")))
     train, column = table.where(F.col("split") == "Training"), "v"
     if standardize:
         scaler = StandardScaler(inputCol="v", outputCol="s", withMean=True, withStd=True).fit(train)
@@ -104,7 +105,7 @@ def test_the_projection_artifact_gives_spark_mls_own_vectors(spark, tmp_path, st
     numpy_vectors = projection.project(np.array([r["features"] for r in rows]))
     np.testing.assert_allclose(numpy_vectors, spark_vectors, rtol=1e-6, atol=1e-6 * np.abs(spark_vectors).max())
     # And the pipeline's own vectors are those.
-    written = {r["path"]: r["pca"] for r in spark.read.parquet(cfg.env.paths.pca_vectors).collect()}
+    written = {r["path"]: r["pca"] for r in tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()}
     np.testing.assert_allclose(np.array([written[r["path"]] for r in rows]), numpy_vectors, rtol=1e-9, atol=1e-9)
     assert json.loads(Path(cfg.env.paths.pca_metrics).read_text())["k"] == expected_k
 

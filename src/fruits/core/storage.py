@@ -98,34 +98,3 @@ def write_json(path: str | Path, data: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2) + "\n")
     return path
-
-
-def replace_folder(staged: str, target: str, cfg: DictConfig) -> None:
-    """Swap a fully written folder into place: target is the old complete version or the new one, never a
-    mix. Locally two renames; on S3 (no rename) a copy, so recover_folder completes an interrupted swap."""
-    fs, target_path = filesystem(target, cfg)
-    _, staged_path = filesystem(staged, cfg)
-    previous = f"{target_path}.prev"
-    if fs.exists(target_path):
-        fs.mv(target_path, previous, recursive=True)
-    fs.mv(staged_path, target_path, recursive=True)
-    if fs.exists(previous):
-        fs.rm(previous, recursive=True)
-
-
-def recover_folder(target: str, cfg: DictConfig) -> bool:
-    """After a run killed during replace_folder: put the previous version back if the new one is not in
-    place yet, and drop half-written staging. True if anything was recovered."""
-    fs, target_path = filesystem(target, cfg)
-    previous, staged = f"{target_path}.prev", f"{target_path}.next"
-    recovered = False
-    if fs.exists(previous):
-        if not fs.exists(target_path):
-            fs.mv(previous, target_path, recursive=True)
-        else:
-            fs.rm(previous, recursive=True)
-        recovered = True
-    if fs.exists(staged):
-        fs.rm(staged, recursive=True)
-        recovered = True
-    return recovered

@@ -9,8 +9,8 @@ Incremental: every row carries the image's content checksum (sha256) and the mod
 lists the inputs without reading them (binaryFile metadata); an image whose size and modification
 time are those of its row is kept as it is; the others are read and checksummed, and only those whose
 content is new or changed go through the model. Rows of deleted images are dropped; a new model
-identity re-featurizes everything. The new tables are written aside and swapped into place, so a
-killed run never leaves a table that mixes old and half-written rows.
+identity re-featurizes everything. Both tables are rewritten as new versions of fruits.core.tables and
+committed together, so a killed run never leaves a table that mixes old and half-written rows.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from fruits.core import backbone
+from fruits.core import backbone, tables
 from fruits.core.config import stage_config
 from fruits.core.images import RejectedImage, parse_image_path, prepare
 from fruits.core.spark import PidCounts, get_session
-from fruits.core.storage import SHARD_GLOB, filesystem, iter_files, recover_folder, replace_folder, write_json
+from fruits.core.storage import SHARD_GLOB, iter_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -170,19 +170,22 @@ def read_contents(spark, cfg: DictConfig, paths: list[str] | None):
 
 def read_previous(spark, cfg: DictConfig, identity: str):
     """(features, rejects, their rows' path and identity) of the last run, if it used this model
-    identity; None otherwise (first run, another model, or tables written before rows had an identity)."""
+    identity; None otherwise (first run, another model, or tables written before rows had an identity).
+
+    Both tables must be the versions one run committed: a run killed between its two commits is
+    treated as no previous run (everything is recomputed; nothing wrong is reused)."""
     from pyspark.sql import functions as F
 
-    tables = []
+    versions = {tables.committed_version(path, cfg) for path in (cfg.env.paths.features, cfg.env.paths.rejects)}
+    if len(versions) != 1 or None in versions:
+        return None
+    previous = []
     for path, columns in ((cfg.env.paths.features, FEATURE_COLUMNS), (cfg.env.paths.rejects, REJECT_COLUMNS)):
-        fs, local = filesystem(path, cfg)
-        if not fs.exists(local):
-            return None
-        table = spark.read.parquet(path)
+        table = tables.read(spark, path, cfg)
         if not set(columns) <= set(table.columns):
             return None  # written before rows carried their identity: start afresh
-        tables.append(table)
-    features, rejects = tables
+        previous.append(table)
+    features, rejects = previous
     rows = features.select("path", *ROW_IDENTITY).unionByName(rejects.select("path", *ROW_IDENTITY))
     if rows.where(F.col("model") != identity).limit(1).count() or not rows.limit(1).count():
         return None
@@ -253,13 +256,15 @@ def split_results(results):
     return features, rejects
 
 
-def load(features, rejects, cfg: DictConfig) -> None:
-    """Both tables written aside, then swapped into place (a killed run leaves the previous ones)."""
+def load(features, rejects, cfg: DictConfig) -> str:
+    """Both tables written in full as one new version, then committed one after the other (readers see
+    the previous versions until then; a killed run leaves them). Returns the version."""
+    version = tables.new_version()
     for table, path in ((features, cfg.env.paths.features), (rejects, cfg.env.paths.rejects)):
-        staged = f"{path}.next"
-        table.write.mode("overwrite").parquet(staged)
+        tables.write_version(table, path, version)
     for path in (cfg.env.paths.features, cfg.env.paths.rejects):
-        replace_folder(f"{path}.next", path, cfg)
+        tables.commit(path, version, cfg)
+    return version
 
 
 def unreadable_by_spark(files) -> list[tuple[str, str]]:
@@ -352,8 +357,9 @@ def run(cfg: DictConfig, spark=None) -> dict:
     spark = spark or get_session(cfg)
     started = time.perf_counter()
     for table in (cfg.env.paths.features, cfg.env.paths.rejects):
-        if recover_folder(table, cfg):
-            log.warning("featurize: %s recovered from an interrupted run", table)
+        if removed := tables.clean(table, cfg):
+            log.warning("featurize: removed %s from %s (left by an interrupted run or an older layout)",
+                        ", ".join(removed), table)
     weights, identity = broadcast_weights(spark, cfg)
     builds = spark.sparkContext.accumulator({}, PidCounts())
     shards = cfg.data.layout == "parquet"
@@ -382,8 +388,8 @@ def run(cfg: DictConfig, spark=None) -> dict:
             "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
         load(features, rejects.unionByName(unreadable_rows), cfg)
         seconds = time.perf_counter() - started
-        featurized = spark.read.parquet(cfg.env.paths.features).count()
-        rejects_table = spark.read.parquet(cfg.env.paths.rejects)
+        featurized = tables.read(spark, cfg.env.paths.features, cfg).count()
+        rejects_table = tables.read(spark, cfg.env.paths.rejects, cfg)
         rejected = rejects_table.count()
         reasons = {row["reject_reason"]: row["count"] for row in rejects_table.groupBy("reject_reason").count().collect()}
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
+from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.projection import Projection, save_projection
 from fruits.core.spark import get_session
@@ -43,7 +44,7 @@ def choose_k(explained: np.ndarray, k: int | None, variance: float | None) -> tu
 
 def extract(spark, cfg: DictConfig):
     """The featurize output: path, label, split, features."""
-    return spark.read.parquet(cfg.env.paths.features)
+    return tables.read(spark, cfg.env.paths.features, cfg)
 
 
 def fit_full_spectrum(train, standardize: bool):
@@ -99,7 +100,7 @@ def variance_curve(explained: np.ndarray, rank: int) -> list[tuple[int, float, f
 
 def load(vectors, projection: Projection, curve, cfg: DictConfig) -> None:
     """The PCA vectors (Parquet), the projection artifact, the variance curve (a DVC plot)."""
-    vectors.write.mode("overwrite").parquet(cfg.env.paths.pca_vectors)
+    tables.write(vectors, cfg.env.paths.pca_vectors, cfg)
     save_projection(projection, cfg.env.paths.pca_projection)
     path = Path(cfg.env.paths.pca_variance)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,7 +139,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "components_for_95pct": int(np.searchsorted(cumulative, 0.95) + 1),
         "dimension": len(explained),
         "rows_fitted": rows_fitted,
-        "rows_projected": spark.read.parquet(cfg.env.paths.pca_vectors).count(),
+        "rows_projected": tables.read(spark, cfg.env.paths.pca_vectors, cfg).count(),
         "standardize": bool(cfg.pca.standardize),
         "seconds": round(time.perf_counter() - started, 3),
     }

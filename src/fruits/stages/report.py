@@ -19,6 +19,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.costs import alternatives, emr_estimate, s3_reads
 from fruits.core.pipeline import params_of
@@ -211,10 +212,10 @@ def extract(spark, cfg: DictConfig) -> dict:
     from pyspark.sql import functions as F
 
     paths = cfg.env.paths
-    features = spark.read.parquet(paths.features)
+    features = tables.read(spark, paths.features, cfg)
     counts = features.groupBy("split", "label").count().orderBy("label", "split").collect()
-    rejects = spark.read.parquet(cfg.env.paths.rejects).groupBy("reject_reason").count().collect()
-    vectors = spark.read.parquet(cfg.env.paths.pca_vectors)
+    rejects = tables.read(spark, paths.rejects, cfg).groupBy("reject_reason").count().collect()
+    vectors = tables.read(spark, paths.pca_vectors, cfg)
     total = vectors.count()
     fraction = min(1.0, cfg.report.scatter_points / max(1, total))
     sample = vectors.sample(fraction=fraction, seed=0).limit(cfg.report.scatter_points)

@@ -1,0 +1,106 @@
+"""Parquet tables that change atomically, on local disk and on S3 alike.
+
+A table is a folder: one version folder per run that wrote it (`v-<time>-<random>/`, written by Spark)
+and `_commit.json`, which names the current version. A run writes its whole version, then the commit
+file (a rename on local disk, a single PUT on S3: both atomic), then deletes the versions the commit
+file does not name. A reader goes through the commit file, so it sees the previous complete version or
+the new one, never a mix, whatever point a killed run reached; and nothing is ever copied (S3 has no
+rename). Spark skips names that start with '_', so the commit file never reads as data.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+
+from omegaconf import DictConfig
+
+from fruits.core.storage import filesystem, is_s3
+
+COMMIT_FILE = "_commit.json"
+
+
+class NoTable(FileNotFoundError):
+    """No committed version: the stage that writes the table has not completed yet."""
+
+
+def _commit_path(path: str) -> str:
+    return f"{path.rstrip('/')}/{COMMIT_FILE}"
+
+
+def committed_version(uri: str, cfg: DictConfig) -> str | None:
+    """The name of the table's current version folder, or None if no run has committed one."""
+    fs, path = filesystem(uri, cfg)
+    try:
+        commit = json.loads(fs.cat_file(_commit_path(path)))
+    except FileNotFoundError:
+        return None
+    return commit["version"]
+
+
+def exists(uri: str, cfg: DictConfig) -> bool:
+    return committed_version(uri, cfg) is not None
+
+
+def version_uri(uri: str, cfg: DictConfig) -> str:
+    """The folder Spark reads: the committed version of the table at uri."""
+    version = committed_version(uri, cfg)
+    if version is None:
+        raise NoTable(f"{uri} has no committed table ({COMMIT_FILE} is missing): run the stage that writes it "
+                      "first (dvc repro); a run that was killed before committing left only data that is ignored")
+    return f"{uri.rstrip('/')}/{version}"
+
+
+def read(spark, uri: str, cfg: DictConfig):
+    """The committed version of the table, as a Spark DataFrame."""
+    return spark.read.parquet(version_uri(uri, cfg))
+
+
+def new_version() -> str:
+    """A version name that sorts by time and never repeats (two runs in the same second differ)."""
+    return f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def write_version(frame, uri: str, version: str) -> None:
+    """Write frame as a version of the table, not yet visible to readers."""
+    frame.write.parquet(f"{uri.rstrip('/')}/{version}")
+
+
+def commit(uri: str, version: str, cfg: DictConfig) -> None:
+    """Make a fully written version the table's current one, then drop the others."""
+    fs, path = filesystem(uri, cfg)
+    record = json.dumps({"version": version, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if is_s3(uri):
+        fs.pipe_file(_commit_path(path), record.encode())  # one PUT: readers see the old or the new object
+    else:
+        staged = f"{path.rstrip('/')}/_commit.next"  # a rename within one folder is atomic
+        fs.pipe_file(staged, record.encode())
+        fs.mv(staged, _commit_path(path))
+    clean(uri, cfg)
+
+
+def write(frame, uri: str, cfg: DictConfig) -> str:
+    """Write frame as the table's new version and commit it. Returns the version name."""
+    version = new_version()
+    write_version(frame, uri, version)
+    commit(uri, version, cfg)
+    return version
+
+
+def clean(uri: str, cfg: DictConfig) -> list[str]:
+    """Delete everything in the table folder but the commit file and the committed version: versions a
+    killed run left half-written or a finished run superseded, and files of an older layout. Returns
+    the names deleted."""
+    fs, path = filesystem(uri, cfg)
+    fs.invalidate_cache(path)  # Spark writes beside this client: its cached listing may be stale
+    if not fs.exists(path):
+        return []
+    keep = {COMMIT_FILE, committed_version(uri, cfg)}
+    removed = []
+    for entry in fs.ls(path, detail=False):
+        name = entry.rstrip("/").rsplit("/", 1)[-1]
+        if name not in keep:
+            fs.rm(entry, recursive=True)
+            removed.append(name)
+    return sorted(removed)

@@ -1,0 +1,43 @@
+"""Tables committed atomically (fruits.core.tables): readers see one complete version, never a mix."""
+
+import os
+
+import pytest
+
+from fruits.core import tables
+from tests.conftest import make_cfg
+
+
+def rows(spark, uri, cfg):
+    return sorted(tuple(r) for r in tables.read(spark, uri, cfg).collect())
+
+
+def test_a_written_table_reads_back_and_its_folder_holds_only_the_committed_version(spark, tmp_path):
+    cfg, uri = make_cfg(tmp_path), str(tmp_path / "table")
+    first = tables.write(spark.createDataFrame([(1, "a"), (2, "b")], "n int, s string"), uri, cfg)
+    second = tables.write(spark.createDataFrame([(3, "c")], "n int, s string"), uri, cfg)
+
+    assert first != second
+    assert rows(spark, uri, cfg) == [(3, "c")]
+    assert sorted(os.listdir(uri)) == sorted([tables.COMMIT_FILE, second])
+
+
+def test_a_version_written_but_not_committed_is_invisible_then_cleaned(spark, tmp_path):
+    """What a run killed while writing leaves: readers keep the previous version; the next clean drops it."""
+    cfg, uri = make_cfg(tmp_path), str(tmp_path / "table")
+    tables.write(spark.createDataFrame([(1, "old")], "n int, s string"), uri, cfg)
+    half = tables.new_version()
+    tables.write_version(spark.createDataFrame([(2, "new")], "n int, s string"), uri, half)
+
+    assert rows(spark, uri, cfg) == [(1, "old")]
+    assert tables.clean(uri, cfg) == [half]
+    assert rows(spark, uri, cfg) == [(1, "old")]
+
+
+def test_reading_a_table_never_committed_names_it(spark, tmp_path):
+    cfg, uri = make_cfg(tmp_path), str(tmp_path / "features")
+    tables.write_version(spark.createDataFrame([(1,)], "n int"), uri, tables.new_version())
+
+    with pytest.raises(tables.NoTable, match="features has no committed table"):
+        tables.read(spark, uri, cfg)
+    assert not tables.exists(uri, cfg)
