@@ -207,6 +207,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"model.input_size={size} is not supported; use one of {INPUT_SIZES}")
     if cfg.featurize.batch_size < 1:
         raise ConfigError(f"featurize.batch_size={cfg.featurize.batch_size} must be at least 1")
+    if not cfg.featurize.progress_seconds > 0:
+        raise ConfigError(f"featurize.progress_seconds={cfg.featurize.progress_seconds} must be a positive number of seconds")
     k, variance = cfg.pca.k, cfg.pca.variance
     if variance is not None and not 0 < variance <= 1:
         raise ConfigError(f"pca.variance={variance} must be a share in (0, 1], e.g. 0.9")

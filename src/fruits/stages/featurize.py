@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 from fruits.core import backbone, tables
 from fruits.core.config import stage_config
 from fruits.core.images import RejectedImage, parse_image_path, prepare
-from fruits.core.spark import PidCounts, get_session
+from fruits.core.spark import PidCounts, Progress, get_session
 from fruits.core.storage import SHARD_GLOB, iter_files, write_json
 
 log = logging.getLogger(__name__)
@@ -286,6 +286,7 @@ class RunPlan(NamedTuple):
     deleted: int
     changed: int
     hashed: object  # checksums read to compare (persisted; None when none were read)
+    computing: int  # how many images go through the model
 
 
 def plan_run(spark, cfg: DictConfig, listing, previous, shards: bool) -> RunPlan:
@@ -296,22 +297,22 @@ def plan_run(spark, cfg: DictConfig, listing, previous, shards: bool) -> RunPlan
     nothing = listing.limit(0).select("path")
     if previous is None:  # first run or a new model: every image, read once
         everything = shard_contents(spark, cfg, listing) if shards else read_contents(spark, cfg, None)
-        return RunPlan(nothing, everything, 0, 0, None)
+        return RunPlan(nothing, everything, 0, 0, None, listing.count())
     if shards:  # the index knows every checksum: nothing is read to compare
         before = previous.select("path", "checksum")
         kept = listing.join(before, ["path", "checksum"], "left_semi").select("path")
         fresh = listing.join(before, ["path", "checksum"], "left_anti")
         return RunPlan(kept, shard_contents(spark, cfg, fresh), before.join(listing, "path", "left_anti").count(),
-                       fresh.join(before, "path", "left_semi").count(), None)
+                       fresh.join(before, "path", "left_semi").count(), None, fresh.count())
     kept, candidates, deleted = plan(listing, previous)
     # Only what changed by size or date is read and checksummed: for a growth run, a short list.
     hashed = (read_contents(spark, cfg, [row["path"] for row in candidates.select("path").collect()])
               .select("path", "checksum").join(candidates, "path").persist(StorageLevel.MEMORY_AND_DISK))
     touched = hashed.where(F.col("checksum") == F.col("previous_checksum")).select("path")  # same content
     fresh = hashed.where(F.col("previous_checksum").isNull() | (F.col("checksum") != F.col("previous_checksum")))
-    to_compute = read_contents(spark, cfg, [row["path"] for row in fresh.select("path").collect()])
-    return RunPlan(kept.unionByName(touched), to_compute, deleted.count(),
-                   fresh.where(F.col("previous_checksum").isNotNull()).count(), hashed)
+    fresh_paths = [row["path"] for row in fresh.select("path").collect()]
+    return RunPlan(kept.unionByName(touched), read_contents(spark, cfg, fresh_paths), deleted.count(),
+                   fresh.where(F.col("previous_checksum").isNotNull()).count(), hashed, len(fresh_paths))
 
 
 def check_accounting(inputs: int, featurized: int, rejected: int) -> None:
@@ -377,11 +378,12 @@ def run(cfg: DictConfig, spark=None) -> dict:
     computed = transform(work.to_compute, udf).persist(StorageLevel.MEMORY_AND_DISK)
     reused = work.reused.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        # Counted before the swap: the plan reads the previous tables, which the swap replaces.
+        # Counted before the commit: the plan reads the previous tables, which the commit replaces.
         reused_count = reused.count()
-        rejected_now = computed.where(F.col("reject_reason").isNotNull()).count() + len(unreadable)
-        computed_count = computed.count()
         partitions = work.to_compute.rdd.getNumPartitions()
+        with Progress(spark, "featurize", work.computing, partitions, cfg.featurize.progress_seconds):
+            rejected_now = computed.where(F.col("reject_reason").isNotNull()).count() + len(unreadable)
+        computed_count = computed.count()
         features, rejects = merge(previous and previous[:2], reused, computed, listing, identity)
         unreadable_rows = spark.createDataFrame(
             [(uri, reason, None, None, None, identity) for uri, reason in unreadable],
