@@ -1,21 +1,27 @@
-"""Featurize speed, side by side on the same images: `make bench`.
+"""Featurize speed against honest ceilings, one run, the same images: `make bench`.
 
-- ceiling per engine: one Python process, decode + the model (TensorFlow traced, or onnxruntime with
-  all cores) in fixed batches (no Spark);
-- keras-predict: the same with `model.predict` per batch (what most recipes do);
-- spark-featurize per engine (model.engine): the featurize job on the configured master (local[2]),
-  first run then warm, each from empty tables (featurize is incremental: a second run would reuse all);
-- spark-naive: the old recipe, the model rebuilt on every Arrow batch inside the UDF.
+Ceilings (no Spark), per engine, on all cores: the best of one process with N threads and N processes
+with one thread each, for
+- the model alone (images decoded beforehand, in memory);
+- decode + model from the JPEG bytes in memory (the composite end-to-end ceiling featurize can reach);
+and decode alone per core (Pillow: decode, resize, scale), the FLOP bound (the model's FLOPs per image
+against the float32 matrix-multiply throughput numpy reaches on all cores), the Keras `predict` loop.
 
-Writes reports/bench.json and reports/bench.md. A benchmark, not a test: nothing is asserted.
+Spark, per engine, in a fresh session each: featurize cold (first run: workers start, model built)
+and warm, each from empty tables (featurize is incremental: a second run would reuse everything); the
+peak RSS of each Python worker; and the naive recipe (the model rebuilt for every Arrow batch).
+
+Writes reports/bench.json, reports/bench.md and reports/bench.png. A benchmark: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import os
 import platform
+import resource
 import shutil
 import time
 from collections.abc import Iterator
@@ -29,41 +35,113 @@ from fruits.core.config import load_config
 from fruits.core.images import prepare
 from fruits.stages import featurize, sample, weights
 
+ENGINES = ("tensorflow", "onnxruntime")
+
 
 def timed(label: str, images: int, work) -> dict:
     started = time.perf_counter()
     work()
     seconds = time.perf_counter() - started
-    print(f"  {label:<28} {images / seconds:7.1f} img/s  ({seconds:.1f} s)", flush=True)
-    return {"engine": label, "images": images, "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 2)}
+    print(f"  {label:<44} {images / seconds:7.1f} img/s  ({seconds:.1f} s)", flush=True)
+    return {"run": label, "images": images, "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 2)}
 
 
-def single_process(files: list[Path], weights, cfg) -> list[dict]:
+def build(engine: str, cfg_values: dict, threads: int):
+    if engine == "onnxruntime":
+        return model.make_onnx_extractor(Path(cfg_values["onnx"]).read_bytes(), threads)
+    model.configure_tf_threads(threads)
+    arrays = model.load_weight_arrays(cfg_values["weights"], cfg_values["size"], cfg_values["alpha"])
+    return model.make_extractor(arrays, cfg_values["size"], cfg_values["alpha"])
+
+
+def ceiling_worker(engine, cfg_values, threads, files, decode_in_loop, barrier, results) -> None:
+    """One process of a ceiling run: build the engine, load (and for model-only, decode) its share
+    before the start line, then time its batches."""
+    size, batch = cfg_values["size"], cfg_values["batch"]
+    extract = build(engine, cfg_values, threads)
+    contents = [Path(f).read_bytes() for f in files]
+    arrays = None if decode_in_loop else np.stack([prepare(c, size) for c in contents])
+    extract(np.zeros((batch, size, size, 3), np.float32))  # warm-up: tracing, allocations
+    barrier.wait()
+    started = time.time()
+    for start in range(0, len(files), batch):
+        if decode_in_loop:
+            extract(np.stack([prepare(c, size) for c in contents[start : start + batch]]))
+        else:
+            extract(arrays[start : start + batch])
+    results.put((started, time.time(), len(files), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
+
+
+def ceiling(engine: str, cfg_values: dict, files: list[Path], processes: int, threads: int, decode: bool) -> dict:
+    """Images per second of `processes` processes x `threads` threads, timed from a common start."""
+    context = mp.get_context("spawn")
+    barrier, results = context.Barrier(processes), context.Queue()
+    shares = [[str(f) for f in files[i::processes]] for i in range(processes)]
+    workers = [context.Process(target=ceiling_worker, args=(engine, cfg_values, threads, share, decode, barrier, results))
+               for share in shares]
+    for worker in workers:
+        worker.start()
+    done = [results.get(timeout=900) for _ in workers]
+    for worker in workers:
+        worker.join()
+    seconds = max(end for _, end, _, _ in done) - min(start for start, _, _, _ in done)
+    images = sum(n for _, _, n, _ in done)
+    label = f"{'decode+model' if decode else 'model only'} {engine} ({processes} proc x {threads} thr)"
+    print(f"  {label:<44} {images / seconds:7.1f} img/s  ({seconds:.1f} s)", flush=True)
+    return {"run": label, "engine": engine, "decode": decode, "processes": processes, "threads": threads,
+            "images": images, "seconds": round(seconds, 3), "images_per_second": round(images / seconds, 2),
+            "peak_rss_mib": round(max(rss for *_, rss in done) / 1024)}
+
+
+def decode_per_core(files: list[Path], size: int) -> dict:
+    contents = [f.read_bytes() for f in files]
+    return timed("decode + resize (1 core)", len(contents), lambda: [prepare(c, size) for c in contents])
+
+
+def keras_predict_loop(files: list[Path], cfg) -> dict:
     size, batch = cfg.model.input_size, cfg.featurize.batch_size
-    extract = model.make_extractor(weights, size, cfg.model.alpha)
-    extract(np.zeros((batch, size, size, 3), np.float32))  # trace once, outside the timing
-
-    def ceiling():
-        for start in range(0, len(files), batch):
-            extract(np.stack([prepare(f.read_bytes(), size) for f in files[start : start + batch]]))
-
     keras_model = model.build_backbone(size, cfg.model.alpha)
-    keras_model.set_weights(weights)
+    keras_model.set_weights(model.load_weight_arrays(cfg.env.paths.weights, size, cfg.model.alpha))
     keras_model.predict(np.zeros((batch, size, size, 3), np.float32), verbose=0)
 
-    def predict_loop():
+    def loop():
         for start in range(0, len(files), batch):
             keras_model.predict(np.stack([prepare(f.read_bytes(), size) for f in files[start : start + batch]]), verbose=0)
 
-    onnx = model.make_onnx_extractor(Path(cfg.env.paths.onnx).read_bytes(), os.cpu_count())
+    return timed("keras predict loop (1 process)", len(files), loop)
 
-    def onnx_ceiling():
-        for start in range(0, len(files), batch):
-            onnx(np.stack([prepare(f.read_bytes(), size) for f in files[start : start + batch]]))
 
-    return [timed("ceiling (1 process, traced)", len(files), ceiling),
-            timed("ceiling onnxruntime (1 process)", len(files), onnx_ceiling),
-            timed("keras predict loop", len(files), predict_loop)]
+def model_flops(input_size: int, alpha: float) -> int:
+    """Floating-point operations of one image through the backbone: 2 x the multiply-adds of its
+    convolutions (batch norms folded, activations and pooling neglected)."""
+    keras = model.import_keras()
+    backbone = model.build_backbone(input_size, alpha)
+    total = 0
+    for layer in backbone.layers:
+        if isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D)):
+            height, width = layer.output.shape[1:3]
+            kernel_h, kernel_w = layer.kernel_size
+            channels_in = layer.input.shape[-1]
+            if isinstance(layer, keras.layers.DepthwiseConv2D):
+                macs = height * width * kernel_h * kernel_w * channels_in * layer.depth_multiplier
+            else:
+                macs = height * width * kernel_h * kernel_w * channels_in * layer.filters
+            total += 2 * macs
+    return int(total)
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """float32 GFLOP/s of numpy's matrix multiply on all cores: the practical arithmetic peak."""
+    a, b = np.random.default_rng(0).standard_normal((2, n, n), dtype=np.float32)
+    a @ b
+    best = min(timed_seconds(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def timed_seconds(work) -> float:
+    started = time.perf_counter()
+    work()
+    return time.perf_counter() - started
 
 
 def naive_udf(broadcast, cfg):
@@ -83,31 +161,113 @@ def naive_udf(broadcast, cfg):
     return rebuild_every_batch
 
 
-def spark_runs(files: list[Path], cfg) -> list[dict]:
+def worker_peak_rss_mib(pids) -> dict[str, int]:
+    """Peak resident memory (VmHWM) of each Spark Python worker still alive (workers are reused)."""
+    peaks = {}
+    for pid in pids:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            continue
+        line = next(line for line in status.splitlines() if line.startswith("VmHWM:"))
+        peaks[str(pid)] = round(int(line.split()[1]) / 1024)
+    return peaks
+
+
+def spark_runs(files: list[Path], cfg) -> tuple[list[dict], dict]:
     from fruits.core.spark import get_session
 
-    spark = get_session(cfg)
-
-    def from_scratch(engine_cfg):
-        for table in (engine_cfg.env.paths.features, engine_cfg.env.paths.rejects):
-            shutil.rmtree(table, ignore_errors=True)
-        featurize.run(engine_cfg, spark)
-
-    results = []
-    for engine in ("tensorflow", "onnxruntime"):
+    results, rss = [], {}
+    for engine in ENGINES:
+        spark = get_session(cfg)  # a fresh session per engine: new Python workers, their own memory
         engine_cfg = cfg.copy()
         engine_cfg.model.engine = engine
-        results += [timed(f"spark featurize {engine} (first)", len(files), lambda: from_scratch(engine_cfg)),
-                    timed(f"spark featurize {engine} (warm)", len(files), lambda: from_scratch(engine_cfg))]
-    cfg.model.engine = "tensorflow"
-    broadcast, _ = featurize.broadcast_weights(spark, cfg)
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.batch_size))
-    images = featurize.read_contents(spark, cfg, None)
-    udf = naive_udf(broadcast, cfg)
-    results.append(timed("spark naive (rebuild/batch)", len(files),
-                         lambda: images.select(udf("content")).write.mode("overwrite").format("noop").save()))
-    spark.stop()
-    return results
+        pids = set()
+
+        def from_scratch():
+            for table in (engine_cfg.env.paths.features, engine_cfg.env.paths.rejects):
+                shutil.rmtree(table, ignore_errors=True)
+            pids.update(featurize.run(engine_cfg, spark)["model_builds_per_worker"])
+
+        results += [timed(f"spark featurize {engine} (cold)", len(files), from_scratch),
+                    timed(f"spark featurize {engine} (warm)", len(files), from_scratch)]
+        rss[engine] = worker_peak_rss_mib(pids)
+        print(f"  peak RSS per Python worker, {engine}: {rss[engine]} MiB", flush=True)
+        if engine == "tensorflow":
+            tf_cfg = engine_cfg
+            broadcast, _ = featurize.broadcast_weights(spark, tf_cfg)
+            spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.batch_size))
+            images = featurize.read_contents(spark, tf_cfg, None)
+            udf = naive_udf(broadcast, tf_cfg)
+            results.append(timed("spark naive tensorflow (rebuild/batch)", len(files),
+                                 lambda: images.select(udf("content")).write.mode("overwrite").format("noop").save()))
+        spark.stop()
+    return results, rss
+
+
+def summarise(rows: list[dict], rss: dict, flops: int, peak_gflops: float, cores: int) -> dict:
+    rate = {row["run"]: row["images_per_second"] for row in rows}
+    per_engine = {}
+    for engine in ENGINES:
+        model_only = max(r["images_per_second"] for r in rows if r.get("engine") == engine and not r["decode"])
+        composite = max(r["images_per_second"] for r in rows if r.get("engine") == engine and r["decode"])
+        warm, cold = rate[f"spark featurize {engine} (warm)"], rate[f"spark featurize {engine} (cold)"]
+        per_engine[engine] = {
+            "model_ceiling": model_only, "composite_ceiling": composite, "featurize_warm": warm, "featurize_cold": cold,
+            "featurize_warm_vs_composite": round(warm / composite, 3), "cold_vs_warm": round(cold / warm, 3),
+            "peak_rss_per_worker_mib": max(rss[engine].values(), default=None),
+        }
+    decode = rate["decode + resize (1 core)"]
+    return {
+        "per_engine": per_engine,
+        "decode_per_core": decode,
+        "decode_all_cores_bound": round(decode * cores, 1),
+        "flops_per_image": flops,
+        "matmul_peak_gflops": round(peak_gflops, 1),
+        "flop_bound_images_per_second": round(peak_gflops * 1e9 / flops, 1),
+        "onnxruntime_vs_tensorflow_featurize": round(per_engine["onnxruntime"]["featurize_warm"] /
+                                                    per_engine["tensorflow"]["featurize_warm"], 2),
+        "featurize_vs_naive": round(per_engine["tensorflow"]["featurize_warm"] /
+                                    rate["spark naive tensorflow (rebuild/batch)"], 2),
+    }
+
+
+def plot(rows: list[dict], summary: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [row["run"] for row in rows]
+    values = [row["images_per_second"] for row in rows]
+    figure, axes = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.5))
+    colours = ["tab:orange" if "onnxruntime" in label else "tab:blue" if "tensorflow" in label else "tab:gray"
+               for label in labels]
+    axes.barh(labels, values, color=colours)
+    axes.axvline(summary["flop_bound_images_per_second"], color="black", linestyle="--", label="FLOP bound")
+    axes.axvline(summary["decode_all_cores_bound"], color="tab:green", linestyle=":", label="decode bound (all cores)")
+    axes.invert_yaxis()
+    axes.set_xlabel("images per second (higher is better)")
+    axes.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def markdown(rows: list[dict], summary: dict, header: str) -> str:
+    lines = [header, "", "| run | img/s | seconds |", "|---|---:|---:|"]
+    lines += [f"| {r['run']} | {r['images_per_second']} | {r['seconds']} |" for r in rows]
+    lines += ["", "| engine | model ceiling | composite ceiling | featurize warm | warm / composite | cold / warm | "
+              "peak RSS per worker (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for engine, e in summary["per_engine"].items():
+        lines.append(f"| {engine} | {e['model_ceiling']} | {e['composite_ceiling']} | {e['featurize_warm']} | "
+                     f"{e['featurize_warm_vs_composite']} | {e['cold_vs_warm']} | {e['peak_rss_per_worker_mib']} |")
+    lines += ["", f"Decode + resize: {summary['decode_per_core']} img/s per core. FLOP bound: "
+              f"{summary['flops_per_image'] / 1e9:.2f} GFLOP per image against {summary['matmul_peak_gflops']} GFLOP/s "
+              f"(numpy float32 matmul, all cores) = {summary['flop_bound_images_per_second']} img/s. onnxruntime / "
+              f"TensorFlow featurize (warm) = {summary['onnxruntime_vs_tensorflow_featurize']}; TensorFlow featurize / "
+              f"naive = {summary['featurize_vs_naive']}.", ""]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -124,32 +284,30 @@ def main() -> None:
         files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
     if not Path(cfg.env.paths.onnx).exists():
         weights.run(cfg)
-    arrays = model.load_weight_arrays(cfg.env.paths.weights, cfg.model.input_size, cfg.model.alpha)
-    print(f"{len(files)} images at {cfg.model.input_size} px, batch {cfg.featurize.batch_size}, "
-          f"master {cfg.env.spark.master}, {os.cpu_count()} cores")
-    rows = single_process(files, arrays, cfg) + spark_runs(files, cfg)
-    by_engine = {row["engine"]: row["images_per_second"] for row in rows}
-    ceiling = by_engine["ceiling (1 process, traced)"]
-    warm = by_engine["spark featurize tensorflow (warm)"]
-    onnx_warm = by_engine["spark featurize onnxruntime (warm)"]
-    naive = by_engine["spark naive (rebuild/batch)"]
-    summary = {
-        "images": len(files), "input_size": cfg.model.input_size, "master": cfg.env.spark.master,
-        "cpu_count": os.cpu_count(), "machine": platform.processor() or platform.machine(),
-        "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS"), "runs": rows,
-        "featurize_vs_ceiling": round(warm / ceiling, 3), "featurize_vs_naive": round(warm / naive, 2),
-        "onnxruntime_vs_tensorflow_featurize": round(onnx_warm / warm, 2),
-    }
+    cores = os.cpu_count()
+    header = (f"{len(files)} images at {cfg.model.input_size} px, batch {cfg.featurize.batch_size}, "
+              f"master {cfg.env.spark.master}, {cores} cores, {platform.processor() or platform.machine()}")
+    print(header, flush=True)
+    values = {"onnx": cfg.env.paths.onnx, "weights": cfg.env.paths.weights, "size": cfg.model.input_size,
+              "alpha": cfg.model.alpha, "batch": cfg.featurize.batch_size}
+    rows = [decode_per_core(files, cfg.model.input_size)]
+    for engine in ENGINES:
+        for decode in (False, True):
+            rows += [ceiling(engine, values, files, 1, cores, decode), ceiling(engine, values, files, cores, 1, decode)]
+    rows.append(keras_predict_loop(files, cfg))
+    spark_rows, rss = spark_runs(files, cfg)
+    rows += spark_rows
+    flops, peak = model_flops(cfg.model.input_size, cfg.model.alpha), matmul_peak_gflops()
+    summary = summarise(rows, rss, flops, peak, cores)
     out = Path("reports")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(summary, indent=2) + "\n")
-    lines = ["| engine | img/s | seconds |", "|---|---:|---:|"]
-    lines += [f"| {r['engine']} | {r['images_per_second']} | {r['seconds']} |" for r in rows]
-    lines += ["", f"TensorFlow featurize (warm) / TensorFlow ceiling = {summary['featurize_vs_ceiling']}; "
-              f"/ naive = {summary['featurize_vs_naive']}; onnxruntime featurize / TensorFlow featurize (warm) = "
-              f"{summary['onnxruntime_vs_tensorflow_featurize']}"]
-    (out / "bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    (out / "bench.json").write_text(json.dumps({"setup": header, "images": len(files), "input_size": cfg.model.input_size,
+                                                "cores": cores, "rows": rows, "worker_peak_rss_mib": rss,
+                                                **summary}, indent=2) + "\n")
+    text = markdown(rows, summary, header)
+    (out / "bench.md").write_text(text)
+    plot(rows, summary, out / "bench.png")
+    print(text)
 
 
 if __name__ == "__main__":
