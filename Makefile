@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-layout clean
+.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -110,6 +110,15 @@ bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe 
 
 bench-growth: $(STAMP) ## Growth: incremental vs full featurize; listing time and driver memory at 10k/100k files
 	$(PY) benchmarks/growth_bench.py
+
+bench-sizes: $(STAMP) ## Input size trade-off: img/s and 1-NN accuracy (Test vs Training, PCA space) at 96-224 px
+	$(PY) benchmarks/input_size_bench.py
+
+bench-scale: $(STAMP) ## How time and memory grow: stages on 1k/5k/20k images, fits, EMR and Serverless predictions
+	$(PY) benchmarks/scale_bench.py
+
+profile: $(STAMP) ## Where featurize spends its time: py-spy over the driver and Spark's Python workers (after make bench)
+	$(PY) benchmarks/profile_featurize.py
 
 bench-layout: $(STAMP) ## Loose files vs Parquet shards: featurize's input stage on 20,000 images, S3 request arithmetic
 	$(PY) benchmarks/layout_bench.py

@@ -15,45 +15,17 @@ import argparse
 import json
 import os
 import shutil
-import threading
 import time
 from pathlib import Path
-
-import psutil
 
 from fruits.core.config import load_config
 from fruits.core.spark import get_session
 from fruits.core.storage import iter_files
 from fruits.stages import featurize, sample, weights
 from fruits.stages.featurize import extract, unreadable_by_spark
+from measure import PeakRss
 
 ROOT = Path("bench/growth")
-
-
-class PeakRss:
-    """Peak resident memory of this process and of its children (the JVM), sampled every 50 ms."""
-
-    def __init__(self) -> None:
-        self.process, self.peak_python, self.peak_jvm, self._stop = psutil.Process(), 0, 0, threading.Event()
-
-    def sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak_python = max(self.peak_python, self.process.memory_info().rss)
-            jvm = sum(child.memory_info().rss for child in self.process.children(recursive=True)
-                      if "java" in child.name())
-            self.peak_jvm = max(self.peak_jvm, jvm)
-            time.sleep(0.05)
-
-    def __enter__(self):
-        self.peak_python = self.peak_jvm = 0
-        self._stop.clear()
-        self.thread = threading.Thread(target=self.sample, daemon=True)
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self.thread.join()
 
 
 def incremental(spark, base_overrides: list[str]) -> list[dict]:

@@ -18,7 +18,7 @@ def test_emr_estimate_from_a_measured_rate_and_list_prices():
     assert estimate["usd"] == pytest.approx(estimate["hours"] * 3 * 0.272)
     options = {o["option"].split(" (")[0]: o for o in costs.alternatives(80_000, 10.0, cluster)}
     assert set(options) == {"EMR on EC2", "EMR Serverless", "Databricks jobs compute", "one GPU node"}
-    assert options["EMR Serverless"]["usd"] == pytest.approx(80_000 / 10 / 3600 * (0.05624 + 4 * 0.00617))
+    assert options["EMR Serverless"]["usd"] == pytest.approx(80_000 / 10 / 3600 * (0.06318 + 4 * 0.00689))
 
 
 def test_an_unknown_instance_type_names_the_price_table():
@@ -65,6 +65,44 @@ def test_critique_follows_the_numbers():
     text = " ".join(report.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2))
     assert "0 image(s) through the model out of 90000 (90000 reused" in text
     assert "no throughput to extrapolate" in text and "At 10x" not in text and "10 file(s) were rejected" in text
+
+
+def test_a_line_fitted_through_stage_times_gives_fixed_and_per_image_cost():
+    fixed, per_image = costs.fit_line([1_000, 5_000, 20_000], [12.0 + 0.004 * n for n in (1_000, 5_000, 20_000)])
+    assert fixed == pytest.approx(12.0) and per_image == pytest.approx(0.004)
+
+
+def test_predictions_spread_the_per_image_cost_over_the_vcpus_and_keep_fixed_costs():
+    cluster = compose().cluster  # m5.xlarge core nodes: 4 vCPUs, 0.224 + 0.048 $/h; startup 0.2 h
+    fits = {"featurize": {"fixed_s": 10.0, "per_image_s": 0.01}, "pca": {"fixed_s": 20.0, "per_image_s": 0.0}}
+    emr = costs.predict_emr(fits, local_cores=2, images=1_000_000, core_nodes=2, cluster=cluster)
+    assert emr["vcpus"] == 8 and emr["stages_s"] == {"featurize": pytest.approx(10 + 0.01 * 1_000_000 * 2 / 8), "pca": 20.0}
+    assert emr["hours"] == pytest.approx((0.2 * 3600 + 2510 + 20) / 3600)
+    assert emr["usd"] == pytest.approx(emr["hours"] * 3 * 0.272)
+    bigger = costs.predict_emr(fits, local_cores=2, images=1_000_000, core_nodes=8, cluster=cluster)
+    assert bigger["hours"] < emr["hours"] and bigger["stages_s"]["featurize"] == pytest.approx(10 + 10_000 * 2 / 32)
+    serverless = costs.predict_serverless(fits, local_cores=2, images=1_000_000, vcpus=8, cluster=cluster)
+    assert serverless["hours"] == pytest.approx((2 * 60 + 2510 + 20) / 3600)
+    assert serverless["usd"] == pytest.approx(serverless["hours"] * (8 + 4) * (0.06318 + 4 * 0.00689))
+
+
+def test_critique_predicts_from_the_scale_fits_when_there_are_some():
+    cfg = compose()
+    scale = {"cores": 2, "fits": {"featurize": {"fixed_s": 15.0, "per_image_s": 0.008},
+                                  "pca": {"fixed_s": 20.0, "per_image_s": 0.0002},
+                                  "report": {"fixed_s": 12.0, "per_image_s": 0.00005}}}
+    featurize_m = {"images": 320, "featurized": 320, "rejected": 0, "reject_reasons": {}, "seconds": 12.0,
+                   "images_per_second": 30.0, "partitions": 2, "model_builds_per_worker": {"1": 1},
+                   "run": {"computed": 320, "reused": 0}}
+    pca_m = {"k": 20, "k_rule": "pca.k", "explained_variance_at_k": 0.9, "components_for_90pct": 20,
+             "components_for_95pct": 30, "dimension": 1280, "rows_fitted": 240, "seconds": 8.0}
+    text = " ".join(report.critique(featurize_m, pca_m, {"pretrained": True}, cfg.cluster, 2, scale, cfg.report))
+    assert "featurize costs 15 s fixed + 8.00 ms per image" in text and "At 10x" not in text
+    rows = report.scale_predictions(scale, cfg.cluster, cfg.report)
+    assert len(rows) == 2 * 3 * 2  # 2 image counts x 3 cluster sizes x (EMR, Serverless)
+    big = [r for r in rows if r["images"] == 10_000_000 and r["option"].startswith("EMR on EC2")]
+    fastest = min(big, key=lambda r: r["hours"])
+    assert fastest["vcpus"] == 32 and f"fastest on {fastest['option']} (about {fastest['hours']:.2f} h" in text
 
 
 def test_s3_read_arithmetic_for_both_layouts():

@@ -74,3 +74,43 @@ def s3_reads(images: int, mean_bytes: float, shard_mb: float, s3: DictConfig) ->
         rows.append({"images": images, "layout": layout, "list_requests": lists, "get_requests": gets,
                      "usd": usd, "latency_ms_per_image": s3.first_byte_ms * gets / images})
     return rows
+
+
+def fit_line(counts, seconds) -> tuple[float, float]:
+    """(fixed seconds, seconds per image): the least-squares line through measured (count, seconds)."""
+    import numpy as np
+
+    per_image, fixed = np.polyfit(np.asarray(counts, float), np.asarray(seconds, float), 1)
+    return float(fixed), float(per_image)
+
+
+def stage_seconds(fits: dict, images: int, local_cores: int, vcpus: int, speed: float) -> dict[str, float]:
+    """Seconds per stage for `images` on `vcpus` workers: each stage's measured fixed cost, plus its
+    per-image cost measured on local_cores cores, spread over the vCPUs (speed: one vCPU's speed
+    relative to one local core)."""
+    return {stage: fit["fixed_s"] + fit["per_image_s"] * images * local_cores / (vcpus * speed)
+            for stage, fit in fits.items()}
+
+
+def predict_emr(fits: dict, local_cores: int, images: int, core_nodes: int, cluster: DictConfig) -> dict:
+    """Wall time and cost of the Spark stages on EMR on EC2: 1 primary + core_nodes core nodes of the
+    configured types, cluster start and bootstrap included, from the measured fits."""
+    prices = cluster.prices
+    vcpus = core_nodes * prices.instances[cluster.core_instance_type].vcpu
+    stages = stage_seconds(fits, images, local_cores, vcpus, prices.vcpu_speed_vs_local_core)
+    hours = (prices.startup_hours * 3600 + sum(stages.values())) / 3600
+    hourly = node_price(prices, cluster.primary_instance_type) + core_nodes * node_price(prices, cluster.core_instance_type)
+    return {"option": f"EMR on EC2, 1 + {core_nodes} x {cluster.core_instance_type}", "images": images, "vcpus": vcpus,
+            "stages_s": stages, "hours": hours, "usd": hours * hourly}
+
+
+def predict_serverless(fits: dict, local_cores: int, images: int, vcpus: int, cluster: DictConfig) -> dict:
+    """The same work on EMR Serverless with `vcpus` worker vCPUs (4 vCPU / 16 GB workers) and a driver of
+    the same size, billed per vCPU-hour and GB-hour from start to end (start-up included)."""
+    prices, serverless = cluster.prices, cluster.prices.serverless
+    stages = stage_seconds(fits, images, local_cores, vcpus, prices.vcpu_speed_vs_local_core)
+    hours = (serverless.startup_minutes * 60 + sum(stages.values())) / 3600
+    billed_vcpus = vcpus + serverless.worker_vcpu  # the driver is billed too
+    usd = hours * billed_vcpus * (serverless.vcpu_hour + serverless.gb_per_vcpu * serverless.gb_hour)
+    return {"option": f"EMR Serverless, {vcpus} worker vCPUs", "images": images, "vcpus": vcpus, "stages_s": stages,
+            "hours": hours, "usd": usd}

@@ -108,7 +108,7 @@ PCA = Stage(
 )
 REPORT_INPUTS = ("env.paths.features", "env.paths.rejects", "env.paths.pca_vectors", "env.paths.provenance",
                  "env.paths.ingest_metrics", "env.paths.featurize_metrics", "env.paths.pca_metrics",
-                 "env.paths.pca_variance")
+                 "env.paths.pca_variance", "report.scale_fits")
 REPORT_OUTPUTS = ("env.paths.report_html", "env.paths.report_md", "env.paths.variance_plot",
                   "env.paths.scatter_plot")
 

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from fruits.core import tables
 from fruits.core.config import stage_config
-from fruits.core.costs import alternatives, emr_estimate, s3_reads
+from fruits.core.costs import alternatives, emr_estimate, predict_emr, predict_serverless, s3_reads
 from fruits.core.pipeline import params_of
 from fruits.core.spark import get_session
 
@@ -39,8 +39,21 @@ class Section:
 # --- pure computations ---------------------------------------------------------------------------------
 
 
-def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConfig, local_cores: int) -> list[str]:
-    """The critique paragraphs, each from measured numbers."""
+def scale_predictions(scale: dict, cluster: DictConfig, report_cfg: DictConfig) -> list[dict]:
+    """EMR on EC2 and EMR Serverless, for each configured image count and core-node count, from the
+    measured per-stage fits (featurize, pca, report; ingest lists S3 on EMR) and today's config prices."""
+    fits = {stage: scale["fits"][stage] for stage in ("featurize", "pca", "report")}
+    rows = []
+    for images in report_cfg.predict_images:
+        for nodes in report_cfg.predict_core_nodes:
+            emr = predict_emr(fits, scale["cores"], images, nodes, cluster)
+            rows += [emr, predict_serverless(fits, scale["cores"], images, emr["vcpus"], cluster)]
+    return rows
+
+
+def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConfig, local_cores: int,
+             scale: dict | None = None, report_cfg: DictConfig | None = None) -> list[str]:
+    """The critique paragraphs, each from measured numbers (scale: the fits of `make bench-scale`, if any)."""
     lines = []
     kept = pca_m["explained_variance_at_k"]
     lines.append(
@@ -75,14 +88,32 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
             "import, model build, about 10 s) dominate the rate above; `make bench` measures the warm rate on "
             "1,920 images."
         )
-    per_core = rate / max(1, local_cores)
-    for scale in (10, 100):
-        estimate = emr_estimate(featurize_m["images"] * scale, per_core, cluster)
+    if scale is None:
+        per_core = rate / max(1, local_cores)
+        for factor in (10, 100):
+            estimate = emr_estimate(featurize_m["images"] * factor, per_core, cluster)
+            lines.append(
+                f"At {factor}x the data ({estimate['images']} images) the EMR cluster ({estimate['cores']} worker vCPUs) "
+                f"would need about {estimate['hours']:.2f} h, ${estimate['usd']:.2f} at ${estimate['usd_per_hour']:.2f}/h "
+                "(a crude scaling of this run's rate: `make bench-scale` fits how each stage grows, and the report "
+                "then predicts from those fits)."
+            )
+    else:
+        featurize_fit = scale["fits"]["featurize"]
         lines.append(
-            f"At {scale}x the data ({estimate['images']} images) the EMR cluster ({estimate['cores']} worker vCPUs) "
-            f"would need about {estimate['hours']:.2f} h, ${estimate['usd']:.2f} at ${estimate['usd_per_hour']:.2f}/h "
-            "(measured per-core rate, list prices from conf/cluster)."
+            f"How time grows, measured (`make bench-scale`, {scale['cores']} cores): featurize costs "
+            f"{featurize_fit['fixed_s']:.0f} s fixed + {1000 * featurize_fit['per_image_s']:.2f} ms per image, pca "
+            f"{scale['fits']['pca']['fixed_s']:.0f} s + {1000 * scale['fits']['pca']['per_image_s']:.3f} ms, report "
+            f"{scale['fits']['report']['fixed_s']:.0f} s + {1000 * scale['fits']['report']['per_image_s']:.3f} ms. "
+            "The predictions below spread the per-image cost over the cluster's vCPUs and keep the fixed costs."
         )
+        predicted = scale_predictions(scale, cluster, report_cfg)
+        for images in report_cfg.predict_images:
+            emr = [r for r in predicted if r["images"] == images and r["option"].startswith("EMR on EC2")]
+            cheapest, fastest = min(emr, key=lambda r: r["usd"]), min(emr, key=lambda r: r["hours"])
+            lines.append(f"{images:,} images: cheapest on {cheapest['option']} (about {cheapest['hours']:.2f} h, "
+                         f"${cheapest['usd']:.2f}), fastest on {fastest['option']} (about {fastest['hours']:.2f} h, "
+                         f"${fastest['usd']:.2f}), cluster start included.")
     return lines + rejects_and_weights(featurize_m, provenance)
 
 
@@ -225,6 +256,7 @@ def extract(spark, cfg: DictConfig) -> dict:
         "pca": read_json(paths.pca_metrics),
         "provenance": read_json(paths.provenance),
         "manifest": read_json(paths.ingest_metrics),
+        "scale": json.loads(Path(cfg.report.scale_fits).read_text()) if Path(cfg.report.scale_fits).exists() else None,
         "counts": [(r["label"], r["split"], r["count"]) for r in counts],
         "rejects": [(r["reject_reason"], r["count"]) for r in rejects],
         "points": [(float(p[0]), float(p[1]), p[2]) for p in points],
@@ -277,15 +309,24 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
         ("p", f"First two components of {len(facts['points'])} images, coloured by label:"),
         ("img", scatter_png, "2-D projection coloured by label")]))
 
-    cluster = cfg.cluster
+    cluster, scale = cfg.cluster, facts["scale"]
     per_core = (featurize_m["images_per_second"] or 0) / max(1, facts["cores"])
     rows = []
-    for scale in (10, 100) if per_core else ():
-        for option in alternatives(featurize_m["images"] * scale, per_core, cluster):
-            rows.append([f"{scale}x", option["option"], f"{option['hours']:.2f}", f"${option['usd']:.2f}", option["note"]])
+    if scale is not None:
+        for option in scale_predictions(scale, cluster, cfg.report):
+            rows.append([f"{option['images']:,}", option["option"], f"{option['hours']:.2f}", f"${option['usd']:.2f}",
+                         "from the fits of make bench-scale; start-up included"])
+        per_core = 1 / (scale["fits"]["featurize"]["per_image_s"] * scale["cores"])  # marginal, measured at scale
+        counts = list(cfg.report.predict_images)
+    else:
+        counts = [featurize_m["images"] * factor for factor in (10, 100)] if per_core else []
+    for images in counts:
+        options = alternatives(images, per_core, cluster)
+        for option in options[2:] if scale is not None else options:  # with fits, the EMR rows are above
+            rows.append([f"{images:,}", option["option"], f"{option['hours']:.2f}", f"${option['usd']:.2f}", option["note"]])
     sections.append(Section("Critique", [("p", line) for line in critique(featurize_m, pca_m, provenance, cluster,
-                                                                          facts["cores"])]
-                            + [("table", ["data", "option", "hours", "cost", "note"], rows)]))
+                                                                          facts["cores"], scale, cfg.report)]
+                            + [("table", ["images", "option", "hours", "cost", "note"], rows)]))
 
     manifest, s3 = facts["manifest"], cfg.cluster.prices.s3
     mean_bytes = manifest["bytes"] / max(1, manifest["images"])

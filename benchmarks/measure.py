@@ -1,0 +1,38 @@
+"""What the benchmarks share: peak memory of the driver (Python and its JVM)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psutil
+
+
+class PeakRss:
+    """Peak resident memory of a process (this one by default: a driver) and of its JVM children,
+    sampled every 50 ms."""
+
+    def __init__(self, pid: int | None = None) -> None:
+        self.process, self.peak_python, self.peak_jvm, self._stop = psutil.Process(pid), 0, 0, threading.Event()
+
+    def sample(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_python = max(self.peak_python, self.process.memory_info().rss)
+                jvm = sum(child.memory_info().rss for child in self.process.children(recursive=True)
+                          if "java" in child.name())
+            except psutil.Error:  # the process or a child ended between two samples
+                jvm = 0
+            self.peak_jvm = max(self.peak_jvm, jvm)
+            time.sleep(0.05)
+
+    def __enter__(self):
+        self.peak_python = self.peak_jvm = 0
+        self._stop.clear()
+        self.thread = threading.Thread(target=self.sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join()
