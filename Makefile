@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports help install check-system params sample weights featurize pca report demo bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
+.PHONY: lint-imports help install check-system params sample weights featurize pca report demo identify serve bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -74,6 +74,16 @@ demo: $(STAMP) ## Build the sample and run the whole pipeline locally with DVC (
 	@echo "  metrics          metrics/*.json  (dvc metrics show), metrics/pca_variance.csv (dvc plots show)"
 	@echo "  report           reports/report.html (self-contained) and reports/report.md"
 	@$(PY) -c "import json; w = json.load(open('models/provenance.json')).get('warning'); print(f'  !! weights: {w}: ImageNet was not downloadable, see the report banner') if w else None"
+
+identify: $(STAMP) ## Which fruit is this? make identify IMG=photo.jpg (top labels, nearest images, the fruit's card)
+	@test -n "$(IMG)" || { echo "usage: make identify IMG=path/to/photo.jpg" >&2; exit 2; }
+	$(PY) -m fruits.app.identify "$(IMG)" $(ARGS)
+
+serve: $(STAMP) ## The identify service on identify.host:port (uvicorn): POST /identify, GET / (web page), GET /health
+	$(PY) -m fruits.app.service $(ARGS)
+
+bench-serve: $(STAMP) ## The service under load on loopback: requests/s, p50/p99 latency with 1 and 8 clients
+	$(PY) benchmarks/serve_bench.py
 
 bucket: $(STAMP) ## Create/check the S3 bucket (eu-west-3, private, encrypted, TLS-only, versioned) + DVC remote
 	$(PY) -m fruits.cloud.bucket --params emr/params.yaml $(ARGS)

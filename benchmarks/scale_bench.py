@@ -1,11 +1,11 @@
 """How time and memory grow with the data: `make bench-scale`.
 
-1. ingest, featurize (from empty tables), pca and report, each as its own process (as DVC runs them),
+1. ingest, featurize (from empty tables), pca, index and report, each as its own process (as DVC runs them),
    on 1k, 5k and 20k generated images: wall time, and peak RSS of the stage's Python driver and of its
    JVM, sampled every 50 ms.
 2. A least-squares line per stage: fixed seconds + seconds per image.
 3. PCA fit + transform of 100k x 1280 synthetic feature vectors, timed, with the driver's memory.
-4. From the fits: wall time and cost of featurize + pca + report for the full Fruits-360 (2025: 102,639
+4. From the fits: wall time and cost of featurize + pca + index + report for the full Fruits-360 (2025: 102,639
    images) and for 10M images on EMR (1 primary + 2, 4, 8 m5.xlarge core nodes; cluster start and
    bootstrap included) and on EMR Serverless with as many vCPUs. Prices and assumptions from conf/cluster.
 
@@ -35,8 +35,8 @@ from fruits.stages import sample, weights
 from measure import PeakRss
 
 ROOT = Path("bench/scale")
-STAGES = ("ingest", "featurize", "pca", "report")
-PREDICTED_STAGES = ("featurize", "pca", "report")  # on EMR, ingest lists S3 (its upload is a one-off transfer)
+STAGES = ("ingest", "featurize", "pca", "index", "report")
+PREDICTED_STAGES = ("featurize", "pca", "index", "report")  # on EMR, ingest lists S3 (its upload is a one-off transfer)
 FRUITS_360 = 102_639  # images in the 2025 version (155 classes)
 CORE_NODES = (2, 4, 8)
 LABELS = 10

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# What pip cannot install: a Java runtime for Spark, native BLAS/LAPACK for Spark ML, shellcheck.
+# What pip cannot install: a Java runtime for Spark, native BLAS/LAPACK for Spark ML, shellcheck,
+# and Chromium with its driver (the identify service's browser test).
 # Without native LAPACK, Spark falls back to a Java port that returned wrong PCA variances on
 # tiny-magnitude features (0.27 instead of 0.99). Installs them with apt when run as root.
 set -euo pipefail
@@ -13,6 +14,9 @@ if ! ldconfig -p 2>/dev/null | grep -q 'liblapack.so.3'; then
 fi
 if ! command -v shellcheck >/dev/null 2>&1; then
   need+=(shellcheck)  # the tests lint bootstrap/*.sh
+fi
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  need+=(chromium chromium-driver)  # the browser test of `make serve` (headless, driven by selenium)
 fi
 if [ ${#need[@]} -eq 0 ]; then
   exit 0

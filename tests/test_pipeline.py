@@ -61,13 +61,13 @@ def test_every_listed_param_and_path_exists(path):
                 assert (PROJECT_ROOT / dep).exists(), f"stage {name} depends on missing {dep}"
 
 
-def test_pca_parameters_reach_only_pca_and_report():
+def test_pca_parameters_reach_only_pca_then_index_and_report():
     readers = {name for name, stage in dvc_stages().items()
                if any(pipeline.covers(p, "pca.k") for p in stage["params"])}
     assert readers == {"pca", "report"}
     downstream = {name for name, stage in dvc_stages().items() if any("pca" in dep for dep in stage["deps"]
                                                                        if not dep.startswith("src/"))}
-    assert downstream == {"report"}
+    assert downstream == {"index", "report"}  # `dvc exp run -S pca.k=...` re-measures the app's accuracy
 
 
 @contextmanager
@@ -94,12 +94,12 @@ def recorded_reads():
 def test_a_real_run_reads_only_listed_params_and_writes_exactly_its_registered_outputs(spark, tmp_path):
     """The whole tiny pipeline, stage by stage, in registry order: each stage's reads are covered by
     its params; what it writes is what the registry says (nothing else appears under the root)."""
-    from fruits.stages import featurize, ingest, pca, report, sample, weights
+    from fruits.stages import featurize, index, ingest, pca, report, sample, weights
 
     cfg = make_cfg(tmp_path)
     runs = {"sample": sample.run, "ingest": ingest.run, "weights": weights.run,
             "featurize": lambda c: featurize.run(c, spark), "pca": lambda c: pca.run(c, spark),
-            "report": lambda c: report.run(c, spark)}
+            "index": lambda c: index.run(c, spark), "report": lambda c: report.run(c, spark)}
     assert list(runs) == list(pipeline.STAGES)
     before: set[Path] = set()
     for name, run_stage in runs.items():
@@ -163,11 +163,11 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     assert "Data and pipelines are up to date" in again and "Running stage" not in again
 
     experiment = run(["dvc", "exp", "run", "-S", "pca.k=5"], clone, env)
-    assert re.findall(r"Running stage '(\w+)'", experiment) == ["pca", "report"]
+    assert re.findall(r"Running stage '(\w+)'", experiment) == ["pca", "index", "report"]
     assert json.loads((clone / "metrics/pca.json").read_text())["k"] == 5
 
     target = run(["dvc", "exp", "run", "-S", "pca.variance=0.8"], clone, env)
-    assert re.findall(r"Running stage '(\w+)'", target) == ["pca", "report"]
+    assert re.findall(r"Running stage '(\w+)'", target) == ["pca", "index", "report"]
     chosen = json.loads((clone / "metrics/pca.json").read_text())
     assert chosen["explained_variance_at_k"] >= 0.8 and chosen["k_rule"].startswith("smallest k")
 
@@ -175,20 +175,22 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     run(["dvc", "exp", "run", "--run-all"], clone, env)
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=clone, env=env,
                                       capture_output=True, text=True, check=True).stdout)
-    ks = set()
+    ks, accuracies = set(), {}
     for commit in shown:
         for exp in commit.get("experiments") or []:
             for revision in exp.get("revs", []):
                 metrics = (revision.get("data") or {}).get("metrics", {})
-                for source in metrics.values():
-                    if "k" in source.get("data", {}):
-                        ks.add(source["data"]["k"])
+                found = {key: value for source in metrics.values() for key, value in source.get("data", {}).items()}
+                if "k" in found:
+                    ks.add(found["k"])
+                    accuracies[found["k"]] = found.get("knn_accuracy")  # what each experiment keeps for the app
     assert {3, 4, 5} <= ks, ks
+    assert all(isinstance(accuracies[k], float) for k in (3, 4, 5)), accuracies
 
     # Growth: one more Test image per label. Only the new images go through the model (Training is
     # unchanged, so even the seeded offline weights stay the same), and then nothing is left to run.
     grown = run(["dvc", "exp", "run", "-S", "data.test_per_label=4"], clone, env)
-    assert {"sample", "ingest", "featurize", "pca", "report"} <= set(re.findall(r"Running stage '(\w+)'", grown))
+    assert {"sample", "ingest", "featurize", "pca", "index", "report"} <= set(re.findall(r"Running stage '(\w+)'", grown))
     featurized = json.loads((clone / "metrics/featurize.json").read_text())
     assert featurized["images"] == featurized["featurized"] == 36
     assert (featurized["run"]["new"], featurized["run"]["reused"], featurized["run"]["computed"]) == (3, 33, 3)

@@ -5,7 +5,7 @@ import re
 import pytest
 
 from fruits.core import costs
-from fruits.stages import featurize, ingest, pca, report
+from fruits.stages import featurize, index, ingest, pca, report
 from fruits.core.config import compose
 
 
@@ -31,6 +31,7 @@ def test_report_from_a_real_run(spark, tiny_cfg):
     ingest.run(tiny_cfg)
     featurize.run(tiny_cfg, spark)
     pca_metrics = pca.run(tiny_cfg, spark)
+    index_metrics = index.run(tiny_cfg, spark)
     html_path, md_path = report.run(tiny_cfg, spark)
     markdown, html = md_path.read_text(), html_path.read_text()
     for label in ("Apple Red", "Banana", "Kiwi", "Lemon"):
@@ -38,6 +39,8 @@ def test_report_from_a_real_run(spark, tiny_cfg):
     assert "RANDOM WEIGHTS - NOT PRETRAINED" in markdown and 'class="banner"' in html
     assert f"k = {pca_metrics['k']} (pca.k) keeps {pca_metrics['explained_variance_at_k']:.1%}" in markdown
     assert "No file was rejected." in markdown
+    assert "## The app: which fruit is this?" in markdown
+    assert f"On the {index_metrics['test_rows']} Test images, that answer is right for {index_metrics['knn_accuracy']:.1%}" in markdown
     assert "fewer than the 1280 dimensions" in markdown  # 24 Training rows: the critique says so
     assert len(re.findall(r'src="data:image/png;base64,', html)) == 2  # self-contained
     assert (md_path.parent / "pca_variance.png").stat().st_size > 1000

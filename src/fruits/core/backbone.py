@@ -161,3 +161,17 @@ def model_identity(weights_file: str | Path, input_size: int, alpha: float, engi
     weights' checksum, input size, width, engine. Rows made by another identity are recomputed. (Not the
     ONNX file's checksum: tf2onnx's bytes differ between two exports of the same weights.)"""
     return f"mobilenetv2/{sha256_file(weights_file)}/{input_size}/{alpha}/{engine}"
+
+
+def verified_onnx(onnx: str | Path, weights: str | Path, provenance_file: str | Path) -> Path:
+    """The ONNX graph, checked to be the weights stage's export of exactly these weights (its provenance
+    records both checksums), so that what it computes is labelled with the right weights."""
+    import json
+
+    onnx, provenance_file = Path(onnx), Path(provenance_file)
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
+    if not onnx.exists() or provenance.get("sha256") != sha256_file(weights) or \
+            provenance.get("onnx_sha256") != sha256_file(onnx):
+        raise FileNotFoundError(f"{onnx} is missing or not the export of {weights} (per {provenance_file}): "
+                                "re-run the weights stage (python -m fruits.stages.weights), or use model.engine=tensorflow")
+    return onnx

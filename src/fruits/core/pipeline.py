@@ -106,9 +106,21 @@ PCA = Stage(
         "x": "component", "y": ["explained_variance", "cumulative_explained_variance"],
         "title": "PCA explained variance (scree and cumulative)"}},
 )
+INDEX = Stage(
+    "index",
+    params=("identify.neighbours", "identify.curve_components", "env.spark", "env.paths.pca_vectors",
+            "env.paths.knn_index", "env.paths.index_metrics", "env.paths.knn_curve"),
+    inputs=("env.paths.pca_vectors",),
+    outputs=("env.paths.knn_index",),
+    metrics=("env.paths.index_metrics",),
+    plots=("env.paths.knn_curve",),
+    on_cluster=True,
+    plot_specs={"env.paths.knn_curve": {
+        "x": "components", "y": "knn_accuracy", "title": "The app's accuracy on Test images against PCA components"}},
+)
 REPORT_INPUTS = ("env.paths.features", "env.paths.rejects", "env.paths.pca_vectors", "env.paths.provenance",
                  "env.paths.ingest_metrics", "env.paths.featurize_metrics", "env.paths.pca_metrics",
-                 "env.paths.pca_variance", "report.scale_fits")
+                 "env.paths.pca_variance", "env.paths.index_metrics", "env.paths.knn_curve", "report.scale_fits")
 REPORT_OUTPUTS = ("env.paths.report_html", "env.paths.report_md", "env.paths.variance_plot",
                   "env.paths.scatter_plot")
 
@@ -127,13 +139,13 @@ def merged_params(stages) -> tuple[str, ...]:
 # The report shows the parameters every stage ran with, so it reads them all.
 REPORT = Stage(
     "report",
-    params=merged_params([SAMPLE, INGEST, WEIGHTS, FEATURIZE, PCA, Stage("report", (
+    params=merged_params([SAMPLE, INGEST, WEIGHTS, FEATURIZE, PCA, INDEX, Stage("report", (
         "report", "cluster", "env.name", "data.name", "env.spark", *REPORT_INPUTS, *REPORT_OUTPUTS))]),
     inputs=REPORT_INPUTS,
     small_outputs=REPORT_OUTPUTS,
     on_cluster=True,
 )
-STAGES = {stage.name: stage for stage in (SAMPLE, INGEST, WEIGHTS, FEATURIZE, PCA, REPORT)}
+STAGES = {stage.name: stage for stage in (SAMPLE, INGEST, WEIGHTS, FEATURIZE, PCA, INDEX, REPORT)}
 
 
 def stage(name: str) -> Stage:

@@ -334,21 +334,10 @@ def broadcast_weights(spark, cfg: DictConfig):
         raise FileNotFoundError(f"{path} not found: run the weights stage first (python -m fruits.stages.weights)")
     identity = backbone.model_identity(path, cfg.model.input_size, cfg.model.alpha, engine)
     if engine == "onnxruntime":
-        return spark.sparkContext.broadcast(exported_graph(cfg, path).read_bytes()), identity
+        onnx = backbone.verified_onnx(cfg.env.paths.onnx, path, cfg.env.paths.provenance)
+        return spark.sparkContext.broadcast(onnx.read_bytes()), identity
     arrays = backbone.load_weight_arrays(path, cfg.model.input_size, cfg.model.alpha)
     return spark.sparkContext.broadcast(arrays), identity
-
-
-def exported_graph(cfg: DictConfig, weights: Path) -> Path:
-    """The ONNX graph, checked to be the weights stage's export of exactly these weights (its provenance
-    records both checksums), so that rows labelled with these weights were made by them."""
-    onnx, provenance_file = Path(cfg.env.paths.onnx), Path(cfg.env.paths.provenance)
-    provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
-    if not onnx.exists() or provenance.get("sha256") != backbone.sha256_file(weights) or \
-            provenance.get("onnx_sha256") != backbone.sha256_file(onnx):
-        raise FileNotFoundError(f"{onnx} is missing or not the export of {weights} (per {provenance_file}): "
-                                "re-run the weights stage (python -m fruits.stages.weights), or use model.engine=tensorflow")
-    return onnx
 
 
 def run(cfg: DictConfig, spark=None) -> dict:

@@ -41,8 +41,8 @@ class Section:
 
 def scale_predictions(scale: dict, cluster: DictConfig, report_cfg: DictConfig) -> list[dict]:
     """EMR on EC2 and EMR Serverless, for each configured image count and core-node count, from the
-    measured per-stage fits (featurize, pca, report; ingest lists S3 on EMR) and today's config prices."""
-    fits = {stage: scale["fits"][stage] for stage in ("featurize", "pca", "report")}
+    measured per-stage fits (featurize, pca, index, report; ingest lists S3 on EMR) and today's config prices."""
+    fits = {stage: scale["fits"][stage] for stage in ("featurize", "pca", "index", "report") if stage in scale["fits"]}
     rows = []
     for images in report_cfg.predict_images:
         for nodes in report_cfg.predict_core_nodes:
@@ -254,6 +254,7 @@ def extract(spark, cfg: DictConfig) -> dict:
     return {
         "featurize": read_json(paths.featurize_metrics),
         "pca": read_json(paths.pca_metrics),
+        "index": read_json(paths.index_metrics),
         "provenance": read_json(paths.provenance),
         "manifest": read_json(paths.ingest_metrics),
         "scale": json.loads(Path(cfg.report.scale_fits).read_text()) if Path(cfg.report.scale_fits).exists() else None,
@@ -308,6 +309,17 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
         ("img", variance_png, "explained variance per component and cumulative"),
         ("p", f"First two components of {len(facts['points'])} images, coloured by label:"),
         ("img", scatter_png, "2-D projection coloured by label")]))
+
+    index_m = facts["index"]
+    by_components = index_m["knn_accuracy_by_components"]
+    sections.append(Section("The app: which fruit is this?", [
+        ("p", f"A photo is answered by the vote of its {index_m['neighbours']} nearest Training images in PCA space "
+              f"({index_m['training_vectors']} vectors, {index_m['labels']} labels), weighted by 1 / distance. On the "
+              f"{index_m['test_rows']} Test images, that answer is right for "
+              + (f"{index_m['knn_accuracy']:.1%}" if index_m["knn_accuracy"] is not None else "- (no Test image)")
+              + f" at k = {index_m['components']} components. With fewer components (the first j of the same PCA):"),
+        ("table", ["components", "right answers on Test"],
+         [[j, "-" if share is None else f"{share:.1%}"] for j, share in by_components.items()])]))
 
     cluster, scale = cfg.cluster, facts["scale"]
     per_core = (featurize_m["images_per_second"] or 0) / max(1, facts["cores"])

@@ -1,0 +1,140 @@
+"""The identify service: `make serve` (uvicorn, N worker processes; each loads the model, projection
+and index once, at start-up).
+
+- `POST /identify` (multipart field `photo`): the answer as JSON (schema `Answer`, in /openapi.json);
+- `GET /`: a one-page web UI to pick or drop a photo and see the top answers with the fruit's card;
+- `GET /health`: ready, with the model identity and the index size.
+
+Bad uploads get a 4xx whose `detail` says why, and the service keeps serving: wrong content type (415),
+empty (400), larger than identify.max_upload_mb (413), not an image, truncated or a decompression bomb
+(422). CORS allows the mobile app's origins (identify.cors_origins).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse
+from omegaconf import DictConfig
+from pydantic import BaseModel
+
+from fruits.app.identify import BadPhoto, Identifier
+from fruits.core.config import load_config
+
+ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+SETTINGS_VARIABLE = "FRUITS_SERVICE_SETTINGS"  # how `make serve` hands --params and overrides to each worker
+
+
+class Name(BaseModel):
+    en: str
+    fr: str
+
+
+class Card(BaseModel):
+    key: str | None  # the card's label (None: no card for this fruit yet)
+    name: Name
+    family: str | None
+    season: str | None
+    text: str
+
+
+class Guess(BaseModel):
+    label: str
+    score: float  # share of the neighbours' vote, 0-1
+    card_key: str | None
+
+
+class Neighbour(BaseModel):
+    label: str
+    distance: float
+    path: str
+
+
+class Answer(BaseModel):
+    label: str
+    confidence: float  # the first label's share of the vote, 0-1
+    top: list[Guess]
+    neighbours: list[Neighbour]
+    card: Card
+    model: str
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    index_vectors: int
+    labels: int
+
+
+def create_app(cfg: DictConfig | None = None) -> FastAPI:
+    """The ASGI app; cfg None: from the settings `python -m fruits.app.service` put in the environment."""
+    if cfg is None:
+        settings = json.loads(os.environ.get(SETTINGS_VARIABLE, "{}"))
+        cfg = load_config(settings.get("overrides", []), settings.get("params"))
+    limit = int(cfg.identify.max_upload_mb * 2**20)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.identifier = Identifier(cfg)  # once per server process
+        yield
+
+    app = FastAPI(title="Fruits! identify", version="1", lifespan=lifespan,
+                  description="Which fruit is this? Nearest neighbours of the photo in the pipeline's PCA space.")
+    app.add_middleware(CORSMiddleware, allow_origins=list(cfg.identify.cors_origins), allow_methods=["GET", "POST"],
+                       allow_headers=["*"])
+
+    @app.get("/health", response_model=Health)
+    def health(request: Request) -> Health:
+        identifier: Identifier = request.app.state.identifier
+        return Health(status="ok", model=identifier.model, index_vectors=len(identifier.index.vectors),
+                      labels=len(set(identifier.index.labels.tolist())))
+
+    @app.post("/identify", response_model=Answer, responses={
+        400: {"description": "empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
+        415: {"description": "not an image content type"}, 422: {"description": "not a readable image"}})
+    async def identify(request: Request, photo: UploadFile = File(..., description="a photo of one fruit")) -> Answer:
+        content_type = (photo.content_type or "").split(";")[0].strip().lower()
+        if content_type not in ACCEPTED_TYPES:
+            raise HTTPException(415, f"content type {content_type or 'missing'} is not an image type; send one of "
+                                     f"{', '.join(ACCEPTED_TYPES)}")
+        content = await photo.read(limit + 1)
+        if not content:
+            raise HTTPException(400, "the photo is empty (0 bytes)")
+        if len(content) > limit:
+            raise HTTPException(413, f"the photo is larger than {cfg.identify.max_upload_mb} MB")
+        try:
+            return Answer(**await run_in_threadpool(request.app.state.identifier.identify, content))
+        except BadPhoto as err:
+            raise HTTPException(422, f"cannot read the photo: {err}") from err
+
+    page = resources.files("fruits.app").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home() -> str:
+        return page
+
+    return app
+
+
+def main(argv: list[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description="Serve identify over HTTP (uvicorn).")
+    parser.add_argument("--params", default=None, help="composed config (default: params.yaml)")
+    parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. identify.port=9000")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.overrides, args.params)  # validated here, before any worker starts
+    os.environ[SETTINGS_VARIABLE] = json.dumps({"params": args.params, "overrides": args.overrides})
+    uvicorn.run("fruits.app.service:create_app", factory=True, host=cfg.identify.host, port=cfg.identify.port,
+                workers=cfg.identify.workers, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

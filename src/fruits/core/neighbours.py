@@ -1,0 +1,128 @@
+"""Nearest neighbours in PCA space, engine-free: the Training vectors with their labels and paths, an
+exact search (numpy) or an approximate one (faiss HNSW) behind one interface, and the weighted vote
+that turns neighbours into an answer. Used by the index stage (Spark) and by the app (no Spark).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+EXACT_UP_TO = 1_000_000  # vectors: above this, `kind: auto` builds the approximate index
+VOTE_EPSILON = 1e-9  # keeps an exact match (distance 0) finite
+
+
+@dataclass(frozen=True)
+class Neighbours:
+    distances: np.ndarray  # (queries, n) Euclidean, nearest first
+    indices: np.ndarray  # (queries, n) rows of the index
+
+
+class ExactIndex:
+    """Brute force in float32 numpy: exact, memory = the vectors, fast to ~1M vectors of k <= 100."""
+
+    kind = "exact"
+
+    def __init__(self, vectors: np.ndarray):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.norms = (self.vectors.astype(np.float64) ** 2).sum(1)
+
+    def search(self, queries: np.ndarray, n: int, block: int = 1024) -> Neighbours:
+        queries = np.atleast_2d(np.asarray(queries, np.float32))
+        n = min(n, len(self.vectors))
+        distances, indices = [], []
+        for start in range(0, len(queries), block):  # bounded memory: a block of queries at a time
+            q = queries[start : start + block].astype(np.float64)
+            squared = (q**2).sum(1)[:, None] - 2 * q @ self.vectors.T.astype(np.float64) + self.norms[None, :]
+            nearest = np.argpartition(squared, n - 1, axis=1)[:, :n]
+            order = np.take_along_axis(squared, nearest, 1).argsort(1, kind="stable")
+            nearest = np.take_along_axis(nearest, order, 1)
+            distances.append(np.sqrt(np.maximum(np.take_along_axis(squared, nearest, 1), 0)))
+            indices.append(nearest)
+        return Neighbours(np.concatenate(distances), np.concatenate(indices))
+
+
+class HnswIndex:
+    """Approximate search (faiss HNSW, M links per node): sub-linear queries for millions of vectors."""
+
+    kind = "hnsw"
+
+    def __init__(self, vectors: np.ndarray, links: int = 32, search_depth: int = 128, build_depth: int = 200):
+        import faiss
+
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index = faiss.IndexHNSWFlat(vectors.shape[1], links)
+        self.index.hnsw.efConstruction = build_depth
+        self.index.hnsw.efSearch = search_depth
+        self.index.add(vectors)
+
+    def search(self, queries: np.ndarray, n: int) -> Neighbours:
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        squared, indices = self.index.search(queries, n)
+        return Neighbours(np.sqrt(np.maximum(squared, 0)), indices)
+
+
+def build_search(vectors: np.ndarray, kind: str = "auto"):
+    """The search structure for these vectors: exact, hnsw, or auto (exact up to EXACT_UP_TO vectors)."""
+    if kind not in ("auto", "exact", "hnsw"):
+        raise ValueError(f"identify.index_kind={kind} is not one of auto, exact, hnsw")
+    if kind == "hnsw" or (kind == "auto" and len(vectors) > EXACT_UP_TO):
+        return HnswIndex(vectors)
+    return ExactIndex(vectors)
+
+
+def recall_at(approximate: Neighbours, exact: Neighbours, n: int) -> float:
+    """Share of the exact n nearest that the approximate search also returns in its first n."""
+    hits = [len(set(a[:n]) & set(e[:n])) for a, e in zip(approximate.indices, exact.indices, strict=True)]
+    return sum(hits) / (n * len(hits))
+
+
+@dataclass(frozen=True)
+class Vote:
+    labels: list[str]  # best first
+    scores: list[float]  # each label's share of the weight, summing to 1
+    nearest: list[tuple[str, float, str]]  # (label, distance, path) of each neighbour
+
+
+def vote(labels: np.ndarray, paths: np.ndarray, neighbours_distances: np.ndarray, neighbours_indices: np.ndarray) -> Vote:
+    """One query's answer: each neighbour votes for its label with weight 1 / distance; the scores are
+    the labels' shares of the total weight (the confidence of the first is its share)."""
+    weights: dict[str, float] = {}
+    nearest = []
+    for distance, index in zip(neighbours_distances, neighbours_indices, strict=True):
+        if index < 0:  # an approximate search found fewer than asked
+            continue
+        label = str(labels[index])
+        weights[label] = weights.get(label, 0.0) + 1.0 / (float(distance) + VOTE_EPSILON)
+        nearest.append((label, float(distance), str(paths[index])))
+    total = sum(weights.values()) or 1.0
+    ranked = sorted(weights.items(), key=lambda item: (-item[1], item[0]))
+    return Vote([label for label, _ in ranked], [w / total for _, w in ranked], nearest)
+
+
+@dataclass(frozen=True)
+class NeighbourIndex:
+    """The Training vectors in PCA space, their labels and image paths: what the app searches."""
+
+    vectors: np.ndarray
+    labels: np.ndarray
+    paths: np.ndarray
+
+    def save(self, path: str | Path) -> None:
+        """One .npz file, written aside then renamed: a reader never sees half of it."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f".{path.name}.partial.npz")
+        np.savez(partial, vectors=self.vectors.astype(np.float32), labels=self.labels.astype(str),
+                 paths=self.paths.astype(str))
+        partial.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> NeighbourIndex:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{path} not found: run the index stage first (dvc repro, or "
+                                    "python -m fruits.stages.index)")
+        with np.load(path, allow_pickle=False) as data:
+            return cls(data["vectors"], data["labels"], data["paths"])

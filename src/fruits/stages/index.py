@@ -1,0 +1,133 @@
+"""index: the app's nearest-neighbour index, and the metric that matters for the app.
+
+From the pca stage's vectors: the Training rows (PCA vector, label, image path) become the index file
+the app searches (`env.paths.knn_index`). Then the accuracy the app would have: every Test row is
+answered as the app answers a photo (its identify.neighbours nearest Training vectors vote, weighted
+by distance), in Spark with the index broadcast (the Test rows are never collected), for the PCA's k
+and for fewer components (the first j of the same projection), so that `dvc exp show` compares
+experiments by what they keep for the app, not only by explained variance.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+
+from fruits.core import tables
+from fruits.core.config import stage_config
+from fruits.core.neighbours import ExactIndex, NeighbourIndex, vote
+from fruits.core.spark import get_session
+from fruits.core.storage import write_json
+
+log = logging.getLogger(__name__)
+
+
+def extract(spark, cfg: DictConfig):
+    """The PCA vectors: path, label, split, pca."""
+    return tables.read(spark, cfg.env.paths.pca_vectors, cfg)
+
+
+def build_index(vectors) -> NeighbourIndex:
+    """The Training rows, collected (k values each: the small part of the table), in path order."""
+    rows = vectors.where(vectors.split == "Training").select("path", "label", "pca").orderBy("path").collect()
+    if not rows:
+        raise ValueError("the PCA vectors hold no Training row: nothing to identify against")
+    return NeighbourIndex(np.array([r["pca"] for r in rows], np.float32), np.array([r["label"] for r in rows]),
+                          np.array([r["path"] for r in rows]))
+
+
+def components_curve(k: int, wanted) -> list[int]:
+    """The component counts of the accuracy curve: the configured ones up to k, and k itself."""
+    return sorted({j for j in wanted if j < k} | {k})
+
+
+def answers(index: NeighbourIndex, queries: np.ndarray, neighbours: int, components: int) -> list[str]:
+    """The app's first answer for each query, using the first `components` PCA components."""
+    search = ExactIndex(index.vectors[:, :components])
+    found = search.search(queries[:, :components], neighbours)
+    return [vote(index.labels, index.paths, d, i).labels[0] for d, i in zip(found.distances, found.indices, strict=True)]
+
+
+def transform(vectors, broadcast_index, neighbours: int, curve: list[int]):
+    """Test rows -> label, and for each component count j of the curve, whether the app's answer is right."""
+    from pyspark.sql.functions import pandas_udf
+
+    schema = ", ".join(f"right_{j} boolean" for j in curve)
+
+    @pandas_udf(f"struct<{schema}>")
+    def right_answers(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        index = broadcast_index.value
+        for labels, pcas in batches:
+            queries = np.stack(pcas.to_numpy()).astype(np.float32) if len(pcas) else np.zeros((0, index.vectors.shape[1]))
+            yield pd.DataFrame({f"right_{j}": np.array(answers(index, queries, neighbours, j), dtype=object) == labels.to_numpy()
+                                for j in curve} if len(pcas) else {f"right_{j}": pd.Series([], dtype=bool) for j in curve})
+
+    test = vectors.where(vectors.split == "Test")
+    return test.select(right_answers("label", "pca").alias("right")).select("right.*")
+
+
+def accuracy_table(right, curve: list[int]) -> tuple[int, dict[int, float]]:
+    """(Test rows, {components: share answered right}), aggregated in Spark."""
+    from pyspark.sql import functions as F
+
+    row = right.agg(F.count(F.lit(1)).alias("rows"),
+                    *[F.avg(F.col(f"right_{j}").cast("double")).alias(f"right_{j}") for j in curve]).first()
+    return row["rows"], {j: (round(row[f"right_{j}"], 6) if row[f"right_{j}"] is not None else None) for j in curve}
+
+
+def load(index: NeighbourIndex, metrics: dict, curve: dict[int, float], cfg: DictConfig) -> None:
+    index.save(cfg.env.paths.knn_index)
+    write_json(cfg.env.paths.index_metrics, metrics)
+    path = Path(cfg.env.paths.knn_curve)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as stream:
+        writer = csv.writer(stream)
+        writer.writerow(["components", "knn_accuracy"])
+        writer.writerows([j, "" if share is None else f"{share:.6g}"] for j, share in curve.items())
+
+
+def run(cfg: DictConfig, spark=None) -> dict:
+    spark = spark or get_session(cfg)
+    started = time.perf_counter()
+    vectors = extract(spark, cfg)
+    index = build_index(vectors)
+    k = index.vectors.shape[1]
+    curve = components_curve(k, cfg.identify.curve_components)
+    neighbours = min(cfg.identify.neighbours, len(index.vectors))
+    broadcast_index = spark.sparkContext.broadcast(index)
+    try:
+        test_rows, accuracy = accuracy_table(transform(vectors, broadcast_index, neighbours, curve), curve)
+    finally:
+        broadcast_index.unpersist()
+    metrics = {
+        "training_vectors": len(index.vectors),
+        "components": k,
+        "labels": len(set(index.labels.tolist())),
+        "neighbours": neighbours,
+        "test_rows": test_rows,
+        "knn_accuracy": accuracy[k],  # what the app answers right on Test images, at the PCA's k
+        "knn_accuracy_by_components": {str(j): share for j, share in accuracy.items()},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    load(index, metrics, accuracy, cfg)
+    if test_rows:
+        log.info("index: %d Training vectors (k=%d); the app's answer is right for %.1f%% of %d Test images "
+                 "(%d neighbours vote)", len(index.vectors), k, 100 * accuracy[k], test_rows, neighbours)
+    else:
+        log.warning("index: no Test row: the accuracy is not measured")
+    return metrics
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(stage_config("Build the app's nearest-neighbour index and measure its accuracy on Test images.", argv))
+
+
+if __name__ == "__main__":
+    main()

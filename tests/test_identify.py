@@ -1,0 +1,130 @@
+"""The app's backend: the vote, the index, the cards, identify, and the index stage's accuracy metric."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fruits.app import identify
+from fruits.core import tables
+from fruits.core.config import compose
+from fruits.core.neighbours import ExactIndex, HnswIndex, NeighbourIndex, recall_at, vote
+from fruits.stages import featurize, index, ingest, pca
+
+from conftest import TINY_LABELS
+
+
+@pytest.fixture(scope="module")
+def app_cfg(spark, tiny_project, tmp_path_factory):
+    """The tiny sample through featurize, pca (k=8) and index: what the app loads."""
+    from conftest import make_cfg
+
+    cfg = make_cfg(tmp_path_factory.mktemp("app"), "pca.k=8")
+    shared = make_cfg(tiny_project)
+    cfg.data.root = shared.data.root
+    for key in ("images", "weights", "onnx", "provenance"):
+        cfg.env.paths[key] = shared.env.paths[key]
+    ingest.run(cfg)
+    featurize.run(cfg, spark)
+    pca.run(cfg, spark)
+    index.run(cfg, spark)
+    return cfg
+
+
+def test_the_vote_weighs_neighbours_by_inverse_distance():
+    labels, paths = np.array(["Apple", "Banana", "Apple", "Kiwi"]), np.array(["a", "b", "c", "d"])
+    result = vote(labels, paths, np.array([1.0, 1.0, 2.0]), np.array([0, 1, 2]))
+    assert result.labels == ["Apple", "Banana"] and result.scores == pytest.approx([0.6, 0.4])
+    assert result.nearest == [("Apple", 1.0, "a"), ("Banana", 1.0, "b"), ("Apple", 2.0, "c")]
+    # One exact match outweighs any number of far neighbours: the confidence says so.
+    exact = vote(labels, paths, np.array([0.0, 0.5, 0.5]), np.array([3, 0, 1]))
+    assert exact.labels[0] == "Kiwi" and exact.scores[0] > 0.999
+    # A tie goes to the label first in alphabetical order: answers are reproducible.
+    assert vote(labels, paths, np.array([1.0, 1.0]), np.array([1, 0])).labels == ["Apple", "Banana"]
+
+
+def test_exact_search_matches_a_brute_force_sort_and_hnsw_recalls_it():
+    rng = np.random.default_rng(0)
+    vectors, queries = rng.standard_normal((3000, 16)), rng.standard_normal((50, 16))
+    exact = ExactIndex(vectors).search(queries, 5, block=7)  # several blocks
+    brute = np.sqrt(((queries[:, None, :] - vectors[None]) ** 2).sum(-1))
+    np.testing.assert_array_equal(exact.indices, np.argsort(brute, 1)[:, :5])
+    np.testing.assert_allclose(exact.distances, np.sort(brute, 1)[:, :5], rtol=1e-5)
+    assert recall_at(HnswIndex(vectors).search(queries, 5), exact, 5) >= 0.95
+
+
+def test_every_sample_label_has_a_card_and_varieties_share_their_fruit_s():
+    cards = identify.Cards.load(None)
+    for label in [*compose().data.labels, *TINY_LABELS]:
+        assert cards.key_for(label) is not None, f"no card for the sample label {label!r}"
+    assert cards.key_for("Apple Red 1") == "Apple" and cards.key_for("Cherry Wax Yellow") == "Cherry"
+    assert cards.key_for("Grape Blue") == "Grape"
+    missing = cards.card("Salak")
+    assert missing["key"] is None and missing["name"] == {"en": "Salak", "fr": "Salak"}
+    assert missing["text"] == identify.MISSING_CARD_TEXT
+    apple = cards.card("Apple Red 1")
+    assert apple["name"] == {"en": "Apple", "fr": "Pomme"} and apple["family"] == "Rosaceae"
+
+
+def test_a_card_file_with_a_card_missing_a_field_is_refused(tmp_path):
+    path = tmp_path / "cards.yaml"
+    path.write_text("Apple:\n  name: {en: Apple, fr: Pomme}\n  family: Rosaceae\n  season: autumn\n"
+                    "Pear:\n  name: {en: Pear}\n  family: Rosaceae\n  season: autumn\n  text: A pear.\n")
+    with pytest.raises(ValueError, match="card 'Apple' .* lacks \\['text'\\]"):
+        identify.Cards.load(str(path))
+
+
+def test_a_photo_s_vector_equals_the_pipeline_s_vector_for_the_same_image(spark, app_cfg):
+    identifier = identify.Identifier(app_cfg)
+    rows = tables.read(spark, app_cfg.env.paths.pca_vectors, app_cfg).orderBy("path").collect()
+    for row in rows[:6]:
+        photo = Path(row["path"].removeprefix("file:")).read_bytes()
+        np.testing.assert_allclose(identifier.vector(photo), row["pca"], rtol=1e-5, atol=1e-5)
+
+
+def test_identify_round_trip_from_the_command_line(app_cfg, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    params = tmp_path / "params.yaml"
+    OmegaConf.save(app_cfg, params)
+    train = sorted((Path(app_cfg.data.root) / "Training" / "Kiwi").glob("*.jpg"))[0]
+    identify.main([str(train), "--params", str(params), "--json"])
+    answer = json.loads(capsys.readouterr().out)
+    # A Training image is in the index: its nearest neighbour is itself, at distance 0.
+    assert answer["label"] == "Kiwi" and answer["confidence"] > 0.99
+    assert answer["neighbours"][0]["distance"] == pytest.approx(0, abs=1e-3)
+    assert answer["neighbours"][0]["path"] == f"file:{train}" and answer["card"]["name"]["fr"] == "Kiwi"
+    assert len(answer["neighbours"]) == app_cfg.identify.neighbours and 1 <= len(answer["top"]) <= app_cfg.identify.top
+
+    test = sorted((Path(app_cfg.data.root) / "Test" / "Lemon").glob("*.jpg"))[0]
+    identify.main([str(test), "--params", str(params)])
+    printed = capsys.readouterr().out
+    assert "Top answers:" in printed and "Nearest Training images:" in printed and "confidence" in printed
+
+    with pytest.raises(SystemExit) as exit_info:
+        identify.main([str(tmp_path / "nothing.jpg"), "--params", str(params)])
+    assert exit_info.value.code == 2
+
+
+def test_the_index_stage_measures_the_app_s_accuracy_like_a_direct_computation(spark, app_cfg):
+    metrics = json.loads(Path(app_cfg.env.paths.index_metrics).read_text())
+    saved = NeighbourIndex.load(app_cfg.env.paths.knn_index)
+    rows = tables.read(spark, app_cfg.env.paths.pca_vectors, app_cfg).collect()
+    train = [r for r in rows if r["split"] == "Training"]
+    test = [r for r in rows if r["split"] == "Test"]
+    assert len(saved.vectors) == len(train) == metrics["training_vectors"] and metrics["test_rows"] == len(test)
+    vectors = np.array([r["pca"] for r in train])
+    n = app_cfg.identify.neighbours
+    for components in (2, 8):
+        right = 0
+        for row in test:  # the vote, written out: weights 1 / distance over the n nearest
+            distances = np.sqrt(((vectors[:, :components] - np.array(row["pca"])[:components]) ** 2).sum(1))
+            weights: dict[str, float] = {}
+            for i in np.argsort(distances, kind="stable")[:n]:
+                weights[train[i]["label"]] = weights.get(train[i]["label"], 0) + 1 / (distances[i] + 1e-9)
+            right += max(sorted(weights), key=weights.get) == row["label"]
+        assert metrics["knn_accuracy_by_components"][str(components)] == pytest.approx(right / len(test), abs=1e-6)
+    assert metrics["knn_accuracy"] == metrics["knn_accuracy_by_components"]["8"]
+    curve = Path(app_cfg.env.paths.knn_curve).read_text().splitlines()
+    assert curve[0] == "components,knn_accuracy" and [line.split(",")[0] for line in curve[1:]] == ["2", "5", "8"]

@@ -1,0 +1,135 @@
+"""The identify service: its JSON answer, the bad-upload table, CORS, and a real browser on a real server."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from fruits.app.service import create_app
+
+from test_identify import app_cfg  # noqa: F401  (the module-scoped pipeline outputs the app loads)
+
+
+@pytest.fixture(scope="module")
+def client(app_cfg):  # noqa: F811
+    app_cfg.identify.max_upload_mb = 0.05  # 52 KB: the tiny sample's photos are ~3 KB
+    with TestClient(create_app(app_cfg)) as test_client:
+        yield test_client
+
+
+def photo(cfg, split="Training", label="Kiwi") -> Path:
+    return sorted((Path(cfg.data.root) / split / label).glob("*.jpg"))[0]
+
+
+def test_health_and_a_good_photo(client, app_cfg):  # noqa: F811
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["index_vectors"] == 24 and health["labels"] == 4
+    response = client.post("/identify", files={"photo": ("kiwi.jpg", photo(app_cfg).read_bytes(), "image/jpeg")})
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["label"] == "Kiwi" and answer["card"]["name"]["en"] == "Kiwifruit"
+    assert set(answer) == {"label", "confidence", "top", "neighbours", "card", "model"}
+    assert "Answer" in client.get("/openapi.json").json()["components"]["schemas"]
+
+
+def jpeg_bytes(size=(64, 64)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 40)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+BAD_UPLOADS = [
+    ("not an image", ("notes.txt", b"just some text", "text/plain"), 415, "text/plain is not an image type"),
+    ("no content type", ("x", jpeg_bytes(), ""), 415, "not an image type"),
+    ("wrong content type", ("doc.pdf", b"%PDF-1.4 ...", "application/pdf"), 415, "application/pdf"),
+    ("empty", ("empty.jpg", b"", "image/jpeg"), 400, "empty"),
+    ("too large", ("big.png", os.urandom(60_000), "image/png"), 413, "larger than 0.05 MB"),
+    ("garbage declared as an image", ("noise.png", os.urandom(2000), "image/png"), 422, "not an image"),
+    ("truncated", ("cut.jpg", jpeg_bytes()[:300], "image/jpeg"), 422, "cannot read the photo"),
+]
+
+
+@pytest.mark.parametrize(("case", "upload", "status", "reason"), BAD_UPLOADS, ids=[c[0] for c in BAD_UPLOADS])
+def test_a_bad_upload_gets_a_4xx_with_its_reason_and_the_service_keeps_serving(client, app_cfg, case, upload,  # noqa: F811
+                                                                              status, reason):
+    response = client.post("/identify", files={"photo": upload})
+    assert response.status_code == status and reason in response.json()["detail"]
+    good = client.post("/identify", files={"photo": ("ok.jpg", photo(app_cfg).read_bytes(), "image/jpeg")})
+    assert good.status_code == 200
+
+
+def test_a_request_without_the_photo_field_is_a_422(client):
+    assert client.post("/identify", files={"picture": ("a.jpg", jpeg_bytes(), "image/jpeg")}).status_code == 422
+
+
+def test_cors_allows_the_app_s_origins_only(client, app_cfg):  # noqa: F811
+    allowed = app_cfg.identify.cors_origins[0]
+    preflight = {"Access-Control-Request-Method": "POST"}
+    ok = client.options("/identify", headers={"Origin": allowed, **preflight})
+    assert ok.status_code == 200 and ok.headers["access-control-allow-origin"] == allowed
+    other = client.options("/identify", headers={"Origin": "https://evil.example", **preflight})
+    assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.fixture(scope="module")
+def server(app_cfg, tmp_path_factory):  # noqa: F811
+    """`python -m fruits.app.service` (uvicorn, one worker) on a free loopback port."""
+    from omegaconf import OmegaConf
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    params = tmp_path_factory.mktemp("serve") / "params.yaml"
+    served = app_cfg.copy()
+    served.identify.port, served.identify.workers = port, 1
+    OmegaConf.save(served, params)
+    process = subprocess.Popen([sys.executable, "-m", "fruits.app.service", "--params", str(params)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except OSError:
+            assert process.poll() is None, f"the service died: {process.stderr.read()[-2000:]}"
+            time.sleep(0.3)
+    else:
+        process.kill()
+        pytest.fail("the service did not answer /health within 120 s")
+    yield url
+    process.terminate()
+    process.wait(timeout=30)
+
+
+def test_a_real_browser_uploads_a_photo_and_reads_the_answer(server, app_cfg):  # noqa: F811
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(argument)
+    browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        browser.get(server)
+        assert browser.title == "Fruits! Which fruit is this?"
+        browser.find_element(By.ID, "photo").send_keys(str(photo(app_cfg, "Training", "Banana")))
+        WebDriverWait(browser, 60).until(expected_conditions.visibility_of_element_located((By.ID, "result")))
+        assert browser.find_element(By.ID, "answer-label").text == "Banana"
+        assert "Banane" in browser.find_element(By.ID, "card-name").text
+        assert browser.find_element(By.ID, "error").text == ""
+    finally:
+        browser.quit()
