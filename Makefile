@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports help install check-system params sample weights featurize pca report demo identify serve bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
+.PHONY: lint-imports help install check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -81,6 +81,9 @@ identify: $(STAMP) ## Which fruit is this? make identify IMG=photo.jpg (top labe
 
 serve: $(STAMP) ## The identify service on identify.host:port (uvicorn): POST /identify, GET / (web page), GET /health
 	$(PY) -m fruits.app.service $(ARGS)
+
+bench-index: $(STAMP) ## Exact vs HNSW (faiss) search on 100k synthetic vectors: recall@5, query latency
+	$(PY) benchmarks/index_bench.py
 
 bench-serve: $(STAMP) ## The service under load on loopback: requests/s, p50/p99 latency with 1 and 8 clients
 	$(PY) benchmarks/serve_bench.py

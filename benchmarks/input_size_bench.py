@@ -29,6 +29,7 @@ from fruits.core.spark import get_session
 from fruits.stages import featurize, pca, sample, weights
 
 from featurize_bench import ceiling
+from measure import write_results
 
 SIZES = (96, 128, 160, 224)
 LABELS = [f"Fruit {i:02d}" for i in range(40)]
@@ -115,16 +116,13 @@ def main() -> None:
     spark = get_session(cfg)
     rows = [one_size(spark, size, args.overrides) for size in args.sizes]
     spark.stop()
-    out = Path("reports")
-    (out / "bench_sizes.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [f"{rows[0]['train_images']} Training and {rows[0]['test_images']} Test images (40 generated labels, "
              f"Test images degraded: see the script), weights: {rows[0]['weights']}", "",
              "| input size | model only (img/s) | featurize warm (img/s) | 1-NN accuracy, PCA k | 1-NN accuracy, raw 1280-d |",
              "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['input_size']} | {r['model_only_images_per_second']} | {r['featurize_warm_images_per_second']} | "
               f"{r['nn1_accuracy_pca']} (k={r['k']}) | {r['nn1_accuracy_raw']} |" for r in rows]
-    (out / "bench_sizes.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results("bench_sizes", rows, lines))
 
 
 if __name__ == "__main__":

@@ -36,3 +36,16 @@ class PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self.thread.join()
+
+
+def write_results(name: str, data, lines: list[str]) -> str:
+    """reports/<name>.json (the numbers) and reports/<name>.md (the table); returns the Markdown."""
+    import json
+    from pathlib import Path
+
+    out = Path("reports")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2) + "\n")
+    text = "\n".join(lines) + "\n"
+    (out / f"{name}.md").write_text(text)
+    return text

@@ -1,9 +1,10 @@
 """Where featurize spends its time: `make profile`.
 
-Runs the featurize stage from empty tables on the bench's images under py-spy (sampling, no code
-change), following every Python process it starts: the driver and Spark's Python workers. Then sums
-the samples of the workers by what they were doing (model, decode, Arrow and pandas transfer, Spark's
-worker loop) and lists the functions with the most samples of their own.
+Runs the featurize stage from empty tables on the bench's images and attaches py-spy (sampling, no
+code change) to Spark's Python daemon as soon as it starts, following the workers it forks (they are
+children of the JVM, which py-spy cannot follow from the driver). Then sums the workers' samples by
+what they were doing (model, decode, Arrow and pandas transfer, Spark's worker loop) and lists the
+functions with the most samples of their own.
 
 Writes reports/profile.md and reports/profile.json (the raw samples stay in bench/profile/).
 """
@@ -16,9 +17,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
+import psutil
 from omegaconf import OmegaConf
 
 from fruits.core.config import load_config
@@ -26,6 +29,8 @@ from fruits.core.config import load_config
 ROOT = Path("bench/profile")
 # What a worker's stack is doing, by the first matching frame from the top of the stack (leaf first).
 ACTIVITIES = (
+    ("idle: a worker waiting for the JVM to send rows", ("read_int (serializers.py",)),
+    ("idle: the daemon (it only forks workers)", ("daemon.py",)),
     ("model (onnxruntime)", ("onnxruntime",)),
     ("model (TensorFlow)", ("tensorflow", "keras")),
     ("decode + resize (Pillow)", ("PIL", "fruits/core/images.py")),
@@ -42,22 +47,31 @@ def activity(stack: list[str]) -> str:
     return "other"
 
 
-def parse(raw: Path) -> tuple[Counter, Counter, int, int]:
-    """(samples per worker activity, samples per worker leaf function, worker samples, driver samples)."""
-    activities, leaves, workers, driver = Counter(), Counter(), 0, 0
+def parse(raw: Path) -> tuple[Counter, Counter, int]:
+    """(samples per activity, samples per leaf function, samples) of the daemon and its workers."""
+    activities, leaves, samples = Counter(), Counter(), 0
     for line in raw.read_text().splitlines():
         stack_text, _, count_text = line.rpartition(" ")
         if not stack_text:
             continue
         stack, count = stack_text.split(";"), int(count_text)
-        process = stack[0]
-        if "pyspark.daemon" in process or "pyspark/daemon" in process or "worker" in process:
-            workers += count
-            activities[activity(stack[1:])] += count
-            leaves[stack[-1]] += count
-        else:
-            driver += count
-    return activities, leaves, workers, driver
+        samples += count
+        activities[activity(stack[1:])] += count
+        leaves[stack[-1]] += count
+    return activities, leaves, samples
+
+
+def spark_daemon(driver: psutil.Process, deadline: float) -> psutil.Process | None:
+    """The `pyspark.daemon` process under the driver (started with the first Python task)."""
+    while time.monotonic() < deadline and driver.is_running():
+        for child in driver.children(recursive=True):
+            try:
+                if "pyspark.daemon" in " ".join(child.cmdline()):
+                    return child
+            except psutil.Error:
+                continue
+        time.sleep(0.05)
+    return None
 
 
 def main() -> None:
@@ -75,18 +89,29 @@ def main() -> None:
     params, raw = ROOT / "params.yaml", ROOT / "featurize.raw.txt"
     OmegaConf.save(cfg, params)
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    subprocess.run(["py-spy", "record", "--subprocesses", "--idle", "--format", "raw", "--rate", str(args.rate),
-                    "--output", str(raw), "--", sys.executable, "-m", "fruits.stages.featurize", "--params", str(params)],
-                   check=True, stdout=subprocess.DEVNULL)
+    raw.unlink(missing_ok=True)
+    stage = subprocess.Popen([sys.executable, "-m", "fruits.stages.featurize", "--params", str(params)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    daemon = spark_daemon(psutil.Process(stage.pid), time.monotonic() + 300)
+    if daemon is None:
+        stage.kill()
+        raise SystemExit("Spark's Python daemon never started: is featurize failing? run it by hand")
+    spy = subprocess.Popen(["py-spy", "record", "--pid", str(daemon.pid), "--subprocesses", "--idle", "--format", "raw",
+                            "--rate", str(args.rate), "--output", str(raw)], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    if stage.wait() != 0:
+        raise SystemExit("featurize failed under the profiler")
+    spy.wait(timeout=120)  # py-spy stops when the daemon exits with the Spark session
     metrics = json.loads(Path(cfg.env.paths.featurize_metrics).read_text())
-    activities, leaves, workers, driver = parse(raw)
+    activities, leaves, workers = parse(raw)
     result = {"engine": cfg.model.engine, "images": metrics["images"], "seconds": metrics["seconds"],
-              "worker_samples": workers, "driver_samples": driver,
+              "worker_samples": workers,
               "worker_activity_share": {name: round(count / max(1, workers), 3) for name, count in activities.most_common()},
               "worker_top_functions": [[name, round(count / max(1, workers), 3)] for name, count in leaves.most_common(15)]}
     (Path("reports") / "profile.json").write_text(json.dumps(result, indent=2) + "\n")
-    lines = [f"featurize, engine {result['engine']}, {result['images']} images, {result['seconds']} s under py-spy "
-             f"({args.rate} samples/s per process, idle included): {workers} worker samples, {driver} driver samples.",
+    lines = [f"featurize, engine {result['engine']}, {result['images']} images, {result['seconds']} s with py-spy "
+             f"attached to Spark's Python daemon and workers ({args.rate} samples/s per process, idle included): "
+             f"{workers} samples.",
              "", "| what the Python workers were doing | share of their samples |", "|---|---:|"]
     lines += [f"| {name} | {share:.1%} |" for name, share in result["worker_activity_share"].items()]
     lines += ["", "| function (own samples, workers) | share |", "|---|---:|"]

@@ -50,13 +50,15 @@ def config(count: int, overrides: list[str]):
 
 
 def run_stage(stage: str, params: Path) -> dict:
-    """One stage as its own process: wall seconds, peak RSS of its Python driver and of its JVM."""
+    """One stage as its own process: wall seconds, peak RSS of its Python driver and of its JVM. Its log
+    (featurize's progress lines included) is kept beside the params, as <stage>.log."""
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", f"fruits.stages.{stage}", "--params", str(params)],
                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     with PeakRss(process.pid) as rss:
         _, errors = process.communicate()
     seconds = time.perf_counter() - started
+    (params.parent / f"{stage}.log").write_text(errors)
     if process.returncode:
         raise RuntimeError(f"{stage} failed:\n{errors[-3000:]}")
     return {"stage": stage, "seconds": round(seconds, 2), "driver_python_peak_rss_mib": round(rss.peak_python / 2**20),
@@ -175,10 +177,11 @@ def markdown(result: dict) -> str:
     p = result["pca_synthetic"]
     lines += ["", f"PCA fit + transform of {p['rows']:,} x {p['dimension']} synthetic vectors: {p['seconds']} s "
               f"(process wall time), driver Python {p['driver_python_peak_rss_mib']} MiB, JVM {p['driver_jvm_peak_rss_mib']} MiB.",
-              "", "| images | option | worker vCPUs | featurize (s) | pca (s) | report (s) | hours (start included) | USD |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['images']:,} | {r['option']} | {r['vcpus']} | {r['stages_s']['featurize']} | {r['stages_s']['pca']} | "
-              f"{r['stages_s']['report']} | {r['hours']} | {r['usd']} |" for r in result["predictions"]]
+              "", "| images | option | worker vCPUs | " + " | ".join(f"{stage} (s)" for stage in PREDICTED_STAGES)
+              + " | hours (start included) | USD |", "|---:|---|---:|" + "---:|" * (len(PREDICTED_STAGES) + 2)]
+    lines += [f"| {r['images']:,} | {r['option']} | {r['vcpus']} | "
+              + " | ".join(str(r["stages_s"][stage]) for stage in PREDICTED_STAGES) + f" | {r['hours']} | {r['usd']} |"
+              for r in result["predictions"]]
     lines += ["", result["assumptions"], ""]
     return "\n".join(lines)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import json
 import os
 import platform
 import socket
@@ -25,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from fruits.core.config import load_config
+from measure import write_results
 
 
 def multipart(photo: Path) -> tuple[bytes, str]:
@@ -100,13 +100,10 @@ def main() -> None:
         server.wait(timeout=30)
     setup = (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {cfg.identify.workers} uvicorn "
              f"workers, engine {cfg.model.engine}, {cfg.model.input_size} px, {len(photos)} distinct Test photos")
-    out = Path("reports")
-    (out / "serve_bench.json").write_text(json.dumps({"setup": setup, "rows": rows}, indent=2) + "\n")
     lines = [setup, "", "| clients | requests | req/s | p50 (ms) | p99 (ms) | max (ms) | errors |", "|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['clients']} | {r['requests']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} | "
               f"{r['max_ms']} | {r['errors']} |" for r in rows]
-    (out / "serve_bench.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(write_results("serve_bench", {"setup": setup, "rows": rows}, lines))
 
 
 if __name__ == "__main__":

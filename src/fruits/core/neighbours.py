@@ -49,7 +49,7 @@ class HnswIndex:
 
     kind = "hnsw"
 
-    def __init__(self, vectors: np.ndarray, links: int = 32, search_depth: int = 128, build_depth: int = 200):
+    def __init__(self, vectors: np.ndarray, links: int = 32, search_depth: int = 256, build_depth: int = 200):
         import faiss
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
