@@ -71,8 +71,10 @@ demo: $(STAMP) ## Build the sample and run the whole pipeline locally with DVC (
 	@echo "  features         data/features/ (Parquet: path, label, split, features[1280])"
 	@echo "  rejects          data/rejects/  (Parquet: path, reject_reason)"
 	@echo "  PCA              data/pca/vectors (Parquet) + models/pca_projection.npz (numpy: no Spark needed)"
+	@echo "  index            models/knn_index.npz (the app's Training vectors) + metrics/index.json (its accuracy on Test)"
 	@echo "  metrics          metrics/*.json  (dvc metrics show), metrics/pca_variance.csv (dvc plots show)"
 	@echo "  report           reports/report.html (self-contained) and reports/report.md"
+	@echo "  the app          make identify IMG=data/sample/Test/Kiwi/0000_100.jpg ; make serve (http://127.0.0.1:8000)"
 	@$(PY) -c "import json; w = json.load(open('models/provenance.json')).get('warning'); print(f'  !! weights: {w}: ImageNet was not downloadable, see the report banner') if w else None"
 
 identify: $(STAMP) ## Which fruit is this? make identify IMG=photo.jpg (top labels, nearest images, the fruit's card)

@@ -100,7 +100,7 @@ def test_critique_predicts_from_the_scale_fits_when_there_are_some():
     pca_m = {"k": 20, "k_rule": "pca.k", "explained_variance_at_k": 0.9, "components_for_90pct": 20,
              "components_for_95pct": 30, "dimension": 1280, "rows_fitted": 240, "seconds": 8.0}
     text = " ".join(report.critique(featurize_m, pca_m, {"pretrained": True}, cfg.cluster, 2, scale, cfg.report))
-    assert "featurize costs 15 s fixed + 8.00 ms per image" in text and "At 10x" not in text
+    assert "featurize 15 s fixed + 8 ms per image, pca 20 s fixed + 0.2 ms per image" in text and "At 10x" not in text
     rows = report.scale_predictions(scale, cfg.cluster, cfg.report)
     assert len(rows) == 2 * 3 * 2  # 2 image counts x 3 cluster sizes x (EMR, Serverless)
     big = [r for r in rows if r["images"] == 10_000_000 and r["option"].startswith("EMR on EC2")]

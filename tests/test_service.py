@@ -133,3 +133,31 @@ def test_a_real_browser_uploads_a_photo_and_reads_the_answer(server, app_cfg):  
         assert browser.find_element(By.ID, "error").text == ""
     finally:
         browser.quit()
+
+
+def test_connections_accepted_on_the_workers_listener_get_tcp_nodelay():
+    """With several workers the service binds the listener itself: asyncio then sets TCP_NODELAY on
+    each accepted connection, so a keep-alive response is not held ~40 ms for a delayed ACK."""
+    import asyncio
+
+    from fruits.app.service import listening_socket
+
+    listener = listening_socket("127.0.0.1", 0)
+    seen = {}
+
+    async def main():
+        def accepted(reader, writer):
+            seen["nodelay"] = writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            writer.close()
+
+        server = await asyncio.start_server(accepted, sock=listener)
+        _, writer = await asyncio.open_connection(*listener.getsockname())
+        for _ in range(100):
+            if seen:
+                break
+            await asyncio.sleep(0.01)
+        writer.close()
+        server.close()
+
+    asyncio.run(main())
+    assert listener.proto == socket.IPPROTO_TCP and seen["nodelay"] != 0

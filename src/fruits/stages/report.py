@@ -84,8 +84,8 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
         return lines + rejects_and_weights(featurize_m, provenance)
     if computed < SMALL_RUN_IMAGES:
         lines.append(
-            f"With fewer than {SMALL_RUN_IMAGES} images through the model, fixed costs (worker start, TensorFlow "
-            "import, model build, about 10 s) dominate the rate above; `make bench` measures the warm rate on "
+            f"With fewer than {SMALL_RUN_IMAGES} images through the model, fixed costs (Spark jobs, worker start, "
+            "engine import, model build, about 10 s) dominate the rate above; `make bench` measures the warm rate on "
             "1,920 images."
         )
     if scale is None:
@@ -99,13 +99,12 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
                 "then predicts from those fits)."
             )
     else:
-        featurize_fit = scale["fits"]["featurize"]
+        costs = ", ".join(f"{stage} {fit['fixed_s']:.0f} s fixed + {1000 * fit['per_image_s']:.3g} ms per image"
+                          for stage, fit in scale["fits"].items() if stage != "ingest")
         lines.append(
-            f"How time grows, measured (`make bench-scale`, {scale['cores']} cores): featurize costs "
-            f"{featurize_fit['fixed_s']:.0f} s fixed + {1000 * featurize_fit['per_image_s']:.2f} ms per image, pca "
-            f"{scale['fits']['pca']['fixed_s']:.0f} s + {1000 * scale['fits']['pca']['per_image_s']:.3f} ms, report "
-            f"{scale['fits']['report']['fixed_s']:.0f} s + {1000 * scale['fits']['report']['per_image_s']:.3f} ms. "
-            "The predictions below spread the per-image cost over the cluster's vCPUs and keep the fixed costs."
+            f"How time grows, measured (`make bench-scale`, {scale['cores']} cores, each stage its own process): "
+            f"{costs}. The predictions below spread the per-image cost over the cluster's vCPUs and keep the fixed "
+            "costs; on EMR, ingest only lists S3."
         )
         predicted = scale_predictions(scale, cluster, report_cfg)
         for images in report_cfg.predict_images:
