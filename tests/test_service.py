@@ -68,6 +68,13 @@ def test_a_bad_upload_gets_a_4xx_with_its_reason_and_the_service_keeps_serving(c
     assert good.status_code == 200
 
 
+def test_a_body_declared_too_large_is_refused_before_it_is_read(client, app_cfg):  # noqa: F811
+    response = client.post("/identify", content=b"x" * 100, headers={
+        "content-type": "multipart/form-data; boundary=x", "content-length": str(10 * 2**20)})
+    assert response.status_code == 413 and "larger than 0.05 MB" in response.json()["detail"]
+    assert client.post("/identify", files={"photo": ("ok.jpg", photo(app_cfg).read_bytes(), "image/jpeg")}).status_code == 200
+
+
 def test_a_request_without_the_photo_field_is_a_422(client):
     assert client.post("/identify", files={"picture": ("a.jpg", jpeg_bytes(), "image/jpeg")}).status_code == 422
 

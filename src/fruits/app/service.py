@@ -22,7 +22,7 @@ from importlib import resources
 from fastapi import FastAPI, File, HTTPException, Request, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from omegaconf import DictConfig
 from pydantic import BaseModel
 
@@ -30,6 +30,7 @@ from fruits.app.identify import BadPhoto, Identifier
 from fruits.core.config import load_config
 
 ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+MULTIPART_OVERHEAD = 16 * 1024  # bytes of form boundaries and part headers around the photo
 SETTINGS_VARIABLE = "FRUITS_SERVICE_SETTINGS"  # how `make serve` hands --params and overrides to each worker
 
 
@@ -90,6 +91,14 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
                   description="Which fruit is this? Nearest neighbours of the photo in the pipeline's PCA space.")
     app.add_middleware(CORSMiddleware, allow_origins=list(cfg.identify.cors_origins), allow_methods=["GET", "POST"],
                        allow_headers=["*"])
+
+    @app.middleware("http")
+    async def refuse_large_bodies(request: Request, call_next):
+        """413 before the body is read: the form parser would otherwise spool any size to disk first."""
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit + MULTIPART_OVERHEAD:
+            return JSONResponse({"detail": f"the photo is larger than {cfg.identify.max_upload_mb} MB"}, status_code=413)
+        return await call_next(request)
 
     @app.get("/health", response_model=Health)
     def health(request: Request) -> Health:

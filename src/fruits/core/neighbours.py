@@ -21,21 +21,23 @@ class Neighbours:
 
 
 class ExactIndex:
-    """Brute force in float32 numpy: exact, memory = the vectors, fast to ~1M vectors of k <= 100."""
+    """Brute force in numpy: exact, memory = the vectors (float64), fast to ~1M vectors of k <= 100."""
 
     kind = "exact"
 
     def __init__(self, vectors: np.ndarray):
-        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-        self.norms = (self.vectors.astype(np.float64) ** 2).sum(1)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float64)  # float64: a photo's own image is at 0
+        self.norms = (self.vectors**2).sum(1)
 
     def search(self, queries: np.ndarray, n: int, block: int = 1024) -> Neighbours:
-        queries = np.atleast_2d(np.asarray(queries, np.float32))
+        queries = np.atleast_2d(np.asarray(queries, np.float64))
         n = min(n, len(self.vectors))
+        if not len(queries):
+            return Neighbours(np.zeros((0, n)), np.zeros((0, n), np.int64))
         distances, indices = [], []
         for start in range(0, len(queries), block):  # bounded memory: a block of queries at a time
-            q = queries[start : start + block].astype(np.float64)
-            squared = (q**2).sum(1)[:, None] - 2 * q @ self.vectors.T.astype(np.float64) + self.norms[None, :]
+            q = queries[start : start + block]
+            squared = (q**2).sum(1)[:, None] - 2 * q @ self.vectors.T + self.norms[None, :]
             nearest = np.argpartition(squared, n - 1, axis=1)[:, :n]
             order = np.take_along_axis(squared, nearest, 1).argsort(1, kind="stable")
             nearest = np.take_along_axis(nearest, order, 1)

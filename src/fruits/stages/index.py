@@ -48,15 +48,14 @@ def components_curve(k: int, wanted) -> list[int]:
     return sorted({j for j in wanted if j < k} | {k})
 
 
-def answers(index: NeighbourIndex, queries: np.ndarray, neighbours: int, components: int) -> list[str]:
-    """The app's first answer for each query, using the first `components` PCA components."""
-    search = ExactIndex(index.vectors[:, :components])
-    found = search.search(queries[:, :components], neighbours)
+def answers(index: NeighbourIndex, search: ExactIndex, queries: np.ndarray, neighbours: int) -> list[str]:
+    """The app's first answer for each query, searched with `search` (the index on its first j components)."""
+    found = search.search(queries[:, : search.vectors.shape[1]], neighbours)
     return [vote(index.labels, index.paths, d, i).labels[0] for d, i in zip(found.distances, found.indices, strict=True)]
 
 
 def transform(vectors, broadcast_index, neighbours: int, curve: list[int]):
-    """Test rows -> label, and for each component count j of the curve, whether the app's answer is right."""
+    """Test rows -> for each component count j of the curve, whether the app's answer is right."""
     from pyspark.sql.functions import pandas_udf
 
     schema = ", ".join(f"right_{j} boolean" for j in curve)
@@ -64,10 +63,11 @@ def transform(vectors, broadcast_index, neighbours: int, curve: list[int]):
     @pandas_udf(f"struct<{schema}>")
     def right_answers(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         index = broadcast_index.value
+        searches = {j: ExactIndex(index.vectors[:, :j]) for j in curve}  # once per task, not per batch
         for labels, pcas in batches:
-            queries = np.stack(pcas.to_numpy()).astype(np.float32) if len(pcas) else np.zeros((0, index.vectors.shape[1]))
-            yield pd.DataFrame({f"right_{j}": np.array(answers(index, queries, neighbours, j), dtype=object) == labels.to_numpy()
-                                for j in curve} if len(pcas) else {f"right_{j}": pd.Series([], dtype=bool) for j in curve})
+            queries = np.stack(pcas.to_numpy()) if len(pcas) else np.zeros((0, index.vectors.shape[1]))
+            yield pd.DataFrame({f"right_{j}": pd.Series(answers(index, searches[j], queries, neighbours), dtype=object)
+                                .eq(labels.reset_index(drop=True)).astype(bool) for j in curve})
 
     test = vectors.where(vectors.split == "Test")
     return test.select(right_answers("label", "pca").alias("right")).select("right.*")
