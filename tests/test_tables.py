@@ -40,4 +40,4 @@ def test_reading_a_table_never_committed_names_it(spark, tmp_path):
 
     with pytest.raises(tables.NoTable, match="features has no committed table"):
         tables.read(spark, uri, cfg)
-    assert not tables.exists(uri, cfg)
+    assert tables.committed_version(uri, cfg) is None

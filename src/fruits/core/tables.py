@@ -39,10 +39,6 @@ def committed_version(uri: str, cfg: DictConfig) -> str | None:
     return commit["version"]
 
 
-def exists(uri: str, cfg: DictConfig) -> bool:
-    return committed_version(uri, cfg) is not None
-
-
 def version_uri(uri: str, cfg: DictConfig) -> str:
     """The folder Spark reads: the committed version of the table at uri."""
     version = committed_version(uri, cfg)
