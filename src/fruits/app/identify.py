@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import sys
-from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -26,8 +25,6 @@ from fruits.core.config import load_config
 from fruits.core.images import RejectedImage, prepare
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
 from fruits.core.projection import load_projection
-
-log = logging.getLogger(__name__)
 
 MISSING_CARD_TEXT = "No information card for this fruit yet."
 
@@ -70,12 +67,6 @@ class BadPhoto(ValueError):
     """The upload cannot be identified; the message says why (not an image, truncated, too large...)."""
 
 
-@dataclass(frozen=True)
-class Guess:
-    label: str
-    score: float  # share of the neighbours' vote
-
-
 class Identifier:
     """Model, projection, index and cards, loaded once (per CLI call, per server process)."""
 
@@ -84,13 +75,13 @@ class Identifier:
         weights = Path(cfg.env.paths.weights)
         if not weights.exists():
             raise FileNotFoundError(f"{weights} not found: run the pipeline first (dvc repro)")
-        if engine == "onnxruntime":
-            onnx = backbone.verified_onnx(cfg.env.paths.onnx, weights, cfg.env.paths.provenance)
-            self.extract = backbone.make_onnx_extractor(onnx.read_bytes(), cfg.featurize.threads)
-        else:
-            backbone.configure_tf_threads(cfg.featurize.threads)
-            self.extract = backbone.make_extractor(backbone.load_weight_arrays(weights, size, alpha), size, alpha)
         self.model = backbone.model_identity(weights, size, alpha, engine)
+        if engine == "onnxruntime":  # what featurize broadcasts: the checked ONNX bytes, or the weight arrays
+            onnx = backbone.verified_onnx(cfg.env.paths.onnx, weights, cfg.env.paths.provenance)
+            payload = onnx.read_bytes
+        else:
+            payload = lambda: backbone.load_weight_arrays(weights, size, alpha)  # noqa: E731
+        self.extract = backbone.cached_extractor(self.model, payload, size, alpha, cfg.featurize.threads, engine)
         self.input_size = size
         self.projection = load_projection(cfg.env.paths.pca_projection)
         self.index = NeighbourIndex.load(cfg.env.paths.knn_index)
@@ -113,14 +104,14 @@ class Identifier:
         """The answer for one photo (JSON-ready; the service returns it as is)."""
         found = self.search.search(self.vector(content)[None], self.neighbours)
         result = vote(self.index.labels, self.index.paths, found.distances[0], found.indices[0])
-        top = [Guess(label, score) for label, score in zip(result.labels, result.scores, strict=True)][: self.top]
+        top = list(zip(result.labels, result.scores, strict=True))[: self.top]
         return {
-            "label": top[0].label,
-            "confidence": round(top[0].score, 4),
-            "top": [{"label": g.label, "score": round(g.score, 4), "card_key": self.cards.key_for(g.label)} for g in top],
+            "label": top[0][0],
+            "confidence": round(top[0][1], 4),
+            "top": [{"label": label, "score": round(score, 4), "card_key": self.cards.key_for(label)} for label, score in top],
             "neighbours": [{"label": label, "distance": round(distance, 4), "path": path}
                            for label, distance, path in result.nearest],
-            "card": self.cards.card(top[0].label),
+            "card": self.cards.card(top[0][0]),
             "model": self.model,
         }
 
