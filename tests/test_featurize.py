@@ -1,6 +1,7 @@
 import io
 import json
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -47,17 +48,19 @@ def test_transform_featurizes_each_row_with_the_broadcast_weights(spark, tiny_pr
     from pyspark.testing import assertDataFrameEqual
 
     files = sorted((tiny_project / "images" / "Training" / "Kiwi").glob("*.jpg"))[:3]
-    rows = [(f"file:{f}", f.read_bytes(), f"sum{i}") for i, f in enumerate(files)]
-    images = spark.createDataFrame(rows + [("file:/d/Test/Kiwi/bad.jpg", b"junk", "sumbad")],
-                                   "path string, content binary, checksum string")
+    when = datetime(2026, 1, 2, tzinfo=timezone.utc)
+    rows = [(f"file:{f}", f.read_bytes(), f"sum{i}", i, when) for i, f in enumerate(files)]
+    images = spark.createDataFrame(rows + [("file:/d/Test/Kiwi/bad.jpg", b"junk", "sumbad", 4, when)],
+                                   "path string, content binary, checksum string, size long, modified timestamp")
     udf = featurize.build_udf(spark.sparkContext.broadcast(tiny_weights), "transform-test",
                               make_cfg(tiny_project, "model.engine=tensorflow"))
     expected_features = reference_features(tiny_weights, [f.read_bytes() for f in files])
     expected = spark.createDataFrame(
-        [(f"file:{f}", f"sum{i}", "Training", "Kiwi", [float(v) for v in vector], None)
+        [(f"file:{f}", f"sum{i}", i, when, "Training", "Kiwi", [float(v) for v in vector], None)
          for i, (f, vector) in enumerate(zip(files, expected_features, strict=True))]
-        + [("file:/d/Test/Kiwi/bad.jpg", "sumbad", "Test", "Kiwi", None, "not an image (format not recognised)")],
-        "path string, checksum string, split string, label string, features array<float>, reject_reason string")
+        + [("file:/d/Test/Kiwi/bad.jpg", "sumbad", 4, when, "Test", "Kiwi", None, "not an image (format not recognised)")],
+        "path string, checksum string, size long, modified timestamp, split string, label string, "
+        "features array<float>, reject_reason string")
     assertDataFrameEqual(featurize.transform(images, udf), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -201,11 +204,33 @@ def test_missing_weights_file_is_named(spark, tiny_cfg, tmp_path):
         featurize.run(tiny_cfg, spark)
 
 
-def test_partition_settings_give_about_the_requested_images_per_task():
-    settings = featurize.partition_settings(1000, 1000 * 5000, 100)
-    open_cost = int(settings["spark.sql.files.openCostInBytes"])
-    per_task = int(settings["spark.sql.files.maxPartitionBytes"]) // (5000 + open_cost)
-    assert per_task == 100
+def spark_file_partitions(sizes: list[int], settings: dict[str, str], parallelism: int) -> list[int]:
+    """Files per partition as Spark 3.5 packs them (FilePartition.maxSplitBytes, getFilePartitions)."""
+    open_cost = int(settings.get("spark.sql.files.openCostInBytes", 4 * 2**20))
+    max_bytes = int(settings.get("spark.sql.files.maxPartitionBytes", 128 * 2**20))
+    minimum = int(settings.get("spark.sql.files.minPartitionNum", parallelism))
+    split = min(max_bytes, max(open_cost, sum(size + open_cost for size in sizes) // minimum))
+    counts, current, files = [], 0, 0
+    for size in sorted(sizes, reverse=True):
+        if files and current + size > split:
+            counts.append(files)
+            current, files = 0, 0
+        current += size + open_cost
+        files += 1
+    return counts + [files] if files else counts
+
+
+@pytest.mark.parametrize(("images", "cores", "expected"), [
+    (1920, 2, [480] * 4),  # 2 waves on 2 cores (at most 512 a task), equal counts whatever the sizes
+    (1000, 2, [500, 500]),
+    (1025, 2, [257, 257, 257, 254]),
+    (7, 2, [4, 3]),
+    (1, 8, [1]),
+])
+def test_partition_settings_cut_equal_counts_in_whole_waves(images, cores, expected):
+    sizes = [3000 + (7919 * i) % 9000 for i in range(images)]  # unequal sizes, up to 4x apart
+    settings = featurize.partition_settings(images, sum(sizes), max(sizes), cores, 512)
+    assert spark_file_partitions(sizes, settings, cores) == expected
 
 
 def test_odd_names_are_read_literally(spark, tmp_path):

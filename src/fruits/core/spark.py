@@ -9,6 +9,7 @@ import shutil
 import sys
 import threading
 import time
+from contextlib import contextmanager
 
 from omegaconf import DictConfig
 
@@ -39,6 +40,23 @@ def get_session(cfg: DictConfig):
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
+
+
+@contextmanager
+def session_settings(spark, settings: dict[str, str]):
+    """Spark SQL settings for the plans run inside the block, then the previous values back (a shared
+    session, as in the tests or a notebook, keeps its own)."""
+    before = {key: spark.conf.get(key, None) for key in settings}
+    for key, value in settings.items():
+        spark.conf.set(key, value)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                spark.conf.unset(key)
+            else:
+                spark.conf.set(key, value)
 
 
 class PidCounts:

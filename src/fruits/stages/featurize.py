@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -31,7 +32,7 @@ from omegaconf import DictConfig
 from fruits.core import backbone, tables
 from fruits.core.config import stage_config
 from fruits.core.images import RejectedImage, parse_image_path, prepare
-from fruits.core.spark import PidCounts, Progress, get_session
+from fruits.core.spark import PidCounts, Progress, get_session, session_settings
 from fruits.core.storage import SHARD_GLOB, iter_files, write_json
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ RESULT_SCHEMA = "split string, label string, features array<float>, reject_reaso
 ROW_IDENTITY = ["checksum", "size", "modified", "model"]
 FEATURE_COLUMNS = ["path", "label", "split", "features", *ROW_IDENTITY]
 REJECT_COLUMNS = ["path", "reject_reason", *ROW_IDENTITY]
+LISTED_SIZE_BOUND = 64 * 2**20  # for partitioning the listing only: larger images make bigger listing tasks
 
 
 def featurize_batch(
@@ -105,18 +107,35 @@ def image_glob(extensions) -> str:
     return "*.{" + ",".join(names) + "}"
 
 
-def partition_settings(images: int, total_bytes: int, images_per_partition: int) -> dict[str, str]:
-    """File-source settings for about images_per_partition images per task.
+def partition_settings(images: int, total_bytes: int, largest_bytes: int, cores: int, images_per_partition: int,
+                       shards: bool = False) -> dict[str, str]:
+    """File-source settings that cut the images into equal counts, a whole number of waves per core.
 
-    By default Spark counts 4 MB of "open cost" per file, so small images come 32 to a task and the
-    per-task overhead (~0.4 s with busy cores) rivals the model time. Counting each file at its mean
-    size instead makes partitions of about images_per_partition images (fewer when the data is small,
-    still one per core at least, as Spark splits by bytes per core).
+    Spark packs files into a partition until their sizes plus an "open cost" per file reach
+    maxPartitionBytes. Partitions by bytes leave unequal image counts (431 to 534 of 1,920 were
+    measured), and the model's time goes by count: the last task ran alone for a second. An open cost
+    above per_task x the largest file makes the count decide: every partition but the last holds
+    exactly per_task images, per_task being the images over cores x waves, and a wave at most
+    images_per_partition images per task (bounded retries, a live progress line). Shards (Parquet)
+    split by bytes only: their split size is per_task images' worth of bytes.
     """
-    mean_size = max(1, total_bytes // max(1, images))
+    cores = max(1, cores)
+    waves = max(1, math.ceil(images / (cores * images_per_partition)))
+    per_task = max(1, math.ceil(images / (cores * waves)))
+    if shards:
+        return {"spark.sql.files.maxPartitionBytes": str(max(1, math.ceil(total_bytes / (cores * waves))))}
+    return files_per_partition(per_task, largest_bytes)
+
+
+def files_per_partition(files: int, largest_bytes: int) -> dict[str, str]:
+    """File-source settings for exactly `files` files per partition (the last one: the rest), for
+    files of at most largest_bytes: the open cost per file outweighs every size."""
+    open_cost = files * max(1, largest_bytes) + 1
     return {
-        "spark.sql.files.openCostInBytes": str(mean_size),
-        "spark.sql.files.maxPartitionBytes": str(2 * mean_size * images_per_partition),
+        "spark.sql.files.openCostInBytes": str(open_cost),
+        "spark.sql.files.maxPartitionBytes": str(files * open_cost),
+        # Else Spark caps a partition at the total / default parallelism, which can split one off.
+        "spark.sql.files.minPartitionNum": "1",
     }
 
 
@@ -149,14 +168,15 @@ def extract_shard_index(spark, cfg: DictConfig):
 
 
 def shard_contents(spark, cfg: DictConfig, wanted):
-    """path, content, checksum of the wanted (path, checksum) rows, from the shards: old versions of a
-    changed image stay in their shard, the checksum picks the current one."""
+    """path, content, checksum, size, modified of the wanted listing rows, from the shards: old versions
+    of a changed image stay in their shard, the checksum picks the current one."""
     shards = spark.read.parquet(f"{cfg.env.paths.shards}/{SHARD_GLOB}").select("path", "content", "checksum")
-    return shards.join(wanted.select("path", "checksum"), ["path", "checksum"])
+    return shards.join(wanted.select("path", "checksum", "size", "modified"), ["path", "checksum"])
 
 
 def read_contents(spark, cfg: DictConfig, paths: list[str] | None):
-    """path, content, checksum of the given image files (all of env.paths.images for None)."""
+    """path, content, checksum, size, modified of the given image files (all of env.paths.images for
+    None): the size and date of the bytes read, which a file changed since the listing keeps."""
     from pyspark.sql import functions as F
 
     if paths is None:
@@ -164,8 +184,9 @@ def read_contents(spark, cfg: DictConfig, paths: list[str] | None):
     elif paths:
         images = spark.read.format("binaryFile").load([escape_glob(p) for p in paths])
     else:
-        return spark.createDataFrame([], "path string, content binary, checksum string")
-    return images.select("path", "content", F.sha2("content", 256).alias("checksum"))
+        return spark.createDataFrame([], "path string, content binary, checksum string, size long, modified timestamp")
+    return images.select("path", "content", F.sha2("content", 256).alias("checksum"),
+                         F.col("length").alias("size"), F.col("modificationTime").alias("modified"))
 
 
 def read_previous(spark, cfg: DictConfig, identity: str):
@@ -214,14 +235,16 @@ def plan(listing, previous):
 
 
 def transform(images, featurize_udf):
-    """path, content, checksum -> path, checksum, split, label, features, reject_reason (the model runs
-    once per row)."""
+    """path, content, checksum, size, modified -> path, checksum, size, modified, split, label, features,
+    reject_reason (the model runs once per row)."""
     from pyspark.sql import functions as F
 
     result = featurize_udf(F.col("path"), F.col("content"))
     return images.select(
         "path",
         "checksum",
+        "size",
+        "modified",
         result["split"].alias("split"),
         result["label"].alias("label"),
         result["features"].alias("features"),
@@ -230,14 +253,15 @@ def transform(images, featurize_udf):
 
 
 def merge(previous_tables, reused, computed, listing, identity: str):
-    """The new (features, rejects): previous rows of reused paths, plus the rows computed now; size and
-    modification time from this listing (a shard listing has no date)."""
+    """The new (features, rejects): the rows computed now (with the size and date of what was read),
+    plus the previous rows of reused paths with their size and date in this listing (a shard listing
+    has no date)."""
     from pyspark.sql import functions as F
 
-    stamp = listing.select("path", "size", "modified")
-    features, rejects = split_results(computed.join(stamp, "path").withColumn("model", F.lit(identity)))
+    features, rejects = split_results(computed.withColumn("model", F.lit(identity)))
     if previous_tables is None:
         return features, rejects
+    stamp = listing.select("path", "size", "modified")
 
     def kept(old, columns):
         return old.drop("size", "modified").join(reused, "path").join(stamp, "path").select(*columns)
@@ -289,15 +313,16 @@ class RunPlan(NamedTuple):
     computing: int  # how many images go through the model
 
 
-def plan_run(spark, cfg: DictConfig, listing, previous, shards: bool) -> RunPlan:
-    """What this run reuses and what it computes, from the listing and the previous rows (None: none)."""
+def plan_run(spark, cfg: DictConfig, listing, listed: int, previous, shards: bool) -> RunPlan:
+    """What this run reuses and what it computes, from the listing (of `listed` rows) and the previous
+    rows (None: none)."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     nothing = listing.limit(0).select("path")
     if previous is None:  # first run or a new model: every image, read once
         everything = shard_contents(spark, cfg, listing) if shards else read_contents(spark, cfg, None)
-        return RunPlan(nothing, everything, 0, 0, None, listing.count())
+        return RunPlan(nothing, everything, 0, 0, None, listed)
     if shards:  # the index knows every checksum: nothing is read to compare
         before = previous.select("path", "checksum")
         kept = listing.join(before, ["path", "checksum"], "left_semi").select("path")
@@ -354,35 +379,42 @@ def run(cfg: DictConfig, spark=None) -> dict:
     builds = spark.sparkContext.accumulator({}, PidCounts())
     shards = cfg.data.layout == "parquet"
     listing = (extract_shard_index if shards else extract)(spark, cfg).persist(StorageLevel.MEMORY_AND_DISK)
-    listed, listed_bytes = listing.agg(F.count("path"), F.coalesce(F.sum("size"), F.lit(0))).first()
+    # Listing tasks of about images_per_partition files each (taking no image above LISTED_SIZE_BOUND),
+    # not Spark's 32 per 4 MB of "open cost".
+    with session_settings(spark, {} if shards else files_per_partition(cfg.featurize.images_per_partition,
+                                                                       LISTED_SIZE_BOUND)):
+        listed, listed_bytes, largest = listing.agg(
+            F.count("path"), F.coalesce(F.sum("size"), F.lit(0)), F.coalesce(F.max("size"), F.lit(0))).first()
     # Spark's file source skips empty files and hidden names: a streaming walk finds them, so that
     # nothing is lost (only those are held in memory). Shards hold every file ingest saw.
     unreadable = [] if shards else unreadable_by_spark(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
-    for setting, value in partition_settings(listed, listed_bytes, cfg.featurize.images_per_partition).items():
-        spark.conf.set(setting, value)
 
     previous = read_previous(spark, cfg, identity)
-    work = plan_run(spark, cfg, listing, previous and previous[2], shards)
+    work = plan_run(spark, cfg, listing, listed, previous and previous[2], shards)
     udf = build_udf(weights, identity, cfg, builds)
     computed = transform(work.to_compute, udf).persist(StorageLevel.MEMORY_AND_DISK)
     reused = work.reused.persist(StorageLevel.MEMORY_AND_DISK)
+    settings = partition_settings(work.computing, listed_bytes, largest, spark.sparkContext.defaultParallelism,
+                                  cfg.featurize.images_per_partition, shards)
     try:
         # Counted before the commit: the plan reads the previous tables, which the commit replaces.
-        reused_count = reused.count()
-        partitions = work.to_compute.rdd.getNumPartitions()
-        with Progress(spark, "featurize", work.computing, partitions, cfg.featurize.progress_seconds):
-            rejected_now = computed.where(F.col("reject_reason").isNotNull()).count() + len(unreadable)
-        computed_count = computed.count()
+        reused_count = 0 if previous is None else reused.count()
+        with session_settings(spark, settings):  # the model's partitions are cut when it first runs
+            partitions = work.to_compute.rdd.getNumPartitions()
+            with Progress(spark, "featurize", work.computing, partitions, cfg.featurize.progress_seconds):
+                computed_count, rejected_now = computed.agg(F.count(F.lit(1)), F.count("reject_reason")).first()
+        rejected_now += len(unreadable)
         features, rejects = merge(previous and previous[:2], reused, computed, listing, identity)
         unreadable_rows = spark.createDataFrame(
             [(uri, reason, None, None, None, identity) for uri, reason in unreadable],
             "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
         load(features, rejects.unionByName(unreadable_rows), cfg)
         seconds = time.perf_counter() - started
+        # What was committed, read back: the accounting below checks the tables, not the plan.
         featurized = tables.read(spark, cfg.env.paths.features, cfg).count()
-        rejects_table = tables.read(spark, cfg.env.paths.rejects, cfg)
-        rejected = rejects_table.count()
-        reasons = {row["reject_reason"]: row["count"] for row in rejects_table.groupBy("reject_reason").count().collect()}
+        reasons = {row["reject_reason"]: row["count"]
+                   for row in tables.read(spark, cfg.env.paths.rejects, cfg).groupBy("reject_reason").count().collect()}
+        rejected = sum(reasons.values())
     finally:
         computed.unpersist()
         listing.unpersist()
