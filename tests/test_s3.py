@@ -76,8 +76,31 @@ def keys(s3_endpoint, cfg):
     return {obj["Key"]: obj["ETag"].strip('"') for page in pages for obj in page.get("Contents", [])}
 
 
-def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_path, s3_endpoint, monkeypatch):
-    cfg = s3_cfg(tmp_path, s3_endpoint)
+@pytest.fixture
+def opaque_kms_etags(monkeypatch):
+    """moto gives every object the MD5 of its content as ETag; S3 does so only for single-part SSE-S3
+    objects. Under SSE-KMS the ETag is another value: so here too."""
+    from moto.s3.models import FakeKey
+
+    md5_etag = FakeKey.etag
+
+    def etag(key):
+        value = md5_etag.fget(key)
+        return f'"{hashlib.sha256(value.encode()).hexdigest()[:32]}"' if key.encryption == "aws:kms" else value
+
+    monkeypatch.setattr(FakeKey, "etag", property(etag))
+
+
+def object_md5s(s3_endpoint, cfg) -> dict[str, str]:
+    s3 = raw_client(s3_endpoint)
+    return {key: hashlib.md5(s3.get_object(Bucket=cfg.storage.bucket, Key=key)["Body"].read()).hexdigest()
+            for key in keys(s3_endpoint, cfg)}
+
+
+@pytest.mark.parametrize("kms_key", [None, "alias/fruits"], ids=["sse-s3", "sse-kms"])
+def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_path, s3_endpoint, monkeypatch,
+                                                                          opaque_kms_etags, kms_key):
+    cfg = s3_cfg(tmp_path, s3_endpoint, f"storage.kms_key_id={kms_key or 'null'}")
     bucket.run(cfg)
     sample.run(cfg)
     local = sorted(Path(cfg.data.root).rglob("*.jpg"))
@@ -98,29 +121,55 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     with pytest.raises(ConnectionError):
         ingest.run(cfg)
     assert len(keys(s3_endpoint, cfg)) == 10
-    monkeypatch.undo()
+    monkeypatch.setattr(fs, "put_file", real_put)
 
     manifest = ingest.run(cfg)
-    uploaded = keys(s3_endpoint, cfg)
+    uploaded = object_md5s(s3_endpoint, cfg)
     assert len(uploaded) == len(local) == manifest["images"] == 32
     for path in local:
         relative = path.relative_to(cfg.data.root).as_posix()
         assert uploaded[f"{cfg.storage.prefix}/raw/{relative}"] == hashlib.md5(path.read_bytes()).hexdigest()
+    s3 = raw_client(s3_endpoint)
+    head = s3.head_object(Bucket=cfg.storage.bucket, Key=next(iter(uploaded)))
+    assert head["ServerSideEncryption"] == ("aws:kms" if kms_key else "AES256")
+    etag_is_md5 = head["ETag"].strip('"') == head["Metadata"][ingest.MD5_METADATA]
+    assert etag_is_md5 is (kms_key is None)
     assert manifest["per_split"]["Training"]["Kiwi"] == 6
     assert json.loads(Path(cfg.env.paths.ingest_metrics).read_text())["images"] == 32
     # The S3 change signal: an image put straight into the raw prefix changes it, without a download.
-    s3 = raw_client(s3_endpoint)
     s3.put_object(Bucket=cfg.storage.bucket, Key=f"{cfg.storage.prefix}/raw/Test/Kiwi/direct.jpg", Body=local[0].read_bytes())
     again = ingest.run(cfg)
     assert again["remote_images"] == 33 and again["remote_listing_sha256"] != manifest["remote_listing_sha256"]
     assert again["listing_sha256"] == manifest["listing_sha256"]  # the local images did not change
 
-    # Idempotent: nothing new to upload; a changed file is uploaded again.
+    # Idempotent under either encryption, from the listing alone (no object's metadata read).
     listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
-    assert ingest.upload(cfg, listed, ingest.content_md5s(listed))["uploaded"] == 0
+    rerun = ingest.upload(cfg, listed, ingest.content_md5s(listed))
+    assert rerun["uploaded"] == 0 and rerun["checked_metadata"] == 0
+    # A changed file is uploaded again; so is an object someone replaced in S3 with the same size.
     local[0].write_bytes(local[1].read_bytes())
+    replaced = local[2].relative_to(cfg.data.root).as_posix()
+    body = bytearray(local[2].read_bytes())
+    body[-3] ^= 0xFF
+    s3.put_object(Bucket=cfg.storage.bucket, Key=f"{cfg.storage.prefix}/raw/{replaced}", Body=bytes(body))
     listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
-    assert ingest.upload(cfg, listed, ingest.content_md5s(listed))["uploaded"] == 1
+    result = ingest.upload(cfg, listed, ingest.content_md5s(listed))
+    assert result["uploaded"] == 2
+    assert object_md5s(s3_endpoint, cfg)[f"{cfg.storage.prefix}/raw/{replaced}"] == hashlib.md5(local[2].read_bytes()).hexdigest()
+
+
+def test_an_unreadable_upload_record_costs_metadata_reads_not_uploads(tmp_path, s3_endpoint, opaque_kms_etags):
+    cfg = s3_cfg(tmp_path, s3_endpoint, "storage.kms_key_id=alias/fruits")
+    bucket.run(cfg)
+    sample.run(cfg)
+    ingest.run(cfg)
+    from fruits.core.storage import filesystem
+
+    fs, record = filesystem(cfg.storage.uris.uploads, cfg)
+    fs.pipe_file(record, b"{not json")
+    listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
+    rerun = ingest.upload(cfg, listed, ingest.content_md5s(listed))
+    assert rerun["uploaded"] == 0 and rerun["checked_metadata"] == 32
 
 
 def test_dvc_push_pull_round_trip(tmp_path, s3_endpoint):

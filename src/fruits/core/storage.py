@@ -49,6 +49,14 @@ def filesystem(uri: str, cfg: DictConfig):
     return fsspec.filesystem("file"), local_path(uri)
 
 
+def object_encryption(cfg: DictConfig) -> dict[str, str]:
+    """Request options for objects the project writes: SSE-KMS with storage.kms_key_id when set (as
+    the bucket default, stated on each object so that a bucket policy requiring it is met); none
+    otherwise (the bucket's default SSE-S3 applies)."""
+    key = cfg.storage.get("kms_key_id")
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key} if key else {}
+
+
 def local_path(uri: str) -> str:
     """A local path from a path or a `file:` URI as Spark writes it (`file:/a/b`)."""
     return uri.removeprefix("file:")
@@ -58,7 +66,7 @@ class ListedFile(NamedTuple):
     uri: str  # as Spark names it: file:/abs/path or s3://bucket/key
     relative: str  # below the listed root
     size: int
-    etag: str | None = None  # S3 only: the MD5 of a single-part, SSE-S3 object
+    etag: str | None = None  # S3 only; the MD5 of the content only for a single-part SSE-S3 object
 
 
 def iter_files(uri: str, cfg: DictConfig, extensions):

@@ -7,7 +7,10 @@ each current image. Otherwise:
 
 storage=local: the images stay on local disk (data.root). storage=s3: they are uploaded in parallel
 to storage.uris.raw (s3://<bucket>/<prefix>/raw/<split>/<label>/<file>), skipping objects already there with the same
-size and MD5 (so an interrupted upload resumes), and the final count is verified. Either way the
+content (so an interrupted upload resumes), and the final count is verified. "The same content" never
+relies on the ETag being the MD5, which holds only for single-part SSE-S3 objects: each object carries
+its content MD5 in its metadata, and storage.uris.uploads records the ETag S3 gave each upload, so a
+rerun under SSE-KMS skips from the listing alone. Either way the
 manifest (count per label and split, total bytes, a checksum of the listing) is what DVC tracks.
 """
 
@@ -35,6 +38,7 @@ from fruits.core.storage import (
     filesystem,
     list_files,
     local_path,
+    object_encryption,
     shard_name,
     write_json,
 )
@@ -42,6 +46,7 @@ from fruits.core.storage import (
 log = logging.getLogger(__name__)
 
 UPLOAD_THREADS = 8  # small objects: latency-bound, so a few requests in flight
+MD5_METADATA = "fruits-md5"  # object metadata: the MD5 of the content ingest uploaded
 
 
 def manifest(listed: list[ListedFile], md5s: dict[str, str]) -> dict:
@@ -69,28 +74,58 @@ def manifest(listed: list[ListedFile], md5s: dict[str, str]) -> dict:
     }
 
 
-def to_upload(local: list[ListedFile], remote: list[ListedFile], md5s: dict[str, str]) -> list[ListedFile]:
-    """The local files whose object is missing or differs (size, then MD5 against the ETag)."""
+def to_upload(local: list[ListedFile], remote: list[ListedFile], md5s: dict[str, str],
+              uploads: dict[str, dict]) -> tuple[list[ListedFile], list[ListedFile]]:
+    """(pending, unsure): the local files whose object is missing or has another size, and those whose
+    object has the right size but whose content the listing cannot confirm.
+
+    The listing confirms an object when its ETag is the one S3 gave to the upload of this very content
+    (the upload record), or equals the content's MD5 (single-part SSE-S3). An object replaced by
+    anyone since has another ETag: unsure, so its metadata decides."""
     present = {f.relative: f for f in remote}
-    pending = []
+    pending, unsure = [], []
     for file in local:
-        there = present.get(file.relative)
-        if there is None or there.size != file.size or there.etag != md5s[file.relative]:
+        there, md5 = present.get(file.relative), md5s[file.relative]
+        if there is None or there.size != file.size:
             pending.append(file)
-    return pending
+        elif there.etag != md5 and uploads.get(file.relative) != {"md5": md5, "etag": there.etag}:
+            unsure.append(file)
+    return pending, unsure
+
+
+def read_uploads(fs, path: str) -> dict[str, dict]:
+    """The upload record ({relative path: {md5, etag}}); empty when there is none or it is unreadable
+    (then every object's metadata is checked once: slower, never wrong)."""
+    try:
+        with fs.open(path, "rb") as stream:
+            record = json.load(stream)
+        return record if isinstance(record, dict) else {}
+    except FileNotFoundError:
+        return {}
+    except (ValueError, UnicodeDecodeError) as err:
+        log.warning("ingest: ignoring the unreadable upload record %s (%s); checking object metadata instead", path, err)
+        return {}
 
 
 def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> dict:
-    """Upload what is missing, in parallel with a progress bar; verify the count at the end."""
+    """Upload what is missing or differs, in parallel with a progress bar; verify the count at the end."""
     destination = cfg.storage.uris.raw
     fs, root = filesystem(destination, cfg)
     check_location(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU bucket
+    _, record_path = filesystem(cfg.storage.uris.uploads, cfg)
+    fs.invalidate_cache()  # a listing cached earlier in this process may predate others' changes
     remote = list_files(destination, cfg, cfg.data.extensions) if fs.exists(root) else []
-    pending = to_upload(local, remote, md5s)
+    pending, unsure = to_upload(local, remote, md5s, read_uploads(fs, record_path))
+    if unsure:  # one HEAD each: after an interrupted run, the objects it uploaded before the record
+        with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
+            stored = list(pool.map(lambda f: fs.metadata(f"{root}/{f.relative}").get(MD5_METADATA), unsure))
+        pending += [file for file, md5 in zip(unsure, stored, strict=True) if md5 != md5s[file.relative]]
     log.info("ingest: %d of %d files to upload to %s", len(pending), len(local), destination)
+    put_options = object_encryption(cfg)
 
     def put(file: ListedFile) -> None:
-        fs.put_file(local_path(file.uri), f"{root}/{file.relative}")
+        fs.put_file(local_path(file.uri), f"{root}/{file.relative}",
+                    Metadata={MD5_METADATA: md5s[file.relative]}, **put_options)
 
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         for _ in tqdm(pool.map(put, pending), total=len(pending), desc="upload", unit="file", disable=not pending):
@@ -100,8 +135,12 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
     missing = {f.relative for f in local} - {f.relative for f in uploaded}
     if missing:
         raise RuntimeError(f"ingest: {len(missing)} file(s) missing in {destination} after upload, e.g. {sorted(missing)[:3]}")
+    etags = {f.relative: f.etag for f in uploaded}
+    record = {f.relative: {"md5": md5s[f.relative], "etag": etags[f.relative]} for f in local}
+    fs.pipe_file(record_path, json.dumps(record, sort_keys=True).encode(), **put_options)
     return {"destination": destination, "uploaded": len(pending), "skipped": len(local) - len(pending),
-            "remote_images": len(uploaded), "remote_listing_sha256": listing_checksum(uploaded)}
+            "checked_metadata": len(unsure), "remote_images": len(uploaded),
+            "remote_listing_sha256": listing_checksum(uploaded)}
 
 
 def listing_checksum(remote: list[ListedFile]) -> str:
