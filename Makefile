@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports help install check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
+.PHONY: lint-imports secrets help install check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -114,10 +114,13 @@ emr-repro: $(STAMP) ## Run the pipeline on the cluster: dvc repro emr/dvc.yaml
 lint-imports: $(STAMP) ## Check the layer contracts (core < stages < cloud; app on core) in pyproject.toml
 	$(VENV)/bin/lint-imports
 
-test: $(STAMP) s3a-jars lint-imports ## Run the layer contracts, then the whole test suite (slow tests included)
+secrets: $(STAMP) ## Scan every tracked file for secrets (detect-secrets; known non-secrets in .secrets.baseline)
+	git ls-files -z | xargs -0 $(VENV)/bin/detect-secrets-hook --baseline .secrets.baseline
+
+test: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the secret scan, then the whole test suite (slow tests included)
 	$(PY) -m pytest
 
-test-fast: $(STAMP) s3a-jars lint-imports ## Run the layer contracts and the tests not marked slow
+test-fast: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
 bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)

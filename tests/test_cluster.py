@@ -16,7 +16,7 @@ import pytest
 from botocore.stub import Stubber
 
 from fruits.cloud import cluster, steps
-from fruits.core.config import PROJECT_ROOT, ConfigError, compose
+from fruits.core.config import EU_REGIONS, PROJECT_ROOT, ConfigError, compose
 
 from conftest import make_cfg
 
@@ -183,13 +183,58 @@ def test_bootstrap_installs_the_pins_once_and_stops_on_failure(tmp_path):
     assert not list(failing.glob("fruits-deps-*"))
 
 
-def test_instance_role_policy_is_limited_to_the_project_bucket():
-    s3_cfg = compose(["storage=s3"]).storage
-    policy = json.loads((PROJECT_ROOT / "bootstrap" / "iam" / "instance-role-policy.json").read_text())
-    s3_resources = [r for st in policy["Statement"] for r in ([st["Resource"]] if isinstance(st["Resource"], str) else st["Resource"])
-                    if r.startswith("arn:aws:s3")]
-    assert s3_resources and all(r.startswith(f"arn:aws:s3:::{s3_cfg.bucket}") for r in s3_resources)
-    assert f"arn:aws:s3:::{s3_cfg.bucket}/{s3_cfg.prefix}/*" in s3_resources
+# Actions that AWS does not let a policy scope to a resource (the service authorization reference).
+NO_RESOURCE_SCOPE = {"ec2:DescribeInstances"}
+
+
+def as_list(value) -> list:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def test_instance_role_policy_is_least_privilege():
+    from moto.iam.access_control import IAMPolicy, PermissionResult
+
+    storage = compose(["storage=s3"]).storage
+    text = (PROJECT_ROOT / "bootstrap" / "iam" / "instance-role-policy.json").read_text()
+    policy = json.loads(text)
+    bucket_arn, objects_arn = f"arn:aws:s3:::{storage.bucket}", f"arn:aws:s3:::{storage.bucket}/{storage.prefix}/*"
+    for statement in policy["Statement"]:
+        actions, resources = as_list(statement["Action"]), as_list(statement["Resource"])
+        assert statement["Effect"] == "Allow" and "NotAction" not in statement and "NotResource" not in statement
+        assert not any("*" in action for action in actions), statement  # no "*", no "s3:*", no "s3:Get*"
+        if "*" in resources:
+            assert set(actions) <= NO_RESOURCE_SCOPE, f"{statement['Sid']}: Resource * where a scope exists"
+        for action, resource in ((a, r) for a in actions for r in resources):
+            if action.startswith("s3:"):
+                assert resource in (bucket_arn, objects_arn), (action, resource)
+            if action.startswith("elasticmapreduce:"):
+                region = resource.split(":")[3]
+                assert resource.endswith(":cluster/*") and region in EU_REGIONS, resource
+        if "s3:ListBucket" in actions:  # listing limited to the project prefix
+            prefixes = as_list(statement["Condition"]["StringLike"]["s3:prefix"])
+            assert all(p == storage.prefix or p.startswith(f"{storage.prefix}/") for p in prefixes), prefixes
+
+    def permitted(action, resource):
+        return IAMPolicy(text).is_action_permitted(action, resource) == PermissionResult.PERMITTED
+
+    assert permitted("s3:GetObject", f"{bucket_arn}/{storage.prefix}/raw/Training/Kiwi/1.jpg")
+    assert permitted("s3:PutObject", f"{bucket_arn}/{storage.prefix}/sample/features/_commit.json")
+    assert not permitted("s3:GetObject", f"{bucket_arn}/other-project/secret.csv")
+    assert not permitted("s3:GetObject", f"arn:aws:s3:::another-bucket/{storage.prefix}/raw/1.jpg")
+    for action in ("s3:DeleteBucket", "s3:PutBucketPolicy", "s3:PutBucketAcl", "iam:PassRole", "ec2:TerminateInstances"):
+        assert not permitted(action, bucket_arn) and not permitted(action, "*"), action
+
+
+def test_local_state_and_secrets_are_git_ignored():
+    """What holds credentials, cluster ids or machine-local settings never reaches a commit."""
+    local_state = [".cluster-state.json", ".dvc/config.local", ".dvc/tmp/lock", ".dvc/cache/files/md5/aa", ".env",
+                   ".venv/bin/python", ".cache/s3a-jars/x.jar", "deploy-key.pem", ".aws/credentials", "data/features/x",
+                   "models/mobilenetv2.weights.h5"]
+    done = subprocess.run(["git", "check-ignore", "--no-index", *local_state], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert sorted(done.stdout.split()) == sorted(local_state), set(local_state) - set(done.stdout.split())
+    tracked = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert tracked == [], f"tracked files that the ignore rules cover: {tracked}"
 
 
 @pytest.mark.slow

@@ -25,6 +25,7 @@ from fruits.core.config import load_config
 from fruits.core.images import RejectedImage, prepare
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
 from fruits.core.projection import load_projection
+from fruits.core.storage import file_digest
 
 MISSING_CARD_TEXT = "No information card for this fruit yet."
 
@@ -85,6 +86,9 @@ class Identifier:
         self.input_size = size
         self.projection = load_projection(cfg.env.paths.pca_projection)
         self.index = NeighbourIndex.load(cfg.env.paths.knn_index)
+        if self.index.projection_sha256 and self.index.projection_sha256 != file_digest(cfg.env.paths.pca_projection):
+            raise ValueError(f"{cfg.env.paths.knn_index} was built with another projection than "
+                             f"{cfg.env.paths.pca_projection}: re-run the index stage (dvc repro)")
         if self.index.vectors.shape[1] != self.projection.components.shape[1]:
             raise ValueError(f"{cfg.env.paths.knn_index} holds {self.index.vectors.shape[1]}-d vectors but the "
                              f"projection gives {self.projection.components.shape[1]}: re-run the index stage (dvc repro)")

@@ -46,3 +46,12 @@ def check_location(s3, bucket: str) -> str | None:
             f"{', '.join(EU_REGIONS)}. Use another bucket name."
         )
     return region
+
+
+def require_bucket(s3, bucket: str) -> str:
+    """check_location, and the bucket must exist: its region."""
+    region = check_location(s3, bucket)
+    if region is None:
+        raise ConfigError(f"storage.bucket={bucket} does not exist: create it with `make bucket` "
+                          "(python -m fruits.cloud.bucket) or set storage.bucket")
+    return region

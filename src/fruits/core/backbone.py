@@ -163,6 +163,32 @@ def model_identity(weights_file: str | Path, input_size: int, alpha: float, engi
     return f"mobilenetv2/{sha256_file(weights_file)}/{input_size}/{alpha}/{engine}"
 
 
+def check_weights_file(weights: str | Path, provenance_file: str | Path) -> None:
+    """Before any work: the weights file exists, is an HDF5 file, and, when the weights stage's
+    provenance describes this very file, has the checksum it recorded (else it is corrupt or replaced)."""
+    import json
+
+    import h5py
+
+    from fruits.core.config import ConfigError
+
+    weights, provenance_file = Path(weights), Path(provenance_file)
+    if not weights.exists():
+        raise FileNotFoundError(f"env.paths.weights={weights} not found: run the weights stage first "
+                                "(python -m fruits.stages.weights, or make weights)")
+    try:
+        with h5py.File(weights, "r"):
+            pass
+    except OSError as err:  # not HDF5, or cut short (the superblock records the file's end)
+        raise ConfigError(f"env.paths.weights={weights} is not a readable HDF5 weights file ({err}): "
+                          "delete it and re-run the weights stage") from None
+    provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
+    described = provenance.get("file") and Path(provenance["file"]).resolve() == weights.resolve()
+    if described and provenance.get("sha256") != sha256_file(weights):
+        raise ConfigError(f"env.paths.weights={weights} does not have the sha256 that {provenance_file} recorded: "
+                          "the file is corrupt or was replaced; re-run the weights stage")
+
+
 def verified_onnx(onnx: str | Path, weights: str | Path, provenance_file: str | Path) -> Path:
     """The ONNX graph, checked to be the weights stage's export of exactly these weights (its provenance
     records both checksums), so that what it computes is labelled with the right weights."""

@@ -11,7 +11,7 @@ is validated once, here; every error names the setting.
 from __future__ import annotations
 
 import argparse
-import logging
+import functools
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -37,6 +37,8 @@ REGION_SETTINGS = ("storage.region", "cluster.region")
 # Each group's option file names itself in `<group>.name`: that is how a composed params file says
 # which options it was composed from.
 GROUPS = ("env", "data", "model", "pca", "storage", "cluster")
+LAYOUTS = ("files", "parquet")
+WHOLE_NUMBERS = ("pca.k", "featurize.batch_size", "featurize.images_per_partition", "model.input_size")
 
 
 class ConfigError(ValueError):
@@ -198,10 +200,69 @@ def load_config(overrides: Sequence[str] = (), params_file: str | Path | None = 
     return validate(cfg)
 
 
+@functools.lru_cache(maxsize=8)
+def defaults(options: tuple[tuple[str, str], ...]) -> dict:
+    """conf/'s values for these group options, as plain data (what a setting's type is checked against)."""
+    return OmegaConf.to_container(compose([f"{group}={option}" for group, option in options]), resolve=True)
+
+
+def kind_of(value) -> str:
+    """bool, number (int or float), string, list, mapping."""
+    return {bool: "true or false", int: "a number", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def check_types(cfg: DictConfig) -> None:
+    """Each setting of the kind conf/ gives it (a number, a string, true/false, a list; null is left to
+    the checks below): `pca.k=fifty` is refused here, not deep inside a stage."""
+    options = tuple((group, str(cfg[group].name)) for group in GROUPS if group in cfg and "name" in cfg[group])
+    try:
+        expected = defaults(options)
+    except ConfigError:
+        return  # a group option conf/ does not have: composing it already said so
+    for parts, default in leaves(expected):
+        node = cfg
+        for part in parts:
+            if not isinstance(node, DictConfig) or part not in node:
+                break
+            node = node[part]
+        else:
+            value = OmegaConf.to_container(node) if isinstance(node, DictConfig | ListConfig) else node
+            if default is None or value is None or isinstance(default, dict):
+                continue
+            if kind_of(value) != kind_of(default):
+                setting = ".".join(parts)
+                raise ConfigError(f"{setting}={value!r} must be {kind_of(default)} (conf/ has {default!r})")
+
+
+def check_dvc_remotes(project: Path) -> None:
+    """The GDPR guard for DVC: a remote's region (.dvc/config, .dvc/config.local) must be in the EU."""
+    import configparser
+
+    for name in ("config", "config.local"):
+        path = project / ".dvc" / name
+        if not path.exists():
+            continue
+        parser = configparser.ConfigParser()
+        parser.read(path)
+        for section in parser.sections():
+            if section.startswith("'remote") and "region" in parser[section]:
+                remote = section.split('"')[1] if '"' in section else section
+                check_region(f"DVC remote {remote!r} region (in {path})", parser[section]["region"])
+
+
 def validate(cfg: DictConfig) -> DictConfig:
     """Refuse, before any work or AWS call, settings that would be wrong or unlawful."""
+    from fruits.core.backbone import ENGINES, FEATURE_DIM  # light: numpy only at import
+
+    check_types(cfg)
     for setting in REGION_SETTINGS:
         check_region(setting, OmegaConf.select(cfg, setting))
+    check_dvc_remotes(Path.cwd())
+    if cfg.model.engine not in ENGINES:
+        raise ConfigError(f"model.engine={cfg.model.engine} is not one of {', '.join(ENGINES)}")
+    if cfg.data.layout not in LAYOUTS:
+        raise ConfigError(f"data.layout={cfg.data.layout} is not one of {', '.join(LAYOUTS)}")
     size = cfg.model.input_size
     if size not in INPUT_SIZES:
         raise ConfigError(f"model.input_size={size} is not supported; use one of {INPUT_SIZES}")
@@ -214,6 +275,12 @@ def validate(cfg: DictConfig) -> DictConfig:
         raise ConfigError(f"pca.variance={variance} must be a share in (0, 1], e.g. 0.9")
     if variance is None and (k is None or k < 1):
         raise ConfigError(f"pca.k={k} must be a positive integer (or set pca.variance)")
+    for setting in WHOLE_NUMBERS:
+        value = OmegaConf.select(cfg, setting)
+        if value is not None and not isinstance(value, int):
+            raise ConfigError(f"{setting}={value!r} must be a whole number")
+    if variance is None and k > FEATURE_DIM:
+        raise ConfigError(f"pca.k={k} is larger than the feature dimension {FEATURE_DIM}: use at most {FEATURE_DIM}")
     if cfg.storage.name == "s3" and not cfg.storage.bucket:
         raise ConfigError("storage.bucket is empty; storage=s3 needs a bucket name")
     if not isinstance(cfg.data.extensions, ListConfig) or not cfg.data.extensions:
@@ -231,8 +298,12 @@ def stage_config(description: str, argv: list[str] | None = None) -> DictConfig:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default=None, help=f"composed config (default: {PARAMS_FILE})")
     parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. pca.k=50 or storage=s3")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logs, with TensorFlow's and Spark's own (also: FRUITS_LOG_LEVEL=DEBUG)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from fruits.core import logs
+
+    logs.configure(args.verbose)
     return load_config(args.overrides, args.params)
 
 

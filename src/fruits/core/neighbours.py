@@ -111,6 +111,7 @@ class NeighbourIndex:
     vectors: np.ndarray
     labels: np.ndarray
     paths: np.ndarray
+    projection_sha256: str = ""  # of the projection that made the vectors ("": not recorded)
 
     def save(self, path: str | Path) -> None:
         """One .npz file, written aside then renamed: a reader never sees half of it."""
@@ -118,7 +119,7 @@ class NeighbourIndex:
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_name(f".{path.name}.partial.npz")
         np.savez(partial, vectors=self.vectors.astype(np.float32), labels=self.labels.astype(str),
-                 paths=self.paths.astype(str))
+                 paths=self.paths.astype(str), projection_sha256=np.array(self.projection_sha256))
         partial.replace(path)
 
     @classmethod
@@ -127,4 +128,5 @@ class NeighbourIndex:
             raise FileNotFoundError(f"{path} not found: run the index stage first (dvc repro, or "
                                     "python -m fruits.stages.index)")
         with np.load(path, allow_pickle=False) as data:
-            return cls(data["vectors"], data["labels"], data["paths"])
+            made_by = str(data["projection_sha256"]) if "projection_sha256" in data.files else ""
+            return cls(data["vectors"], data["labels"], data["paths"], made_by)

@@ -55,3 +55,18 @@ def load_projection(path: str | Path) -> Projection:
         raise FileNotFoundError(f"PCA projection {path} not found: run the pca stage first (dvc repro)")
     with np.load(path) as arrays:
         return Projection(arrays["components"], arrays["shift"], arrays["factor"], arrays["explained_variance"])
+
+
+def checked_projection_sha256(cfg) -> str:
+    """The projection file's checksum, checked to be the one the committed PCA vectors were made with
+    (else a pca run was killed between writing the two: re-run pca)."""
+    from fruits.core import tables
+    from fruits.core.storage import file_digest
+
+    record = tables.commit_record(cfg.env.paths.pca_vectors, cfg) or {}
+    path = Path(cfg.env.paths.pca_projection)
+    actual = file_digest(path) if path.exists() else None
+    if actual is None or record.get("projection_sha256", actual) != actual:
+        raise tables.NoTable(f"env.paths.pca_projection={path} is not the projection the committed "
+                             "env.paths.pca_vectors were made with (an interrupted pca run?): re-run the pca stage")
+    return actual

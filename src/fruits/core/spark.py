@@ -13,6 +13,8 @@ from contextlib import contextmanager
 
 from omegaconf import DictConfig
 
+from fruits.core import logs
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,8 @@ def get_session(cfg: DictConfig):
     check_java()
     # Workers must run this interpreter (the venv's), not whatever `python3` is first on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    if not logs.verbose():  # the driver JVM (local mode: the executors too) reads it when it starts
+        os.environ.setdefault("SPARK_SUBMIT_OPTS", f"-Dlog4j2.configurationFile={logs.SPARK_LOG_CONFIG.as_uri()}")
     spark_cfg = cfg.env.spark
     builder = SparkSession.builder.appName(spark_cfg.app_name)
     if spark_cfg.master:

@@ -101,8 +101,16 @@ def copy_file(source: str, destination: str, cfg: DictConfig) -> None:
 
 
 def write_json(path: str | Path, data: dict) -> Path:
-    """A small local JSON output (metrics, provenance, manifest), its folder created if needed."""
+    """A small local JSON output (metrics, provenance, manifest), its folder created if needed; written
+    aside then renamed, so that a killed run never leaves half a file."""
+    return write_text(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """A small local text output, replaced atomically (a reader sees the old or the new file, whole)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(text, encoding="utf-8")
+    partial.replace(path)
     return path

@@ -29,14 +29,19 @@ def _commit_path(path: str) -> str:
     return f"{path.rstrip('/')}/{COMMIT_FILE}"
 
 
-def committed_version(uri: str, cfg: DictConfig) -> str | None:
-    """The name of the table's current version folder, or None if no run has committed one."""
+def commit_record(uri: str, cfg: DictConfig) -> dict | None:
+    """The table's commit record (version, time, and the facts its writer committed with it), or None."""
     fs, path = filesystem(uri, cfg)
     try:
-        commit = json.loads(fs.cat_file(_commit_path(path)))
+        return json.loads(fs.cat_file(_commit_path(path)))
     except FileNotFoundError:
         return None
-    return commit["version"]
+
+
+def committed_version(uri: str, cfg: DictConfig) -> str | None:
+    """The name of the table's current version folder, or None if no run has committed one."""
+    record = commit_record(uri, cfg)
+    return None if record is None else record["version"]
 
 
 def version_uri(uri: str, cfg: DictConfig) -> str:
@@ -46,6 +51,15 @@ def version_uri(uri: str, cfg: DictConfig) -> str:
         raise NoTable(f"{uri} has no committed table ({COMMIT_FILE} is missing): run the stage that writes it "
                       "first (dvc repro); a run that was killed before committing left only data that is ignored")
     return f"{uri.rstrip('/')}/{version}"
+
+
+def require(setting: str, cfg: DictConfig, stage: str) -> None:
+    """Before any work: the table named by setting (e.g. env.paths.features) has a committed version."""
+    from omegaconf import OmegaConf
+
+    uri = OmegaConf.select(cfg, setting)
+    if committed_version(uri, cfg) is None:
+        raise NoTable(f"{setting}={uri} has no committed table: run the {stage} stage first (dvc repro)")
 
 
 def read(spark, uri: str, cfg: DictConfig):
@@ -63,10 +77,12 @@ def write_version(frame, uri: str, version: str) -> None:
     frame.write.parquet(f"{uri.rstrip('/')}/{version}")
 
 
-def commit(uri: str, version: str, cfg: DictConfig) -> None:
-    """Make a fully written version the table's current one, then drop the others."""
+def commit(uri: str, version: str, cfg: DictConfig, facts: dict | None = None) -> None:
+    """Make a fully written version the table's current one, then drop the others. facts: what else
+    this version goes with (e.g. the checksum of a file written beside it), committed in the same step."""
     fs, path = filesystem(uri, cfg)
-    record = json.dumps({"version": version, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    record = json.dumps({"version": version, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         **(facts or {})})
     if is_s3(uri):
         fs.pipe_file(_commit_path(path), record.encode())  # one PUT: readers see the old or the new object
     else:

@@ -30,10 +30,10 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from fruits.core import backbone, tables
-from fruits.core.config import stage_config
+from fruits.core.config import ConfigError, stage_config
 from fruits.core.images import RejectedImage, parse_image_path, prepare
 from fruits.core.spark import PidCounts, Progress, get_session, session_settings
-from fruits.core.storage import SHARD_GLOB, iter_files, write_json
+from fruits.core.storage import SHARD_GLOB, filesystem, iter_files, write_json
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ RESULT_SCHEMA = "split string, label string, features array<float>, reject_reaso
 ROW_IDENTITY = ["checksum", "size", "modified", "model"]
 FEATURE_COLUMNS = ["path", "label", "split", "features", *ROW_IDENTITY]
 REJECT_COLUMNS = ["path", "reject_reason", *ROW_IDENTITY]
+# Tests only: a Python worker dies (os._exit) in this partition's first attempt, after its first batch.
+CRASH_VARIABLE = "FRUITS_TEST_CRASH_PARTITION"
 LISTED_SIZE_BOUND = 64 * 2**20  # for partitioning the listing only: larger images make bigger listing tasks
 
 
@@ -95,10 +97,23 @@ def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumula
         )
         if builds_accumulator is not None:
             builds_accumulator.add({os.getpid(): backbone.BUILD_COUNT[identity] - builds_before})
-        for paths, contents in batches:
+        for number, (paths, contents) in enumerate(batches):
+            if number == 1 and injected_crash():
+                os._exit(70)
             yield featurize_batch(extract, paths.tolist(), contents.tolist(), input_size, batch_size)
 
     return featurize_images
+
+
+def injected_crash() -> bool:
+    """True in the first attempt of the partition CRASH_VARIABLE names (set by a test, never otherwise)."""
+    partition = os.environ.get(CRASH_VARIABLE)
+    if partition is None:
+        return False
+    from pyspark import TaskContext
+
+    task = TaskContext.get()
+    return task is not None and task.partitionId() == int(partition) and task.attemptNumber() == 0
 
 
 def image_glob(extensions) -> str:
@@ -353,10 +368,6 @@ def broadcast_weights(spark, cfg: DictConfig):
     """Read the model once on the driver and broadcast it: the weight arrays (TensorFlow) or the
     serialized ONNX model, weights inside (onnxruntime). Returns (broadcast, model identity)."""
     path, engine = Path(cfg.env.paths.weights), cfg.model.engine
-    if engine not in backbone.ENGINES:
-        raise ValueError(f"model.engine={engine} is not one of {backbone.ENGINES}")
-    if not path.exists():
-        raise FileNotFoundError(f"{path} not found: run the weights stage first (python -m fruits.stages.weights)")
     identity = backbone.model_identity(path, cfg.model.input_size, cfg.model.alpha, engine)
     if engine == "onnxruntime":
         onnx = backbone.verified_onnx(cfg.env.paths.onnx, path, cfg.env.paths.provenance)
@@ -365,10 +376,31 @@ def broadcast_weights(spark, cfg: DictConfig):
     return spark.sparkContext.broadcast(arrays), identity
 
 
+def check_inputs(cfg: DictConfig) -> None:
+    """Before Spark starts: the images (or shards) and the weights this run needs, each error naming
+    its setting and what to do."""
+    if cfg.data.layout == "parquet":
+        if not tables_exist(cfg.env.paths.shard_index, cfg):
+            raise ConfigError(f"env.paths.shard_index={cfg.env.paths.shard_index} not found: data.layout=parquet "
+                              "needs ingest's shards (python -m fruits.stages.ingest)")
+    elif next(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions), None) is None:
+        raise ConfigError(f"env.paths.images={cfg.env.paths.images} (from data.root) is missing or holds no "
+                          f"{'/'.join(cfg.data.extensions)} image: run the sample or ingest stage, or set data.root")
+    backbone.check_weights_file(cfg.env.paths.weights, cfg.env.paths.provenance)
+    if cfg.model.engine == "onnxruntime":
+        backbone.verified_onnx(cfg.env.paths.onnx, cfg.env.paths.weights, cfg.env.paths.provenance)
+
+
+def tables_exist(uri: str, cfg: DictConfig) -> bool:
+    fs, path = filesystem(uri, cfg)
+    return fs.exists(path)
+
+
 def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    check_inputs(cfg)
     spark = spark or get_session(cfg)
     started = time.perf_counter()
     for table in (cfg.env.paths.features, cfg.env.paths.rejects):

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.neighbours import ExactIndex, NeighbourIndex, vote
+from fruits.core.projection import checked_projection_sha256
 from fruits.core.spark import get_session
 from fruits.core.storage import write_json
 
@@ -34,13 +35,13 @@ def extract(spark, cfg: DictConfig):
     return tables.read(spark, cfg.env.paths.pca_vectors, cfg)
 
 
-def build_index(vectors) -> NeighbourIndex:
+def build_index(vectors, projection_sha256: str = "") -> NeighbourIndex:
     """The Training rows, collected (k values each: the small part of the table), in path order."""
     rows = vectors.where(vectors.split == "Training").select("path", "label", "pca").orderBy("path").collect()
     if not rows:
         raise ValueError("the PCA vectors hold no Training row: nothing to identify against")
     return NeighbourIndex(np.array([r["pca"] for r in rows], np.float32), np.array([r["label"] for r in rows]),
-                          np.array([r["path"] for r in rows]))
+                          np.array([r["path"] for r in rows]), projection_sha256)
 
 
 def components_curve(k: int, wanted) -> list[int]:
@@ -94,10 +95,12 @@ def load(index: NeighbourIndex, metrics: dict, curve: dict[int, float], cfg: Dic
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
+    tables.require("env.paths.pca_vectors", cfg, "pca")
+    projection_sha256 = checked_projection_sha256(cfg)  # the app projects photos with it: same run as the vectors
     spark = spark or get_session(cfg)
     started = time.perf_counter()
     vectors = extract(spark, cfg)
-    index = build_index(vectors)
+    index = build_index(vectors, projection_sha256)
     k = index.vectors.shape[1]
     curve = components_curve(k, cfg.identify.curve_components)
     neighbours = min(cfg.identify.neighbours, len(index.vectors))

@@ -28,8 +28,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 from tqdm import tqdm
 
-from fruits.core.aws import check_location, client
-from fruits.core.config import stage_config
+from fruits.core.aws import client, require_bucket
+from fruits.core.config import ConfigError, stage_config
 from fruits.core.images import RejectedImage, parse_image_path
 from fruits.core.storage import (
     ROW_GROUP_IMAGES,
@@ -111,7 +111,7 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
     """Upload what is missing or differs, in parallel with a progress bar; verify the count at the end."""
     destination = cfg.storage.uris.raw
     fs, root = filesystem(destination, cfg)
-    check_location(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU bucket
+    require_bucket(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU (or missing) bucket
     _, record_path = filesystem(cfg.storage.uris.uploads, cfg)
     fs.invalidate_cache()  # a listing cached earlier in this process may predate others' changes
     remote = list_files(destination, cfg, cfg.data.extensions) if fs.exists(root) else []
@@ -255,7 +255,8 @@ def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict[str, str], dict]:
     """The image files under data.root, their MD5s, and where they come from (the sample's manifest)."""
     local = list_files(cfg.data.root, cfg, cfg.data.extensions)
     if not local:
-        raise FileNotFoundError(f"data.root={cfg.data.root} holds no {list(cfg.data.extensions)} files")
+        raise ConfigError(f"data.root={cfg.data.root} is missing or holds no {'/'.join(cfg.data.extensions)} "
+                          "image: run the sample stage (make sample) or set data.root")
     origin_file = Path(cfg.data.root) / "MANIFEST.json"
     origin = json.loads(origin_file.read_text()).get("origin") if origin_file.exists() else None
     return local, content_md5s(local), {"origin": origin or f"images found in {cfg.data.root}"}
@@ -282,6 +283,8 @@ def load(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str], result:
 
 
 def run(cfg: DictConfig) -> dict:
+    if cfg.storage.name == "s3":  # before reading any image: the bucket exists, in the EU
+        require_bucket(client("s3", cfg), cfg.storage.bucket)
     local, md5s, origin = extract(cfg)
     result = load(cfg, local, md5s, transform(local, md5s, origin))
     log.info("ingest: %d images, %d labels, %d bytes in %s", result["images"], result["labels"], result["bytes"],

@@ -10,6 +10,7 @@ the pipeline's vectors and the app's projection of one photo are the same comput
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.projection import Projection, save_projection
 from fruits.core.spark import get_session
-from fruits.core.storage import write_json
+from fruits.core.storage import file_digest, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +100,27 @@ def variance_curve(explained: np.ndarray, rank: int) -> list[tuple[int, float, f
 
 
 def load(vectors, projection: Projection, curve, cfg: DictConfig) -> None:
-    """The PCA vectors (Parquet), the projection artifact, the variance curve (a DVC plot)."""
-    tables.write(vectors, cfg.env.paths.pca_vectors, cfg)
-    save_projection(projection, cfg.env.paths.pca_projection)
-    path = Path(cfg.env.paths.pca_variance)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as stream:
-        writer = csv.writer(stream)
-        writer.writerow(["component", "explained_variance", "cumulative_explained_variance"])
-        writer.writerows([component, f"{share:.8g}", f"{cumulative:.8g}"] for component, share, cumulative in curve)
+    """The PCA vectors (Parquet), the projection artifact, the variance curve (a DVC plot).
+
+    The vectors are written as a new version, the projection and the curve replaced atomically, then
+    the vectors committed with the projection's checksum: a run killed before the commit leaves the
+    previous vectors, and readers can tell that the projection beside them is not theirs."""
+    version = tables.new_version()
+    tables.write_version(vectors, cfg.env.paths.pca_vectors, version)
+    saved = save_projection(projection, cfg.env.paths.pca_projection)
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["component", "explained_variance", "cumulative_explained_variance"])
+    writer.writerows([component, f"{share:.8g}", f"{cumulative:.8g}"] for component, share, cumulative in curve)
+    write_text(cfg.env.paths.pca_variance, text.getvalue())
+    tables.commit(cfg.env.paths.pca_vectors, version, cfg, {"projection_sha256": file_digest(saved)})
+
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark.sql import functions as F
 
+    tables.require("env.paths.features", cfg, "featurize")
     spark = spark or get_session(cfg)
     started = time.perf_counter()
     features = extract(spark, cfg)

@@ -375,6 +375,7 @@ def load(sections: list[Section], cfg: DictConfig) -> tuple[Path, Path]:
 
 
 def run(cfg: DictConfig, spark=None) -> tuple[Path, Path]:
+    tables.require("env.paths.features", cfg, "featurize")
     spark = spark or get_session(cfg)
     paths = load(transform(extract(spark, cfg), cfg), cfg)
     log.info("report: %s and %s", *paths)

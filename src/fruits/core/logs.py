@@ -1,0 +1,59 @@
+"""What a run prints: the stages, their results and warnings; the libraries' chatter only with -v.
+
+Quiet by default: TensorFlow's C++ and absl lines, Spark's JVM warnings (hostname, native Hadoop) and
+py4j are held back. `-v` (or FRUITS_LOG_LEVEL=DEBUG) brings them back for debugging, except the AWS
+SDK's wire logs, which print request headers: those stay at WARNING. Whatever the level, a value of
+the AWS credentials in the environment is masked in every log record.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
+LEVEL_VARIABLE = "FRUITS_LOG_LEVEL"  # also read by the Spark session: set by configure for the stages
+CHATTY = ("py4j", "absl", "tensorflow", "h5py", "PIL", "matplotlib", "numba", "fsspec", "s3fs", "asyncio")
+WIRE = ("botocore", "boto3", "urllib3", "aiobotocore", "s3transfer")  # log headers (signatures) at DEBUG
+SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+SPARK_LOG_CONFIG = Path(__file__).with_name("log4j2-quiet.properties")
+
+
+def verbose() -> bool:
+    return os.environ.get(LEVEL_VARIABLE, "INFO").upper() == "DEBUG"
+
+
+class MaskSecrets(logging.Filter):
+    """Replaces the values of the AWS credential variables in a record's final message by '***'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets = [os.environ[name] for name in SECRET_VARIABLES if len(os.environ.get(name, "")) >= 8]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            message = record.getMessage()
+            masked = message
+            for secret in self.secrets:
+                masked = masked.replace(secret, "***")
+            if masked != message:
+                record.msg, record.args = masked, None
+        return True
+
+
+def configure(debug: bool = False) -> None:
+    """Logging for a stage's command line; debug=True is -v."""
+    if debug:
+        os.environ[LEVEL_VARIABLE] = "DEBUG"
+    debug = verbose()
+    if not debug:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no oneDNN/absl lines
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT, force=True)
+    mask = MaskSecrets()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(mask)
+    for name in CHATTY:
+        logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
+    for name in WIRE:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,149 @@
+"""Every wrong setting is refused before any work: the error names the setting and says what to do, and
+no Spark session is started (get_session is replaced by a trap in every module that could call it)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from fruits.core.config import ConfigError, load_config
+from fruits.core.tables import NoTable
+from fruits.stages import featurize, index, ingest, pca, report
+
+from conftest import make_cfg
+
+STAGES = {"featurize": featurize, "pca": pca, "index": index, "report": report, "ingest": ingest}
+
+
+@pytest.fixture(autouse=True)
+def spark_trap(monkeypatch):
+    def started(*_args, **_kwargs):
+        raise AssertionError("a Spark session was started before the error")
+
+    import fruits.core.spark
+
+    monkeypatch.setattr(fruits.core.spark, "get_session", started)
+    for module in STAGES.values():
+        if hasattr(module, "get_session"):
+            monkeypatch.setattr(module, "get_session", started)
+
+
+# Settings refused by load_config, as `python -m fruits.stages.<stage> key=value` would pass them.
+SETTINGS = [
+    ("unknown key", ["pca.kk=3"], r"unknown setting 'pca.kk' \(use \+pca.kk=... to add a new key\)"),
+    ("wrong type", ["pca.k=fifty"], r"pca.k='fifty' must be a number"),
+    ("wrong type, list", ["data.extensions=jpg"], r"data.extensions='jpg' must be a list"),
+    ("not a whole number", ["pca.k=2.5"], r"pca.k=2.5 must be a whole number"),
+    ("k above the dimension", ["pca.k=1281"], r"pca.k=1281 is larger than the feature dimension 1280"),
+    ("k below 1", ["pca.k=0"], r"pca.k=0 must be a positive integer"),
+    ("variance above 1", ["pca.variance=1.5"], r"pca.variance=1.5 must be a share in \(0, 1\]"),
+    ("variance 0", ["pca.variance=0"], r"pca.variance=0 must be a share in \(0, 1\]"),
+    ("storage region", ["storage=s3", "storage.region=us-east-1"], r"storage.region=us-east-1 is outside the EU"),
+    ("cluster region", ["cluster.region=ap-south-1"], r"cluster.region=ap-south-1 is outside the EU"),
+    ("unknown engine", ["model.engine=pytorch"], r"model.engine=pytorch is not one of tensorflow, onnxruntime"),
+    ("unknown layout", ["data.layout=zip"], r"data.layout=zip is not one of files, parquet"),
+    ("input size", ["model.input_size=100"], r"model.input_size=100 is not supported"),
+    ("empty bucket name", ["storage=s3", "storage.bucket=''"], r"storage.bucket is empty"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [case[1:] for case in SETTINGS], ids=[case[0] for case in SETTINGS])
+def test_a_wrong_setting_is_named_before_any_work(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(overrides)
+
+
+def test_a_dvc_remote_outside_the_eu_is_refused(tmp_path, monkeypatch):
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text('[core]\n    remote = storage\n[\'remote "storage"\']\n'
+                                              "    url = s3://fruits-p8-data/fruits/dvc\n    region = eu-west-3\n")
+    (tmp_path / ".dvc" / "config.local").write_text("['remote \"storage\"']\n    region = us-east-1\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"DVC remote 'storage' region \(in .*config.local\)=us-east-1 is outside the EU"):
+        load_config([])
+
+
+def no_images(cfg, tmp_path):
+    cfg.data.root = cfg.env.paths.images = str(tmp_path / "nowhere")
+
+
+def empty_images(cfg, tmp_path):
+    (tmp_path / "empty" / "Training" / "Kiwi").mkdir(parents=True)
+    (tmp_path / "empty" / "Training" / "Kiwi" / "notes.txt").write_text("not an image")
+    cfg.data.root = cfg.env.paths.images = str(tmp_path / "empty")
+
+
+def no_weights(cfg, tmp_path):
+    cfg.env.paths.weights = str(tmp_path / "missing.weights.h5")
+
+
+def truncated_weights(cfg, tmp_path):
+    cut = tmp_path / "cut.weights.h5"
+    cut.write_bytes(Path(cfg.env.paths.weights).read_bytes()[:4096])
+    cfg.env.paths.weights = str(cut)
+
+
+def replaced_weights(cfg, tmp_path):
+    """A valid HDF5 file with other bytes than the provenance recorded."""
+    import h5py
+
+    copy = tmp_path / "models"
+    shutil.copytree(Path(cfg.env.paths.provenance).parent, copy)
+    weights = copy / Path(cfg.env.paths.weights).name
+    with h5py.File(weights, "w") as handle:
+        handle["x"] = [1.0]
+    provenance = copy / "provenance.json"
+    record = json.loads(provenance.read_text())
+    record["file"] = str(weights)
+    provenance.write_text(json.dumps(record))
+    cfg.env.paths.weights, cfg.env.paths.provenance = str(weights), str(provenance)
+
+
+def no_onnx(cfg, tmp_path):
+    cfg.model.engine = "onnxruntime"
+    cfg.env.paths.onnx = str(tmp_path / "missing.onnx")
+
+
+def no_shards(cfg, tmp_path):
+    cfg.data.layout = "parquet"
+
+
+def nothing(cfg, tmp_path):
+    pass
+
+
+INPUTS = [
+    ("missing input folder", no_images, "featurize", ConfigError, r"env.paths.images=.*nowhere \(from data.root\) is missing or holds no"),
+    ("input folder without images", empty_images, "featurize", ConfigError, r"env.paths.images=.*empty .*holds no jpg/jpeg/png image"),
+    ("missing weights", no_weights, "featurize", FileNotFoundError, r"env.paths.weights=.*missing.weights.h5 not found: run the weights stage"),
+    ("corrupt weights", truncated_weights, "featurize", ConfigError, r"env.paths.weights=.*cut.weights.h5 is not a readable HDF5 weights file"),
+    ("replaced weights", replaced_weights, "featurize", ConfigError, r"does not have the sha256 that .*provenance.json recorded"),
+    ("missing ONNX export", no_onnx, "featurize", FileNotFoundError, r"missing.onnx is missing or not the export of"),
+    ("missing shards", no_shards, "featurize", ConfigError, r"env.paths.shard_index=.* not found: data.layout=parquet needs ingest"),
+    ("no features for pca", nothing, "pca", NoTable, r"env.paths.features=.* has no committed table: run the featurize stage"),
+    ("no vectors for index", nothing, "index", NoTable, r"env.paths.pca_vectors=.* has no committed table: run the pca stage"),
+    ("no features for report", nothing, "report", NoTable, r"env.paths.features=.* has no committed table"),
+    ("ingest without images", no_images, "ingest", ConfigError, r"data.root=.*nowhere is missing or holds no jpg/jpeg/png image"),
+]
+
+
+@pytest.mark.parametrize(("setup", "stage", "error", "message"), [case[1:] for case in INPUTS], ids=[case[0] for case in INPUTS])
+def test_a_missing_or_corrupt_input_is_named_before_spark_starts(tiny_cfg, tmp_path, setup, stage, error, message):
+    tiny_cfg.model.engine = "tensorflow"
+    setup(tiny_cfg, tmp_path)
+    with pytest.raises(error, match=message):
+        STAGES[stage].run(tiny_cfg)
+
+
+def test_a_missing_bucket_is_named_before_any_image_is_read(tmp_path, s3_endpoint, monkeypatch):
+    cfg = make_cfg(tmp_path, "storage=s3", "storage.bucket=fruits-no-such-bucket", f"storage.endpoint_url={s3_endpoint}")
+
+    def read(*_args):
+        raise AssertionError("an image was read before the bucket was checked")
+
+    monkeypatch.setattr(ingest, "content_md5s", read)
+    with pytest.raises(ConfigError, match=r"storage.bucket=fruits-no-such-bucket does not exist: create it with `make bucket`"):
+        ingest.run(cfg)
