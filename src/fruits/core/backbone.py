@@ -32,10 +32,15 @@ class WeightsUnavailable(RuntimeError):
 
 def import_keras():
     """Keras, with the TensorFlow environment set first (it is read once, when TensorFlow loads)."""
+    from fruits.core.logs import native_notices_hidden
+
     for name, value in TF_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
-    import keras
+    with native_notices_hidden():
+        import keras
+        import tensorflow as tf
 
+        tf.constant(0.0) + 1.0  # the first op: TensorFlow's second round of start-up notices, hidden too
     return keras
 
 

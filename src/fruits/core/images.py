@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import warnings
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -12,6 +13,8 @@ from PIL import Image, UnidentifiedImageError
 SPLITS = ("Training", "Test")
 WHITE = (255, 255, 255)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+# 40 megapixels (~120 MB decoded): above any phone photo or dataset image; below, memory stays bounded.
+MAX_PIXELS = 40_000_000
 
 
 class RejectedImage(ValueError):
@@ -31,19 +34,30 @@ def parse_image_path(path: str) -> tuple[str, str]:
 
 
 def decode_image(content: bytes | None) -> Image.Image:
-    """Decode any Pillow-readable bytes into an RGB image; raises RejectedImage with the reason."""
+    """Decode any Pillow-readable bytes into an RGB image; raises RejectedImage with the reason.
+
+    The declared size is checked before any pixel is decoded: a small file that claims a huge image
+    (a decompression bomb) is refused without the memory it asks for."""
     if not content:
         raise RejectedImage("empty file")
     try:
-        image = Image.open(io.BytesIO(content))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(content))
+        width, height = image.size
+        if width * height > MAX_PIXELS:
+            raise RejectedImage(f"too large: {width}x{height} pixels, above {MAX_PIXELS:,} (a decompression bomb, "
+                                "or not a photo this pipeline can use)")
         image.load()  # forces the full decode, so truncated files fail here and not later
+        return to_rgb(image)
+    except RejectedImage:
+        raise
     except UnidentifiedImageError:
         raise RejectedImage("not an image (format not recognised)") from None
-    except Image.DecompressionBombError as err:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
         raise RejectedImage(f"too large: {err}") from None
-    except (OSError, SyntaxError, ValueError) as err:
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
         raise RejectedImage(f"corrupt image: {err}") from None
-    return to_rgb(image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

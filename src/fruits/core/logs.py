@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 LEVEL_VARIABLE = "FRUITS_LOG_LEVEL"  # also read by the Spark session: set by configure for the stages
-CHATTY = ("py4j", "absl", "tensorflow", "h5py", "PIL", "matplotlib", "numba", "fsspec", "s3fs", "asyncio")
+CHATTY = ("py4j", "absl", "tensorflow", "tf2onnx", "h5py", "PIL", "matplotlib", "numba", "fsspec", "s3fs", "asyncio")
 WIRE = ("botocore", "boto3", "urllib3", "aiobotocore", "s3transfer")  # log headers (signatures) at DEBUG
 SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 SPARK_LOG_CONFIG = Path(__file__).with_name("log4j2-quiet.properties")
@@ -57,3 +59,21 @@ def configure(debug: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if debug else logging.WARNING)
     for name in WIRE:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@contextmanager
+def native_notices_hidden():
+    """Standard error (fd 2) to /dev/null while TensorFlow loads: 2.21 writes its absl and oneDNN
+    notices there whatever TF_CPP_MIN_LOG_LEVEL says. Nothing is hidden with -v."""
+    if verbose():
+        yield
+        return
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
