@@ -109,8 +109,8 @@ PCA = Stage(
 INDEX = Stage(
     "index",
     params=("identify.neighbours", "identify.curve_components", "env.spark", "env.paths.pca_vectors",
-            "env.paths.knn_index", "env.paths.index_metrics", "env.paths.knn_curve"),
-    inputs=("env.paths.pca_vectors",),
+            "env.paths.pca_projection", "env.paths.knn_index", "env.paths.index_metrics", "env.paths.knn_curve"),
+    inputs=("env.paths.pca_vectors", "env.paths.pca_projection"),  # the projection: checked to be the vectors' own
     outputs=("env.paths.knn_index",),
     metrics=("env.paths.index_metrics",),
     plots=("env.paths.knn_curve",),
