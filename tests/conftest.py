@@ -179,3 +179,22 @@ def s3_endpoint(tmp_path_factory):
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+def kill_midway(command: list[str], reached, timeout: float = 300) -> None:
+    """Run command in its own process group and SIGKILL the group (the driver and its JVM) as soon as
+    reached() is true: polled, so the kill lands at that point whatever the machine's speed. Fails if
+    the process ends first."""
+    import signal
+    import subprocess
+    import time
+
+    run = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not reached() and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert run.poll() is None, f"{command[2]} ended before it could be killed: {run.stderr.read().decode()[-2000:]}"
+        os.killpg(run.pid, signal.SIGKILL)
+    finally:
+        run.wait(timeout=60)

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +17,7 @@ from fruits.core import tables
 from fruits.core.projection import checked_projection_sha256, load_projection
 from fruits.stages import featurize, index, pca
 
-from conftest import make_cfg
+from conftest import kill_midway, make_cfg
 from test_pca import synthetic_features, write_features
 
 
@@ -43,16 +41,8 @@ def test_a_pca_run_killed_while_it_writes_leaves_the_previous_outputs_and_the_ne
     cfg.pca.k = 5
     params = tmp_path / "params.yaml"
     OmegaConf.save(cfg, params)
-    run = subprocess.Popen([sys.executable, "-m", "fruits.stages.pca", "--params", str(params)],
-                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not uncommitted(cfg.env.paths.pca_vectors, cfg) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.005)
-        assert run.poll() is None, f"pca ended before it could be killed: {run.stderr.read().decode()[-2000:]}"
-        os.killpg(run.pid, signal.SIGKILL)
-    finally:
-        run.wait(timeout=60)
+    kill_midway([sys.executable, "-m", "fruits.stages.pca", "--params", str(params)],
+                lambda: uncommitted(cfg.env.paths.pca_vectors, cfg))
     assert uncommitted(cfg.env.paths.pca_vectors, cfg), "the kill came after the commit: nothing was interrupted"
 
     # What a later stage reads is the previous run's, whole: vectors, metrics, and the projection, or,

@@ -11,7 +11,7 @@ from fruits.core import backbone, tables
 from fruits.stages import featurize, ingest, weights
 from fruits.stages.sample import draw_fruit
 
-from conftest import TINY_SIZE, make_cfg
+from conftest import TINY_SIZE, kill_midway, make_cfg
 
 
 def jpeg(label: str, seed: int) -> bytes:
@@ -184,11 +184,7 @@ def uncommitted_versions(cfg) -> list[str]:
 def test_a_run_killed_while_it_writes_leaves_the_previous_tables_and_the_next_run_completes(spark, growing, tmp_path):
     """SIGKILL of a real featurize process (driver and its JVM) while it writes its new version: readers
     still see the previous complete tables; the next run cleans up and equals an uninterrupted run."""
-    import os
-    import signal
-    import subprocess
     import sys
-    import time
 
     from omegaconf import OmegaConf
 
@@ -198,16 +194,8 @@ def test_a_run_killed_while_it_writes_leaves_the_previous_tables_and_the_next_ru
         (Path(growing.data.root) / "Training" / "Lemon" / f"added_{i}.jpg").write_bytes(jpeg("Lemon", 4000 + i))
     params = tmp_path / "params.yaml"
     OmegaConf.save(growing, params)
-    run = subprocess.Popen([sys.executable, "-m", "fruits.stages.featurize", "--params", str(params)],
-                           start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 300
-        while not uncommitted_versions(growing) and run.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)  # polled: killed once the new version is being written, whatever the machine's speed
-        assert run.poll() is None, f"featurize ended before it could be killed: {run.stderr.read().decode()[-2000:]}"
-        os.killpg(run.pid, signal.SIGKILL)
-    finally:
-        run.wait(timeout=60)
+    kill_midway([sys.executable, "-m", "fruits.stages.featurize", "--params", str(params)],
+                lambda: bool(uncommitted_versions(growing)))
     assert uncommitted_versions(growing), "the kill came after the commit: nothing was interrupted"
 
     assert read_tables(spark, growing) == before  # the half-written version is not visible

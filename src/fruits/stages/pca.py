@@ -13,7 +13,6 @@ import csv
 import io
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
