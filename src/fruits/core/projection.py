@@ -14,6 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from fruits.core import tables
+from fruits.core.storage import file_digest
+
 
 @dataclass(frozen=True)
 class Projection:
@@ -60,9 +63,6 @@ def load_projection(path: str | Path) -> Projection:
 def checked_projection_sha256(cfg) -> str:
     """The projection file's checksum, checked to be the one the committed PCA vectors were made with
     (else a pca run was killed between writing the two: re-run pca)."""
-    from fruits.core import tables
-    from fruits.core.storage import file_digest
-
     record = tables.commit_record(cfg.env.paths.pca_vectors, cfg) or {}
     path = Path(cfg.env.paths.pca_projection)
     actual = file_digest(path) if path.exists() else None

@@ -380,7 +380,8 @@ def check_inputs(cfg: DictConfig) -> None:
     """Before Spark starts: the images (or shards) and the weights this run needs, each error naming
     its setting and what to do."""
     if cfg.data.layout == "parquet":
-        if not tables_exist(cfg.env.paths.shard_index, cfg):
+        fs, shard_index = filesystem(cfg.env.paths.shard_index, cfg)
+        if not fs.exists(shard_index):
             raise ConfigError(f"env.paths.shard_index={cfg.env.paths.shard_index} not found: data.layout=parquet "
                               "needs ingest's shards (python -m fruits.stages.ingest)")
     elif next(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions), None) is None:
@@ -389,11 +390,6 @@ def check_inputs(cfg: DictConfig) -> None:
     backbone.check_weights_file(cfg.env.paths.weights, cfg.env.paths.provenance)
     if cfg.model.engine == "onnxruntime":
         backbone.verified_onnx(cfg.env.paths.onnx, cfg.env.paths.weights, cfg.env.paths.provenance)
-
-
-def tables_exist(uri: str, cfg: DictConfig) -> bool:
-    fs, path = filesystem(uri, cfg)
-    return fs.exists(path)
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
