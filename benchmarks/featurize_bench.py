@@ -7,9 +7,12 @@ with one thread each, for
 and decode alone per core (Pillow: decode, resize, scale), the FLOP bound (the model's FLOPs per image
 against the float32 matrix-multiply throughput numpy reaches on all cores), the Keras `predict` loop.
 
-Spark, per engine, in a fresh session each: featurize cold (first run: workers start, model built)
-and warm, each from empty tables (featurize is incremental: a second run would reuse everything); the
-peak RSS of each Python worker; and the naive recipe (the model rebuilt for every Arrow batch).
+Spark, per engine, in a fresh session each: featurize cold (first run: workers start, model built),
+then --rounds warm runs, each from empty tables (featurize is incremental: a second run would reuse
+everything) and each paired with the composite ceiling (N processes x 1 thread, as Spark runs)
+measured just before it: this machine's speed drifts by 10 % and more between minutes, so a ratio is
+taken within a pair, and the median of the pairs reported. Then the peak RSS of each Python worker,
+and the naive recipe (the model rebuilt for every Arrow batch).
 
 Writes reports/bench.json, reports/bench.md and reports/bench.png. A benchmark: nothing is asserted.
 """
@@ -23,6 +26,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,10 +178,13 @@ def worker_peak_rss_mib(pids) -> dict[str, int]:
     return peaks
 
 
-def spark_runs(files: list[Path], cfg) -> tuple[list[dict], dict]:
+def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[dict], dict]:
+    """Per engine, in a fresh Spark session: featurize cold, then `rounds` rounds of (the composite
+    ceiling, featurize warm). This machine's speed drifts by 10 % or more from minute to minute, so
+    each warm run is paired with a ceiling measured just before it, not minutes earlier."""
     from fruits.core.spark import get_session
 
-    results, rss = [], {}
+    results, rss, cores = [], {}, os.cpu_count()
     for engine in ENGINES:
         spark = get_session(cfg)  # a fresh session per engine: new Python workers, their own memory
         engine_cfg = cfg.copy()
@@ -189,15 +196,19 @@ def spark_runs(files: list[Path], cfg) -> tuple[list[dict], dict]:
                 shutil.rmtree(table, ignore_errors=True)
             pids.update(featurize.run(engine_cfg, spark)["model_builds_per_worker"])
 
-        results += [timed(f"spark featurize {engine} (cold)", len(files), from_scratch),
-                    timed(f"spark featurize {engine} (warm)", len(files), from_scratch)]
+        results.append(timed(f"spark featurize {engine} (cold)", len(files), from_scratch))
+        for number in range(1, rounds + 1):
+            paired = ceiling(engine, values, files, cores, 1, True)
+            paired["run"] += f", round {number}"
+            results += [{**paired, "paired": True},
+                        timed(f"spark featurize {engine} (warm, round {number})", len(files), from_scratch)]
         rss[engine] = worker_peak_rss_mib(pids)
         print(f"  peak RSS per Python worker, {engine}: {rss[engine]} MiB", flush=True)
         if engine == "tensorflow":
             tf_cfg = engine_cfg
             broadcast, _ = featurize.broadcast_weights(spark, tf_cfg)
             spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.batch_size))
-            images = featurize.read_contents(spark, tf_cfg, None)
+            images = featurize.contents(featurize.image_files(spark, tf_cfg))
             udf = naive_udf(broadcast, tf_cfg)
             results.append(timed("spark naive tensorflow (rebuild/batch)", len(files),
                                  lambda: images.select(udf("content")).write.mode("overwrite").format("noop").save()))
@@ -210,11 +221,19 @@ def summarise(rows: list[dict], rss: dict, flops: int, peak_gflops: float, cores
     per_engine = {}
     for engine in ENGINES:
         model_only = max(r["images_per_second"] for r in rows if r.get("engine") == engine and not r["decode"])
-        composite = max(r["images_per_second"] for r in rows if r.get("engine") == engine and r["decode"])
-        warm, cold = rate[f"spark featurize {engine} (warm)"], rate[f"spark featurize {engine} (cold)"]
+        composite = max(r["images_per_second"] for r in rows
+                        if r.get("engine") == engine and r["decode"] and not r.get("paired"))
+        paired = [r["images_per_second"] for r in rows if r.get("engine") == engine and r.get("paired")]
+        warm = [rate[f"spark featurize {engine} (warm, round {n})"] for n in range(1, len(paired) + 1)]
+        ratios = [round(w / c, 3) for w, c in zip(warm, paired, strict=True)]
+        cold = rate[f"spark featurize {engine} (cold)"]
         per_engine[engine] = {
-            "model_ceiling": model_only, "composite_ceiling": composite, "featurize_warm": warm, "featurize_cold": cold,
-            "featurize_warm_vs_composite": round(warm / composite, 3), "cold_vs_warm": round(cold / warm, 3),
+            "model_ceiling": model_only, "composite_ceiling": composite,
+            "composite_ceiling_paired_median": statistics.median(paired), "featurize_warm_rounds": warm,
+            "featurize_warm": statistics.median(warm), "featurize_cold": cold,
+            "featurize_warm_vs_composite_rounds": ratios,
+            "featurize_warm_vs_composite": statistics.median(ratios),
+            "cold_vs_warm": round(cold / statistics.median(warm), 3),
             "peak_rss_per_worker_mib": max(rss[engine].values(), default=None),
         }
     decode = rate["decode + resize (1 core)"]
@@ -257,11 +276,15 @@ def plot(rows: list[dict], summary: dict, out: Path) -> None:
 def markdown(rows: list[dict], summary: dict, header: str) -> str:
     lines = [header, "", "| run | img/s | seconds |", "|---|---:|---:|"]
     lines += [f"| {r['run']} | {r['images_per_second']} | {r['seconds']} |" for r in rows]
-    lines += ["", "| engine | model ceiling | composite ceiling | featurize warm | warm / composite | cold / warm | "
-              "peak RSS per worker (MiB) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += ["", "| engine | model ceiling | composite ceiling (first / paired median) | featurize warm (median) | "
+              "warm / paired composite (median; rounds) | cold / warm | peak RSS per worker (MiB) |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for engine, e in summary["per_engine"].items():
-        lines.append(f"| {engine} | {e['model_ceiling']} | {e['composite_ceiling']} | {e['featurize_warm']} | "
-                     f"{e['featurize_warm_vs_composite']} | {e['cold_vs_warm']} | {e['peak_rss_per_worker_mib']} |")
+        rounds = ", ".join(str(r) for r in e["featurize_warm_vs_composite_rounds"])
+        lines.append(f"| {engine} | {e['model_ceiling']} | {e['composite_ceiling']} / "
+                     f"{e['composite_ceiling_paired_median']} | {e['featurize_warm']} | "
+                     f"{e['featurize_warm_vs_composite']} ({rounds}) | {e['cold_vs_warm']} | "
+                     f"{e['peak_rss_per_worker_mib']} |")
     lines += ["", f"Decode + resize: {summary['decode_per_core']} img/s per core. FLOP bound: "
               f"{summary['flops_per_image'] / 1e9:.2f} GFLOP per image against {summary['matmul_peak_gflops']} GFLOP/s "
               f"(numpy float32 matmul, all cores) = {summary['flop_bound_images_per_second']} img/s. onnxruntime / "
@@ -273,6 +296,7 @@ def markdown(rows: list[dict], summary: dict, header: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-label", type=int, default=192, help="generated Training images per label")
+    parser.add_argument("--rounds", type=int, default=3, help="warm featurize runs per engine, each with its paired ceiling")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.input_size=160")
     args = parser.parse_args()
     # The bench's own data and outputs under bench/ (reports/bench.* excepted): one root moves them.
@@ -295,7 +319,7 @@ def main() -> None:
         for decode in (False, True):
             rows += [ceiling(engine, values, files, 1, cores, decode), ceiling(engine, values, files, cores, 1, decode)]
     rows.append(keras_predict_loop(files, cfg))
-    spark_rows, rss = spark_runs(files, cfg)
+    spark_rows, rss = spark_runs(files, cfg, values, args.rounds)
     rows += spark_rows
     flops, peak = model_flops(cfg.model.input_size, cfg.model.alpha), matmul_peak_gflops()
     summary = summarise(rows, rss, flops, peak, cores)

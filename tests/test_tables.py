@@ -41,3 +41,17 @@ def test_reading_a_table_never_committed_names_it(spark, tmp_path):
     with pytest.raises(tables.NoTable, match="features has no committed table"):
         tables.read(spark, uri, cfg)
     assert tables.committed_version(uri, cfg) is None
+
+
+
+def test_a_table_is_counted_without_spark_as_spark_counts_it(spark, tmp_path):
+    """featurize's accounting reads the committed footers and one column with pyarrow, no Spark job:
+    the same numbers as Spark's, over a version of several files."""
+    cfg, uri = make_cfg(tmp_path), str(tmp_path / "rejects")
+    rows = [(1, "empty file"), (2, None), (3, "empty file"), (4, "cut")]
+    tables.write(spark.createDataFrame(rows, "n int, reason string").repartition(3), uri, cfg)
+
+    frame = tables.read(spark, uri, cfg)
+    assert tables.row_count(uri, cfg) == frame.count() == 4
+    spark_counts = {row["reason"]: row["count"] for row in frame.groupBy("reason").count().collect()}
+    assert tables.value_counts(uri, "reason", cfg) == spark_counts == {"empty file": 2, "cut": 1, None: 1}

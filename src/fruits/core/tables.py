@@ -67,6 +67,31 @@ def read(spark, uri: str, cfg: DictConfig):
     return spark.read.parquet(version_uri(uri, cfg))
 
 
+def arrow_dataset(uri: str, cfg: DictConfig):
+    """The committed version as a pyarrow dataset, for reads on the driver that need no Spark job
+    (it skips '_' and '.' names, as Spark does)."""
+    import pyarrow.dataset as ds
+
+    fs, path = filesystem(version_uri(uri, cfg), cfg)
+    return ds.dataset(path, format="parquet", filesystem=fs)
+
+
+def row_count(uri: str, cfg: DictConfig) -> int:
+    """Rows of the committed version, from the Parquet footers alone."""
+    return arrow_dataset(uri, cfg).count_rows()
+
+
+def value_counts(uri: str, column: str, cfg: DictConfig) -> dict:
+    """{value: rows} of one column of the committed version, read a batch at a time (bounded memory)."""
+    import pyarrow.compute as pc
+
+    counts: dict = {}
+    for batch in arrow_dataset(uri, cfg).to_batches(columns=[column]):
+        for item in pc.value_counts(batch.column(0)).to_pylist():
+            counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+    return counts
+
+
 def new_version() -> str:
     """A version name that sorts by time and never repeats (two runs in the same second differ)."""
     return f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"

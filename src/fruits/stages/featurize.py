@@ -165,13 +165,18 @@ def image_reader(spark, cfg: DictConfig):
             .option("pathGlobFilter", image_glob(cfg.data.extensions)))
 
 
-def extract(spark, cfg: DictConfig):
-    """The listing of every image file under env.paths.images (recursively), read by Spark without the
-    content: path, size, modified."""
+def image_files(spark, cfg: DictConfig):
+    """Every image file under env.paths.images (recursively), as Spark's binaryFile source finds them.
+    Spark lists the folder here, once (on S3, one LIST per 1,000 objects): the listing and a full read
+    both come from this frame; the contents are read only when a plan uses them."""
+    return image_reader(spark, cfg).load(cfg.env.paths.images)
+
+
+def extract(images):
+    """The listing of binaryFile rows, without their content: path, size, modified."""
     from pyspark.sql import functions as F
 
-    return (image_reader(spark, cfg).load(cfg.env.paths.images)
-            .select("path", F.col("length").alias("size"), F.col("modificationTime").alias("modified")))
+    return images.select("path", F.col("length").alias("size"), F.col("modificationTime").alias("modified"))
 
 
 def extract_shard_index(spark, cfg: DictConfig):
@@ -189,19 +194,20 @@ def shard_contents(spark, cfg: DictConfig, wanted):
     return shards.join(wanted.select("path", "checksum", "size", "modified"), ["path", "checksum"])
 
 
-def read_contents(spark, cfg: DictConfig, paths: list[str] | None):
-    """path, content, checksum, size, modified of the given image files (all of env.paths.images for
-    None): the size and date of the bytes read, which a file changed since the listing keeps."""
+def contents(images):
+    """path, content, checksum, size, modified of binaryFile rows: the size and date of the bytes read,
+    which a file changed since the listing keeps."""
     from pyspark.sql import functions as F
 
-    if paths is None:
-        images = image_reader(spark, cfg).load(cfg.env.paths.images)
-    elif paths:
-        images = spark.read.format("binaryFile").load([escape_glob(p) for p in paths])
-    else:
-        return spark.createDataFrame([], "path string, content binary, checksum string, size long, modified timestamp")
     return images.select("path", "content", F.sha2("content", 256).alias("checksum"),
                          F.col("length").alias("size"), F.col("modificationTime").alias("modified"))
+
+
+def read_contents(spark, paths: list[str]):
+    """contents() of the given image files."""
+    if not paths:
+        return spark.createDataFrame([], "path string, content binary, checksum string, size long, modified timestamp")
+    return contents(spark.read.format("binaryFile").load([escape_glob(p) for p in paths]))
 
 
 def read_previous(spark, cfg: DictConfig, identity: str):
@@ -299,8 +305,10 @@ def load(features, rejects, cfg: DictConfig) -> str:
     """Both tables written in full as one new version, then committed one after the other (readers see
     the previous versions until then; a killed run leaves them). Returns the version."""
     version = tables.new_version()
-    for table, path in ((features, cfg.env.paths.features), (rejects, cfg.env.paths.rejects)):
-        tables.write_version(table, path, version)
+    tables.write_version(features, cfg.env.paths.features, version)
+    # Rejects are few: one wave of tasks, not one (mostly empty) file per model partition.
+    tables.write_version(rejects.coalesce(rejects.sparkSession.sparkContext.defaultParallelism),
+                         cfg.env.paths.rejects, version)
     for path in (cfg.env.paths.features, cfg.env.paths.rejects):
         tables.commit(path, version, cfg)
     return version
@@ -328,15 +336,15 @@ class RunPlan(NamedTuple):
     computing: int  # how many images go through the model
 
 
-def plan_run(spark, cfg: DictConfig, listing, listed: int, previous, shards: bool) -> RunPlan:
+def plan_run(spark, cfg: DictConfig, images, listing, listed: int, previous) -> RunPlan:
     """What this run reuses and what it computes, from the listing (of `listed` rows) and the previous
-    rows (None: none)."""
+    rows (None: none). images: the binaryFile frame the listing comes from; None for shards."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    nothing = listing.limit(0).select("path")
+    nothing, shards = listing.limit(0).select("path"), images is None
     if previous is None:  # first run or a new model: every image, read once
-        everything = shard_contents(spark, cfg, listing) if shards else read_contents(spark, cfg, None)
+        everything = shard_contents(spark, cfg, listing) if shards else contents(images)
         return RunPlan(nothing, everything, 0, 0, None, listed)
     if shards:  # the index knows every checksum: nothing is read to compare
         before = previous.select("path", "checksum")
@@ -346,12 +354,12 @@ def plan_run(spark, cfg: DictConfig, listing, listed: int, previous, shards: boo
                        fresh.join(before, "path", "left_semi").count(), None, fresh.count())
     kept, candidates, deleted = plan(listing, previous)
     # Only what changed by size or date is read and checksummed: for a growth run, a short list.
-    hashed = (read_contents(spark, cfg, [row["path"] for row in candidates.select("path").collect()])
+    hashed = (read_contents(spark, [row["path"] for row in candidates.select("path").collect()])
               .select("path", "checksum").join(candidates, "path").persist(StorageLevel.MEMORY_AND_DISK))
     touched = hashed.where(F.col("checksum") == F.col("previous_checksum")).select("path")  # same content
     fresh = hashed.where(F.col("previous_checksum").isNull() | (F.col("checksum") != F.col("previous_checksum")))
     fresh_paths = [row["path"] for row in fresh.select("path").collect()]
-    return RunPlan(kept.unionByName(touched), read_contents(spark, cfg, fresh_paths), deleted.count(),
+    return RunPlan(kept.unionByName(touched), read_contents(spark, fresh_paths), deleted.count(),
                    fresh.where(F.col("previous_checksum").isNotNull()).count(), hashed, len(fresh_paths))
 
 
@@ -406,7 +414,8 @@ def run(cfg: DictConfig, spark=None) -> dict:
     weights, identity = broadcast_weights(spark, cfg)
     builds = spark.sparkContext.accumulator({}, PidCounts())
     shards = cfg.data.layout == "parquet"
-    listing = (extract_shard_index if shards else extract)(spark, cfg).persist(StorageLevel.MEMORY_AND_DISK)
+    images = None if shards else image_files(spark, cfg)  # listed once, for the listing and the reads
+    listing = (extract_shard_index(spark, cfg) if shards else extract(images)).persist(StorageLevel.MEMORY_AND_DISK)
     # Listing tasks of about images_per_partition files each (taking no image above LISTED_SIZE_BOUND),
     # not Spark's 32 per 4 MB of "open cost".
     with session_settings(spark, {} if shards else files_per_partition(cfg.featurize.images_per_partition,
@@ -418,7 +427,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     unreadable = [] if shards else unreadable_by_spark(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
 
     previous = read_previous(spark, cfg, identity)
-    work = plan_run(spark, cfg, listing, listed, previous and previous[2], shards)
+    work = plan_run(spark, cfg, images, listing, listed, previous and previous[2])
     udf = build_udf(weights, identity, cfg, builds)
     computed = transform(work.to_compute, udf).persist(StorageLevel.MEMORY_AND_DISK)
     reused = work.reused.persist(StorageLevel.MEMORY_AND_DISK)
@@ -438,10 +447,10 @@ def run(cfg: DictConfig, spark=None) -> dict:
             "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
         load(features, rejects.unionByName(unreadable_rows), cfg)
         seconds = time.perf_counter() - started
-        # What was committed, read back: the accounting below checks the tables, not the plan.
-        featurized = tables.read(spark, cfg.env.paths.features, cfg).count()
-        reasons = {row["reject_reason"]: row["count"]
-                   for row in tables.read(spark, cfg.env.paths.rejects, cfg).groupBy("reject_reason").count().collect()}
+        # What was committed, read back (Parquet footers and one small column, no Spark job): the
+        # accounting below checks the tables, not the plan.
+        featurized = tables.row_count(cfg.env.paths.features, cfg)
+        reasons = tables.value_counts(cfg.env.paths.rejects, "reject_reason", cfg)
         rejected = sum(reasons.values())
     finally:
         computed.unpersist()
