@@ -55,3 +55,21 @@ def test_a_table_is_counted_without_spark_as_spark_counts_it(spark, tmp_path):
     assert tables.row_count(uri, cfg) == frame.count() == 4
     spark_counts = {row["reason"]: row["count"] for row in frame.groupBy("reason").count().collect()}
     assert tables.value_counts(uri, "reason", cfg) == spark_counts == {"empty file": 2, "cut": 1, None: 1}
+
+
+def test_float_vectors_are_written_without_a_dictionary_and_labels_with_one(spark, tmp_path):
+    """Dictionary encoding is switched off for float-array columns only: on real features Parquet tries
+    it and gives it up (at a cost that shows in no file); these few repeated values would keep it."""
+    import pyarrow.parquet as pq
+
+    cfg, uri = make_cfg(tmp_path), str(tmp_path / "features")
+    frame = spark.createDataFrame([(f"L{i % 2}", [0.5, 1.0, float(i % 3)]) for i in range(64)],
+                                  "label string, features array<float>").coalesce(1)
+    assert tables.float_array_columns(frame.schema) == ["features"]
+    tables.write(frame, uri, cfg)
+
+    files = [f for f in (tmp_path / "features" / tables.committed_version(uri, cfg)).iterdir() if f.suffix == ".parquet"]
+    chunks = [pq.ParquetFile(files[0]).metadata.row_group(0).column(i) for i in range(2)]
+    dictionary = {chunk.path_in_schema: chunk.has_dictionary_page for chunk in chunks}
+    assert dictionary == {"label": True, "features.list.element": False}
+    assert sorted(tuple(r) for r in tables.read(spark, uri, cfg).select("label").collect())[0] == ("L0",)

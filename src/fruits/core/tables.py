@@ -99,7 +99,21 @@ def new_version() -> str:
 
 def write_version(frame, uri: str, version: str) -> None:
     """Write frame as a version of the table, not yet visible to readers."""
-    frame.write.parquet(f"{uri.rstrip('/')}/{version}")
+    writer = frame.write
+    # Parquet tries a dictionary for every column and gives it up on float vectors (nearly every value
+    # differs), after spending ~40 % of the write on it (1,920 x 1,280 floats: 0.62-0.83 s -> 0.35-0.45 s
+    # without, same size): off for those columns only; labels and splits keep theirs.
+    for column in float_array_columns(frame.schema):
+        writer = writer.option(f"parquet.enable.dictionary#{column}.list.element", "false")
+    writer.parquet(f"{uri.rstrip('/')}/{version}")
+
+
+def float_array_columns(schema) -> list[str]:
+    """Top-level columns that hold arrays of floats or doubles (feature vectors)."""
+    from pyspark.sql.types import ArrayType, DoubleType, FloatType
+
+    return [field.name for field in schema.fields
+            if isinstance(field.dataType, ArrayType) and isinstance(field.dataType.elementType, (FloatType, DoubleType))]
 
 
 def commit(uri: str, version: str, cfg: DictConfig, facts: dict | None = None) -> None:
