@@ -180,8 +180,7 @@ def worker_peak_rss_mib(pids) -> dict[str, int]:
 
 def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[dict], dict]:
     """Per engine, in a fresh Spark session: featurize cold, then `rounds` rounds of (the composite
-    ceiling, featurize warm). This machine's speed drifts by 10 % or more from minute to minute, so
-    each warm run is paired with a ceiling measured just before it, not minutes earlier."""
+    ceiling, featurize warm): the module docstring says why they are paired."""
     from fruits.core.spark import get_session
 
     results, rss, cores = [], {}, os.cpu_count()

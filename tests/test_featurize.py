@@ -240,6 +240,5 @@ def test_odd_names_are_read_literally(spark, tmp_path):
         write_image(tmp_path / "Training" / "Kiwi" / name, draw_fruit("Kiwi", 1), "JPEG")
     (tmp_path / "Training" / "Kiwi" / "a1.jpg").write_bytes(b"decoy: a[1] as a pattern would match me")
     uris = [f"file:{tmp_path}/Training/Kiwi/{name}" for name in names]
-    cfg = make_cfg(tmp_path)
     read = {row["path"]: row["checksum"] for row in featurize.read_contents(spark, uris).collect()}
     assert set(read) == set(uris)
