@@ -47,6 +47,7 @@ SETTINGS = [
     ("unknown layout", ["data.layout=zip"], r"data.layout=zip is not one of files, parquet"),
     ("input size", ["model.input_size=100"], r"model.input_size=100 is not supported"),
     ("empty bucket name", ["storage=s3", "storage.bucket=''"], r"storage.bucket is empty"),
+    ("no accuracy query", ["identify.accuracy_queries=0"], r"identify.accuracy_queries=0 must be at least 1"),
 ]
 
 

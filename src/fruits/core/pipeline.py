@@ -108,8 +108,9 @@ PCA = Stage(
 )
 INDEX = Stage(
     "index",
-    params=("identify.neighbours", "identify.curve_components", "env.spark", "env.paths.pca_vectors",
-            "env.paths.pca_projection", "env.paths.knn_index", "env.paths.index_metrics", "env.paths.knn_curve"),
+    params=("identify.neighbours", "identify.curve_components", "identify.accuracy_queries", "env.spark",
+            "env.paths.pca_vectors", "env.paths.pca_projection", "env.paths.knn_index", "env.paths.index_metrics",
+            "env.paths.knn_curve"),
     inputs=("env.paths.pca_vectors", "env.paths.pca_projection"),  # the projection: checked to be the vectors' own
     outputs=("env.paths.knn_index",),
     metrics=("env.paths.index_metrics",),

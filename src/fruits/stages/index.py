@@ -6,12 +6,19 @@ answered as the app answers a photo (its identify.neighbours nearest Training ve
 by distance), in Spark with the index broadcast (the Test rows are never collected), for the PCA's k
 and for fewer components (the first j of the same projection), so that `dvc exp show` compares
 experiments by what they keep for the app, not only by explained variance.
+
+Each answer is an exact search over every Training vector, so answering every Test row would grow
+with Test x Training rows. Above identify.accuracy_queries Test rows, a fixed sample of about that many
+is answered: the rows whose path hash falls below a threshold, the same rows on every run over the
+same data (experiments compare the same images). The cost then grows with the Training rows only.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +35,9 @@ from fruits.core.spark import get_session
 from fruits.core.storage import write_json
 
 log = logging.getLogger(__name__)
+
+HASH_DIGITS = 8  # a Test row's place in the accuracy sample: the first 8 hex digits of sha256(path)
+HASH_RANGE = 16**HASH_DIGITS
 
 
 def extract(spark, cfg: DictConfig):
@@ -55,7 +65,28 @@ def answers(index: NeighbourIndex, search: ExactIndex, queries: np.ndarray, neig
     return [vote(index.labels, index.paths, d, i).labels[0] for d, i in zip(found.distances, found.indices, strict=True)]
 
 
-def transform(vectors, broadcast_index, neighbours: int, curve: list[int]):
+def path_hash(path: str) -> int:
+    """The number the accuracy sample compares with its threshold (what `sample` computes in Spark)."""
+    return int(hashlib.sha256(path.encode()).hexdigest()[:HASH_DIGITS], 16)
+
+
+def sample_threshold(test_rows: int, queries: int) -> int:
+    """Test rows whose path hash is below this are answered: about `queries` of test_rows, or all of
+    them (HASH_RANGE) when there are no more than that."""
+    return HASH_RANGE if test_rows <= queries else math.ceil(HASH_RANGE * queries / test_rows)
+
+
+def sample(test, threshold: int):
+    """The Test rows whose path hash is below threshold (sha256 in Spark as in path_hash)."""
+    from pyspark.sql import functions as F
+
+    if threshold >= HASH_RANGE:
+        return test
+    hashed = F.conv(F.substring(F.sha2(F.col("path"), 256), 1, HASH_DIGITS), 16, 10).cast("long")
+    return test.where(hashed < threshold)
+
+
+def transform(test, broadcast_index, neighbours: int, curve: list[int]):
     """Test rows -> for each component count j of the curve, whether the app's answer is right."""
     from pyspark.sql.functions import pandas_udf
 
@@ -70,12 +101,11 @@ def transform(vectors, broadcast_index, neighbours: int, curve: list[int]):
             yield pd.DataFrame({f"right_{j}": pd.Series(answers(index, searches[j], queries, neighbours), dtype=object)
                                 .eq(labels.reset_index(drop=True)).astype(bool) for j in curve})
 
-    test = vectors.where(vectors.split == "Test")
     return test.select(right_answers("label", "pca").alias("right")).select("right.*")
 
 
 def accuracy_table(right, curve: list[int]) -> tuple[int, dict[int, float]]:
-    """(Test rows, {components: share answered right}), aggregated in Spark."""
+    """(rows answered, {components: share answered right}), aggregated in Spark."""
     from pyspark.sql import functions as F
 
     row = right.agg(F.count(F.lit(1)).alias("rows"),
@@ -104,9 +134,12 @@ def run(cfg: DictConfig, spark=None) -> dict:
     k = index.vectors.shape[1]
     curve = components_curve(k, cfg.identify.curve_components)
     neighbours = min(cfg.identify.neighbours, len(index.vectors))
+    test = vectors.where(vectors.split == "Test")
+    test_rows = test.count()
+    queries = sample(test, sample_threshold(test_rows, cfg.identify.accuracy_queries))
     broadcast_index = spark.sparkContext.broadcast(index)
     try:
-        test_rows, accuracy = accuracy_table(transform(vectors, broadcast_index, neighbours, curve), curve)
+        answered, accuracy = accuracy_table(transform(queries, broadcast_index, neighbours, curve), curve)
     finally:
         broadcast_index.unpersist()
     metrics = {
@@ -115,14 +148,19 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "labels": len(set(index.labels.tolist())),
         "neighbours": neighbours,
         "test_rows": test_rows,
+        "test_rows_answered": answered,  # all of them, or the fixed sample (identify.accuracy_queries)
         "knn_accuracy": accuracy[k],  # what the app answers right on Test images, at the PCA's k
+        # binomial standard error of that share over the rows answered
+        "knn_accuracy_standard_error": (round(math.sqrt(accuracy[k] * (1 - accuracy[k]) / answered), 6)
+                                        if answered else None),
         "knn_accuracy_by_components": {str(j): share for j, share in accuracy.items()},
         "seconds": round(time.perf_counter() - started, 3),
     }
     load(index, metrics, accuracy, cfg)
-    if test_rows:
+    if answered:
         log.info("index: %d Training vectors (k=%d); the app's answer is right for %.1f%% of %d Test images "
-                 "(%d neighbours vote)", len(index.vectors), k, 100 * accuracy[k], test_rows, neighbours)
+                 "(of %d; %d neighbours vote)", len(index.vectors), k, 100 * accuracy[k], answered, test_rows,
+                 neighbours)
     else:
         log.warning("index: no Test row: the accuracy is not measured")
     return metrics

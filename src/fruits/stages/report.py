@@ -136,6 +136,16 @@ def rejects_and_weights(featurize_m: dict, provenance: dict) -> list[str]:
 # --- rendering -----------------------------------------------------------------------------------------
 
 
+def answered_test_images(index_m: dict) -> str:
+    """Which Test images the index stage's accuracy is measured on: all of them, or its fixed sample."""
+    answered, rows = index_m.get("test_rows_answered", index_m["test_rows"]), index_m["test_rows"]
+    if answered == rows:
+        return f"{rows} Test images"
+    error = index_m.get("knn_accuracy_standard_error")
+    return (f"{answered} Test images of {rows} (a fixed sample by path hash, identify.accuracy_queries"
+            + (f"; standard error {error:.1%})" if error is not None else ")"))
+
+
 def render_markdown(title: str, sections: list[Section], folder: Path) -> str:
     """Markdown; figures linked relative to folder (where the Markdown file is)."""
     sections = [Section(s.title, [("img", os.path.relpath(b[1], folder), b[2]) if b[0] == "img" else b
@@ -314,7 +324,7 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
     sections.append(Section("The app: which fruit is this?", [
         ("p", f"A photo is answered by the vote of its {index_m['neighbours']} nearest Training images in PCA space "
               f"({index_m['training_vectors']} vectors, {index_m['labels']} labels), weighted by 1 / distance. On the "
-              f"{index_m['test_rows']} Test images, that answer is right for "
+              f"{answered_test_images(index_m)}, that answer is right for "
               + (f"{index_m['knn_accuracy']:.1%}" if index_m["knn_accuracy"] is not None else "- (no Test image)")
               + f" at k = {index_m['components']} components. With fewer components (the first j of the same PCA):"),
         ("table", ["components", "right answers on Test"],
