@@ -81,6 +81,9 @@ def test_critique_follows_the_numbers():
 def test_a_line_fitted_through_stage_times_gives_fixed_and_per_image_cost():
     fixed, per_image = costs.fit_line([1_000, 5_000, 20_000], [12.0 + 0.004 * n for n in (1_000, 5_000, 20_000)])
     assert fixed == pytest.approx(12.0) and per_image == pytest.approx(0.004)
+    # A stage that does not grow (its times only jitter) is flat at its mean, never shrinking with the data.
+    fixed, per_image = costs.fit_line([1_000, 5_000, 20_000, 50_000], [12.69, 14.24, 14.14, 13.15])
+    assert per_image == 0 and fixed == pytest.approx((12.69 + 14.24 + 14.14 + 13.15) / 4)
 
 
 def test_predictions_spread_the_per_image_cost_over_the_vcpus_and_keep_fixed_costs():

@@ -77,10 +77,15 @@ def s3_reads(images: int, mean_bytes: float, shard_mb: float, s3: DictConfig) ->
 
 
 def fit_line(counts, seconds) -> tuple[float, float]:
-    """(fixed seconds, seconds per image): the least-squares line through measured (count, seconds)."""
+    """(fixed seconds, seconds per image): the least-squares line through measured (count, seconds),
+    its slope kept >= 0. A stage whose time does not grow measurably can fit a slightly negative slope
+    (noise), which would predict less than its fixed cost at 10M images: it is flat (the mean) instead."""
     import numpy as np
 
-    per_image, fixed = np.polyfit(np.asarray(counts, float), np.asarray(seconds, float), 1)
+    counts, seconds = np.asarray(counts, float), np.asarray(seconds, float)
+    per_image, fixed = np.polyfit(counts, seconds, 1)
+    if per_image < 0:
+        return float(seconds.mean()), 0.0
     return float(fixed), float(per_image)
 
 
