@@ -190,20 +190,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="*", default=[1_000, 5_000, 20_000])
     parser.add_argument("--pca-rows", type=int, default=100_000)
+    parser.add_argument("--refit", action="store_true",
+                        help="no run: fit and predict again from the runs in reports/scale_bench.json (after a "
+                             "change of prices or of the fit)")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.engine=tensorflow")
     args = parser.parse_args()
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     cfg = load_config(args.overrides)
-    cores = os.cpu_count()
-    setup = (f"{cores} cores ({platform.processor() or platform.machine()}), master {cfg.env.spark.master}, "
-             f"engine {cfg.model.engine}, {cfg.model.input_size} px, each stage its own process (as under DVC)")
-    print(setup, flush=True)
-    runs = [row for count in args.counts for row in one_count(count, args.overrides)]
+    out = Path("reports")
+    if args.refit:
+        measured = json.loads((out / "scale_bench.json").read_text())
+        setup, cores, runs, pca_row = (measured[key] for key in ("setup", "cores", "runs", "pca_synthetic"))
+    else:
+        cores = os.cpu_count()
+        setup = (f"{cores} cores ({platform.processor() or platform.machine()}), master {cfg.env.spark.master}, "
+                 f"engine {cfg.model.engine}, {cfg.model.input_size} px, each stage its own process (as under DVC)")
+        print(setup, flush=True)
+        runs = [row for count in args.counts for row in one_count(count, args.overrides)]
+        pca_row = synthetic_pca(args.pca_rows, 1280, args.overrides)
     fits = fits_of(runs)
     prices = cfg.cluster.prices
     result = {
         "setup": setup, "cores": cores, "runs": runs, "fits": fits,
-        "pca_synthetic": synthetic_pca(args.pca_rows, 1280, args.overrides),
+        "pca_synthetic": pca_row,
         "predictions": predictions(fits, cores, cfg.cluster),
         "assumptions": (f"Per-image costs measured on {cores} local cores, spread over the worker vCPUs (one vCPU = "
                         f"{prices.vcpu_speed_vs_local_core} local core, an assumption); fixed costs as measured here. "
@@ -213,7 +222,6 @@ def main() -> None:
                         f"{prices.serverless.gb_per_vcpu} GB per vCPU, driver billed, start-up {prices.serverless.startup_minutes} "
                         "min (assumption). ingest is left out: on EMR it lists S3, and the upload is a one-off transfer."),
     }
-    out = Path("reports")
     (out / "scale_bench.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "scale_bench.md").write_text(markdown(result))
     plot(runs, out / "scale_bench.png")

@@ -162,7 +162,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
                  "(of %d; %d neighbours vote)", len(index.vectors), k, 100 * accuracy[k], answered, test_rows,
                  neighbours)
     else:
-        log.warning("index: no Test row: the accuracy is not measured")
+        log.warning("index: no Test row answered (%d Test rows): the accuracy is not measured", test_rows)
     return metrics
 
 
