@@ -3,7 +3,8 @@
 1. ingest, featurize (from empty tables), pca, index and report, each as its own process (as DVC runs them),
    on 1k, 5k and 20k generated images: wall time, and peak RSS of the stage's Python driver and of its
    JVM, sampled every 50 ms.
-2. A least-squares line per stage: fixed seconds + seconds per image.
+2. A least-squares line per stage: fixed seconds + seconds per image; for index, + seconds per search pair
+   (Test queries answered x Training rows: up to identify.accuracy_queries it answers every Test row).
 3. PCA fit + transform of 100k x 1280 synthetic feature vectors, timed, with the driver's memory.
 4. From the fits: wall time and cost of featurize + pca + index + report for the full Fruits-360 (2025: 102,639
    images) and for 10M images on EMR (1 primary + 2, 4, 8 m5.xlarge core nodes; cluster start and
@@ -80,6 +81,8 @@ def one_count(count: int, overrides: list[str]) -> list[dict]:
     rows = []
     for stage in STAGES:
         row = {"images": count, **run_stage(stage, params)}
+        if stage == "index":
+            row.update(search_sizes(count, overrides))
         rows.append(row)
         print(f"  {count:7,d} images  {stage:<10} {row['seconds']:7.1f} s  python {row['driver_python_peak_rss_mib']:5d} MiB"
               f"  JVM {row['driver_jvm_peak_rss_mib']:5d} MiB", flush=True)
@@ -121,11 +124,28 @@ def synthetic_pca(rows: int, dimension: int, overrides: list[str]) -> dict:
     return row
 
 
-def fits_of(rows: list[dict]) -> dict:
+def search_sizes(count: int, overrides: list[str]) -> dict:
+    """The index stage's search, from its metrics: Test rows, those answered, Training rows."""
+    metrics = json.loads(Path(config(count, overrides).env.paths.index_metrics).read_text())
+    return {"test_rows": metrics["test_rows"], "test_rows_answered": metrics.get("test_rows_answered", metrics["test_rows"]),
+            "training_vectors": metrics["training_vectors"]}
+
+
+def fits_of(rows: list[dict], accuracy_queries: int) -> dict:
+    """A line per stage through (images, seconds); for the index stage through (search pairs, seconds):
+    its accuracy search grows with Test queries x Training rows, not with the images."""
     fits = {}
     for stage in STAGES:
-        points = [(r["images"], r["seconds"]) for r in rows if r["stage"] == stage]
-        fixed, per_image = fit_line(*zip(*points))
+        runs = [r for r in rows if r["stage"] == stage]
+        if stage == "index":
+            fixed, per_pair = fit_line([r["test_rows_answered"] * r["training_vectors"] for r in runs],
+                                       [r["seconds"] for r in runs])
+            largest = max(runs, key=lambda r: r["images"])
+            fits[stage] = {"fixed_s": round(fixed, 3), "per_pair_s": per_pair,
+                           "test_share": round(largest["test_rows"] / largest["images"], 4),
+                           "accuracy_queries": accuracy_queries}
+            continue
+        fixed, per_image = fit_line([r["images"] for r in runs], [r["seconds"] for r in runs])
         fits[stage] = {"fixed_s": round(fixed, 3), "per_image_s": per_image,
                        "images_per_second_marginal": round(1 / per_image, 1) if per_image > 0 else None}
     return fits
@@ -171,9 +191,12 @@ def markdown(result: dict) -> str:
              "|---:|---|---:|---:|---:|"]
     lines += [f"| {r['images']:,} | {r['stage']} | {r['seconds']} | {r['driver_python_peak_rss_mib']} | "
               f"{r['driver_jvm_peak_rss_mib']} |" for r in result["runs"]]
-    lines += ["", "| stage | fixed (s) | per image (ms) | marginal img/s |", "|---|---:|---:|---:|"]
-    lines += [f"| {stage} | {f['fixed_s']} | {1000 * f['per_image_s']:.3f} | {f['images_per_second_marginal']} |"
-              for stage, f in result["fits"].items()]
+    lines += ["", "| stage | fixed (s) | growth | marginal img/s |", "|---|---:|---|---:|"]
+    lines += [f"| {stage} | {f['fixed_s']} | "
+              + (f"{1e9 * f['per_pair_s']:.3g} ns per Test query x Training row (queries capped at "
+                 f"{f['accuracy_queries']:,}; Test share {f['test_share']})" if "per_pair_s" in f
+                 else f"{1000 * f['per_image_s']:.3f} ms per image")
+              + f" | {f.get('images_per_second_marginal', '-')} |" for stage, f in result["fits"].items()]
     p = result["pca_synthetic"]
     lines += ["", f"PCA fit + transform of {p['rows']:,} x {p['dimension']} synthetic vectors: {p['seconds']} s "
               f"(process wall time), driver Python {p['driver_python_peak_rss_mib']} MiB, JVM {p['driver_jvm_peak_rss_mib']} MiB.",
@@ -201,6 +224,9 @@ def main() -> None:
     if args.refit:
         measured = json.loads((out / "scale_bench.json").read_text())
         setup, cores, runs, pca_row = (measured[key] for key in ("setup", "cores", "runs", "pca_synthetic"))
+        for row in runs:  # runs recorded before the search sizes were: from the index metrics left beside them
+            if row["stage"] == "index" and "training_vectors" not in row:
+                row.update(search_sizes(row["images"], args.overrides))
     else:
         cores = os.cpu_count()
         setup = (f"{cores} cores ({platform.processor() or platform.machine()}), master {cfg.env.spark.master}, "
@@ -208,7 +234,7 @@ def main() -> None:
         print(setup, flush=True)
         runs = [row for count in args.counts for row in one_count(count, args.overrides)]
         pca_row = synthetic_pca(args.pca_rows, 1280, args.overrides)
-    fits = fits_of(runs)
+    fits = fits_of(runs, cfg.identify.accuracy_queries)
     prices = cfg.cluster.prices
     result = {
         "setup": setup, "cores": cores, "runs": runs, "fits": fits,

@@ -100,6 +100,19 @@ def test_predictions_spread_the_per_image_cost_over_the_vcpus_and_keep_fixed_cos
     assert serverless["usd"] == pytest.approx(serverless["hours"] * (8 + 4) * (0.06318 + 4 * 0.00689))
 
 
+def test_the_index_stage_is_predicted_from_its_search_pairs_capped_at_the_accuracy_sample():
+    cluster = compose().cluster
+    fits = {"index": {"fixed_s": 14.0, "per_pair_s": 5e-8, "test_share": 0.2, "accuracy_queries": 20_000}}
+    # 50k images: 10,000 Test rows, all answered, against 40,000 Training rows.
+    assert costs.search_pairs(50_000, 0.2, 20_000) == pytest.approx(10_000 * 40_000)
+    # 10M: 2M Test rows, a sample of 20,000 answered, against 8M Training rows: linear in the images.
+    assert costs.search_pairs(10_000_000, 0.2, 20_000) == pytest.approx(20_000 * 8_000_000)
+    emr = costs.predict_emr(fits, local_cores=2, images=10_000_000, core_nodes=2, cluster=cluster)
+    assert emr["stages_s"]["index"] == pytest.approx(14 + 5e-8 * 20_000 * 8_000_000 * 2 / 8)
+    assert costs.describe_fit("index", fits["index"]) == (
+        "index 14 s fixed + 50 ns per Test query x Training row (queries capped at 20,000)")
+
+
 def test_critique_predicts_from_the_scale_fits_when_there_are_some():
     cfg = compose()
     scale = {"cores": 2, "fits": {"featurize": {"fixed_s": 15.0, "per_image_s": 0.008},

@@ -89,11 +89,34 @@ def fit_line(counts, seconds) -> tuple[float, float]:
     return float(fixed), float(per_image)
 
 
+def search_pairs(images: int, test_share: float, accuracy_queries: int) -> float:
+    """Test queries x Training rows the index stage's accuracy search makes for `images`: every Test
+    row up to accuracy_queries, then a fixed sample of that many, each against every Training row."""
+    test = test_share * images
+    return min(test, accuracy_queries) * (images - test)
+
+
+def stage_work_seconds(fit: dict, images: int) -> float:
+    """A stage's measured growth for `images`, beyond its fixed cost, on the cores it was measured on:
+    seconds per image, or (fits with per_pair_s: the index stage) seconds per search pair."""
+    if "per_pair_s" in fit:
+        return fit["per_pair_s"] * search_pairs(images, fit["test_share"], fit["accuracy_queries"])
+    return fit["per_image_s"] * images
+
+
+def describe_fit(stage: str, fit: dict) -> str:
+    """A fit in words: '<stage> 12 s fixed + 5.5 ms per image' (or per search pair)."""
+    if "per_pair_s" in fit:
+        return (f"{stage} {fit['fixed_s']:.0f} s fixed + {fit['per_pair_s'] * 1e9:.3g} ns per Test query x Training "
+                f"row (queries capped at {fit['accuracy_queries']:,})")
+    return f"{stage} {fit['fixed_s']:.0f} s fixed + {1000 * fit['per_image_s']:.3g} ms per image"
+
+
 def stage_seconds(fits: dict, images: int, local_cores: int, vcpus: int, speed: float) -> dict[str, float]:
     """Seconds per stage for `images` on `vcpus` workers: each stage's measured fixed cost, plus its
-    per-image cost measured on local_cores cores, spread over the vCPUs (speed: one vCPU's speed
-    relative to one local core)."""
-    return {stage: fit["fixed_s"] + fit["per_image_s"] * images * local_cores / (vcpus * speed)
+    growth measured on local_cores cores, spread over the vCPUs (speed: one vCPU's speed relative to
+    one local core)."""
+    return {stage: fit["fixed_s"] + stage_work_seconds(fit, images) * local_cores / (vcpus * speed)
             for stage, fit in fits.items()}
 
 

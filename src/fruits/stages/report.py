@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 
 from fruits.core import tables
 from fruits.core.config import stage_config
-from fruits.core.costs import alternatives, emr_estimate, predict_emr, predict_serverless, s3_reads
+from fruits.core.costs import alternatives, describe_fit, emr_estimate, predict_emr, predict_serverless, s3_reads
 from fruits.core.pipeline import params_of
 from fruits.core.spark import get_session
 
@@ -99,11 +99,10 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
                 "then predicts from those fits)."
             )
     else:
-        costs = ", ".join(f"{stage} {fit['fixed_s']:.0f} s fixed + {1000 * fit['per_image_s']:.3g} ms per image"
-                          for stage, fit in scale["fits"].items() if stage != "ingest")
+        costs = ", ".join(describe_fit(stage, fit) for stage, fit in scale["fits"].items() if stage != "ingest")
         lines.append(
             f"How time grows, measured (`make bench-scale`, {scale['cores']} cores, each stage its own process): "
-            f"{costs}. The predictions below spread the per-image cost over the cluster's vCPUs and keep the fixed "
+            f"{costs}. The predictions below spread that growth over the cluster's vCPUs and keep the fixed "
             "costs; on EMR, ingest only lists S3."
         )
         predicted = scale_predictions(scale, cluster, report_cfg)
