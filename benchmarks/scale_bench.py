@@ -240,7 +240,9 @@ def main() -> None:
         "setup": setup, "cores": cores, "runs": runs, "fits": fits,
         "pca_synthetic": pca_row,
         "predictions": predictions(fits, cores, cfg.cluster),
-        "assumptions": (f"Per-image costs measured on {cores} local cores, spread over the worker vCPUs (one vCPU = "
+        "assumptions": (f"Growth (per image; index: per search pair, its queries capped at "
+                        f"identify.accuracy_queries={cfg.identify.accuracy_queries}, Test share as in the bench's data) "
+                        f"measured on {cores} local cores, spread over the worker vCPUs (one vCPU = "
                         f"{prices.vcpu_speed_vs_local_core} local core, an assumption); fixed costs as measured here. "
                         f"EMR: cluster start + bootstrap {prices.startup_hours} h (assumption), EC2 + EMR list prices from "
                         f"conf/cluster (2025). Serverless: {prices.serverless.vcpu_hour} USD/vCPU-h and "
