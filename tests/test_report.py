@@ -1,5 +1,6 @@
 """The report reflects the data: counts, rejects, provenance banner, k, costs."""
 
+import json
 import re
 
 import pytest
@@ -111,6 +112,16 @@ def test_the_index_stage_is_predicted_from_its_search_pairs_capped_at_the_accura
     assert emr["stages_s"]["index"] == pytest.approx(14 + 5e-8 * 20_000 * 8_000_000 * 2 / 8)
     assert costs.describe_fit("index", fits["index"]) == (
         "index 14 s fixed + 50 ns per Test query x Training row (queries capped at 20,000)")
+
+
+def test_the_predictions_take_the_accuracy_sample_of_the_config(tmp_path):
+    cfg = compose()
+    fits = {"fixed_s": 14.0, "per_pair_s": 5e-8, "test_share": 0.2, "accuracy_queries": 20_000}
+    (tmp_path / "scale.json").write_text(json.dumps({"cores": 2, "fits": {"index": fits}}))
+    cfg.report.scale_fits, cfg.identify.accuracy_queries = str(tmp_path / "scale.json"), 5_000
+    assert report.scale_fits(cfg)["fits"]["index"] == {**fits, "accuracy_queries": 5_000}
+    cfg.report.scale_fits = str(tmp_path / "none.json")
+    assert report.scale_fits(cfg) is None
 
 
 def test_critique_predicts_from_the_scale_fits_when_there_are_some():

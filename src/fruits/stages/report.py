@@ -246,6 +246,18 @@ def read_json(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def scale_fits(cfg: DictConfig) -> dict | None:
+    """make bench-scale's fits (None if it was not run), with the index stage's query cap of this config,
+    as the prices are: the predictions are for the pipeline as configured."""
+    path = Path(cfg.report.scale_fits)
+    if not path.exists():
+        return None
+    scale = json.loads(path.read_text())
+    if "per_pair_s" in scale["fits"].get("index", {}):
+        scale["fits"]["index"]["accuracy_queries"] = cfg.identify.accuracy_queries
+    return scale
+
+
 def extract(spark, cfg: DictConfig) -> dict:
     """The small numbers the report needs; the big tables stay in Spark (aggregates and a bounded sample)."""
     from pyspark.sql import functions as F
@@ -265,7 +277,7 @@ def extract(spark, cfg: DictConfig) -> dict:
         "index": read_json(paths.index_metrics),
         "provenance": read_json(paths.provenance),
         "manifest": read_json(paths.ingest_metrics),
-        "scale": json.loads(Path(cfg.report.scale_fits).read_text()) if Path(cfg.report.scale_fits).exists() else None,
+        "scale": scale_fits(cfg),
         "counts": [(r["label"], r["split"], r["count"]) for r in counts],
         "rejects": [(r["reject_reason"], r["count"]) for r in rejects],
         "points": [(float(p[0]), float(p[1]), p[2]) for p in points],
