@@ -185,7 +185,8 @@ def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[
 
     results, rss, cores = [], {}, os.cpu_count()
     for engine in ENGINES:
-        spark = get_session(cfg)  # a fresh session per engine: new Python workers, their own memory
+        # A fresh session per engine (new Python workers, their own memory), started as featurize starts its own.
+        spark = get_session(cfg, cfg.env.spark.get("featurize_java_options"))
         engine_cfg = cfg.copy()
         engine_cfg.model.engine = engine
         pids = set()

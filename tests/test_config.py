@@ -1,6 +1,7 @@
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from fruits.core.config import (
     conf_dir,
@@ -138,3 +139,15 @@ def test_a_group_choice_without_params_file_composes_conf(tmp_path, monkeypatch)
     assert cfg.storage.name == "s3" and cfg.storage.bucket and cfg.pca.k == 3
     with pytest.raises(ConfigError, match="outside the EU"):
         load_config(["storage=s3", "storage.region=us-west-2"])
+
+
+def test_featurize_s_jvm_options_join_the_driver_s_after_the_config_s_own():
+    from fruits.core.spark import session_conf
+
+    local = compose().env.spark
+    assert local.featurize_java_options == "-XX:TieredStopAtLevel=1"  # C1 JIT for featurize, locally only
+    assert compose(["env=emr", "storage=s3"]).env.spark.featurize_java_options is None
+    assert session_conf(local) == {key: str(value) for key, value in local.conf.items()}  # other stages: as configured
+    own = OmegaConf.create({"conf": {"spark.driver.extraJavaOptions": "-Dsome.flag=1"}})
+    assert session_conf(own, local.featurize_java_options)["spark.driver.extraJavaOptions"] == (
+        "-Dsome.flag=1 -XX:TieredStopAtLevel=1")

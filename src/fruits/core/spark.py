@@ -27,7 +27,19 @@ def check_java() -> None:
         )
 
 
-def get_session(cfg: DictConfig):
+def session_conf(spark_cfg: DictConfig, java_options: str | None = None) -> dict[str, str]:
+    """Spark settings of env.spark.conf, with java_options added to the driver JVM's (in local mode the
+    executors' too), after any the config sets."""
+    conf = {key: str(value) for key, value in spark_cfg.conf.items()}
+    if java_options:
+        conf["spark.driver.extraJavaOptions"] = " ".join(
+            part for part in (conf.get("spark.driver.extraJavaOptions"), java_options) if part)
+    return conf
+
+
+def get_session(cfg: DictConfig, java_options: str | None = None):
+    """The Spark session of env.spark; java_options (a stage's own JVM flags) count only if this starts
+    the JVM (a session already running keeps its own)."""
     from pyspark.sql import SparkSession
 
     check_java()
@@ -39,8 +51,8 @@ def get_session(cfg: DictConfig):
     builder = SparkSession.builder.appName(spark_cfg.app_name)
     if spark_cfg.master:
         builder = builder.config("spark.master", spark_cfg.master)
-    for key, value in spark_cfg.conf.items():
-        builder = builder.config(key, str(value))
+    for key, value in session_conf(spark_cfg, java_options).items():
+        builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark

@@ -405,7 +405,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark.sql import functions as F
 
     check_inputs(cfg)
-    spark = spark or get_session(cfg)
+    spark = spark or get_session(cfg, cfg.env.spark.get("featurize_java_options"))
     started = time.perf_counter()
     for table in (cfg.env.paths.features, cfg.env.paths.rejects):
         if removed := tables.clean(table, cfg):
