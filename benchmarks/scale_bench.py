@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 
 from fruits.core import tables
 from fruits.core.config import load_config
-from fruits.core.costs import fit_line, predict_emr, predict_serverless
+from fruits.core.costs import describe_growth, fit_line, predict_emr, predict_serverless
 from fruits.stages import sample, weights
 from measure import PeakRss
 
@@ -192,10 +192,8 @@ def markdown(result: dict) -> str:
     lines += [f"| {r['images']:,} | {r['stage']} | {r['seconds']} | {r['driver_python_peak_rss_mib']} | "
               f"{r['driver_jvm_peak_rss_mib']} |" for r in result["runs"]]
     lines += ["", "| stage | fixed (s) | growth | marginal img/s |", "|---|---:|---|---:|"]
-    lines += [f"| {stage} | {f['fixed_s']} | "
-              + (f"{1e9 * f['per_pair_s']:.3g} ns per Test query x Training row (queries capped at "
-                 f"{f['accuracy_queries']:,}; Test share {f['test_share']})" if "per_pair_s" in f
-                 else f"{1000 * f['per_image_s']:.3f} ms per image")
+    lines += [f"| {stage} | {f['fixed_s']} | {describe_growth(f)}"
+              + (f", Test share {f['test_share']}" if "test_share" in f else "")
               + f" | {f.get('images_per_second_marginal', '-')} |" for stage, f in result["fits"].items()]
     p = result["pca_synthetic"]
     lines += ["", f"PCA fit + transform of {p['rows']:,} x {p['dimension']} synthetic vectors: {p['seconds']} s "

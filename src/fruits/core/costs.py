@@ -104,12 +104,17 @@ def stage_work_seconds(fit: dict, images: int) -> float:
     return fit["per_image_s"] * images
 
 
+def describe_growth(fit: dict) -> str:
+    """A fit's growth in words: '5.5 ms per image', or per search pair for the index stage."""
+    if "per_pair_s" in fit:
+        return (f"{fit['per_pair_s'] * 1e9:.3g} ns per Test query x Training row (queries capped at "
+                f"{fit['accuracy_queries']:,})")
+    return f"{1000 * fit['per_image_s']:.3g} ms per image"
+
+
 def describe_fit(stage: str, fit: dict) -> str:
     """A fit in words: '<stage> 12 s fixed + 5.5 ms per image' (or per search pair)."""
-    if "per_pair_s" in fit:
-        return (f"{stage} {fit['fixed_s']:.0f} s fixed + {fit['per_pair_s'] * 1e9:.3g} ns per Test query x Training "
-                f"row (queries capped at {fit['accuracy_queries']:,})")
-    return f"{stage} {fit['fixed_s']:.0f} s fixed + {1000 * fit['per_image_s']:.3g} ms per image"
+    return f"{stage} {fit['fixed_s']:.0f} s fixed + {describe_growth(fit)}"
 
 
 def stage_seconds(fits: dict, images: int, local_cores: int, vcpus: int, speed: float) -> dict[str, float]:
