@@ -32,7 +32,7 @@ from omegaconf import DictConfig
 from fruits.core import backbone, tables
 from fruits.core.config import ConfigError, stage_config
 from fruits.core.images import RejectedImage, parse_image_path, prepare
-from fruits.core.spark import PidCounts, Progress, get_session, session_settings
+from fruits.core.spark import PidCounts, Progress, get_session, lighten_worker_imports, session_settings
 from fruits.core.storage import SHARD_GLOB, filesystem, iter_files, write_json
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumula
 
     @pandas_udf(RESULT_SCHEMA)
     def featurize_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        lighten_worker_imports()
         builds_before = backbone.BUILD_COUNT.get(identity, 0)
         extract = backbone.cached_extractor(
             identity, lambda: broadcast_weights.value, input_size, alpha, threads, engine

@@ -31,7 +31,7 @@ from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.neighbours import ExactIndex, NeighbourIndex, vote
 from fruits.core.projection import checked_projection_sha256
-from fruits.core.spark import get_session
+from fruits.core.spark import get_session, lighten_worker_imports
 from fruits.core.storage import write_json
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,7 @@ def transform(test, broadcast_index, neighbours: int, curve: list[int]):
 
     @pandas_udf(f"struct<{schema}>")
     def right_answers(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+        lighten_worker_imports()
         index = broadcast_index.value
         searches = {j: ExactIndex(index.vectors[:, :j]) for j in curve}  # once per task, not per batch
         for labels, pcas in batches:
