@@ -36,7 +36,7 @@ import pandas as pd
 
 from fruits.core import backbone as model
 from fruits.core.config import load_config
-from fruits.core.images import prepare
+from fruits.core.images import prepare_batch
 from fruits.stages import featurize, sample, weights
 
 ENGINES = ("tensorflow", "onnxruntime")
@@ -64,13 +64,13 @@ def ceiling_worker(engine, cfg_values, threads, files, decode_in_loop, barrier, 
     size, batch = cfg_values["size"], cfg_values["batch"]
     extract = build(engine, cfg_values, threads)
     contents = [Path(f).read_bytes() for f in files]
-    arrays = None if decode_in_loop else np.stack([prepare(c, size) for c in contents])
+    arrays = None if decode_in_loop else prepare_batch(contents, size)
     extract(np.zeros((batch, size, size, 3), np.float32))  # warm-up: tracing, allocations
     barrier.wait()
     started = time.time()
     for start in range(0, len(files), batch):
         if decode_in_loop:
-            extract(np.stack([prepare(c, size) for c in contents[start : start + batch]]))
+            extract(prepare_batch(contents[start : start + batch], size))
         else:
             extract(arrays[start : start + batch])
     results.put((started, time.time(), len(files), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss))
@@ -97,9 +97,11 @@ def ceiling(engine: str, cfg_values: dict, files: list[Path], processes: int, th
             "peak_rss_mib": round(max(rss for *_, rss in done) / 1024)}
 
 
-def decode_per_core(files: list[Path], size: int) -> dict:
+def decode_per_core(files: list[Path], size: int, batch: int) -> dict:
+    """Decode, resize and scale on one core, in featurize's batches."""
     contents = [f.read_bytes() for f in files]
-    return timed("decode + resize (1 core)", len(contents), lambda: [prepare(c, size) for c in contents])
+    return timed("decode + resize (1 core)", len(contents),
+                 lambda: [prepare_batch(contents[start : start + batch], size) for start in range(0, len(contents), batch)])
 
 
 def keras_predict_loop(files: list[Path], cfg) -> dict:
@@ -110,7 +112,7 @@ def keras_predict_loop(files: list[Path], cfg) -> dict:
 
     def loop():
         for start in range(0, len(files), batch):
-            keras_model.predict(np.stack([prepare(f.read_bytes(), size) for f in files[start : start + batch]]), verbose=0)
+            keras_model.predict(prepare_batch([f.read_bytes() for f in files[start : start + batch]], size), verbose=0)
 
     return timed("keras predict loop (1 process)", len(files), loop)
 
@@ -159,7 +161,7 @@ def naive_udf(broadcast, cfg):
         for contents in batches:
             backbone = model.build_backbone(size, alpha)
             backbone.set_weights(broadcast.value)
-            arrays = np.stack([prepare(c, size) for c in contents])
+            arrays = prepare_batch(contents, size)
             yield pd.Series(list(backbone(arrays, training=False).numpy()))
 
     return rebuild_every_batch
@@ -314,7 +316,7 @@ def main() -> None:
     print(header, flush=True)
     values = {"onnx": cfg.env.paths.onnx, "weights": cfg.env.paths.weights, "size": cfg.model.input_size,
               "alpha": cfg.model.alpha, "batch": cfg.featurize.batch_size}
-    rows = [decode_per_core(files, cfg.model.input_size)]
+    rows = [decode_per_core(files, cfg.model.input_size, cfg.featurize.batch_size)]
     for engine in ENGINES:
         for decode in (False, True):
             rows += [ceiling(engine, values, files, 1, cores, decode), ceiling(engine, values, files, cores, 1, decode)]

@@ -79,3 +79,16 @@ def test_prepare_resizes_and_scales_to_minus_one_one():
     array = prepare(encode(Image.new("RGB", (100, 100), (255, 0, 127))), 96)
     assert array.shape == (96, 96, 3) and array.dtype == np.float32
     np.testing.assert_allclose(array[0, 0], [1.0, -1.0, 127 / 127.5 - 1], atol=1e-6)
+
+
+def test_a_batch_is_scaled_to_the_same_bits_as_each_image_alone():
+    from fruits.core.images import decode_image, prepare_batch
+
+    rng = np.random.default_rng(3)
+    contents = [encode(Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8))) for i in range(5)]
+    one_by_one = [np.asarray(decode_image(c).resize((32, 32), Image.Resampling.BILINEAR), dtype=np.float32) / 127.5 - 1.0
+                  for c in contents]
+    batch = prepare_batch(contents, 32)
+    assert batch.dtype == np.float32 and batch.shape == (5, 32, 32, 3)
+    assert np.array_equal(batch, np.stack(one_by_one))
+    assert np.array_equal(prepare(contents[2], 32), one_by_one[2])

@@ -31,7 +31,7 @@ from omegaconf import DictConfig
 
 from fruits.core import backbone, tables
 from fruits.core.config import ConfigError, stage_config
-from fruits.core.images import RejectedImage, parse_image_path, prepare
+from fruits.core.images import RejectedImage, parse_image_path, pixels, to_model_input
 from fruits.core.spark import PidCounts, Progress, get_session, lighten_worker_imports, session_settings
 from fruits.core.storage import SHARD_GLOB, filesystem, iter_files, write_json
 
@@ -69,14 +69,14 @@ def featurize_batch(
         for i in range(start, min(start + batch_size, rows)):
             try:
                 splits[i], labels[i] = parse_image_path(paths[i])
-                arrays.append(prepare(contents[i], input_size))
+                arrays.append(pixels(contents[i], input_size))
                 good.append(i)
             except RejectedImage as err:
                 reasons[i] = str(err)
             except Exception as err:  # anything unforeseen is a reject with its reason, not a lost file
                 reasons[i] = f"unexpected {type(err).__name__}: {err}"
         if arrays:
-            vectors = extract(np.stack(arrays))
+            vectors = extract(to_model_input(np.stack(arrays)))
             for i, vector in zip(good, vectors, strict=True):
                 features[i] = vector
     return pd.DataFrame({"split": splits, "label": labels, "features": features, "reject_reason": reasons})
