@@ -73,3 +73,33 @@ def test_float_vectors_are_written_without_a_dictionary_and_labels_with_one(spar
     dictionary = {chunk.path_in_schema: chunk.has_dictionary_page for chunk in chunks}
     assert dictionary == {"label": True, "features.list.element": False}
     assert sorted(tuple(r) for r in tables.read(spark, uri, cfg).select("label").collect())[0] == ("L0",)
+
+
+def test_vectors_without_null_elements_are_written_as_two_level_lists_and_read_back_equal(spark, tmp_path):
+    """The two-level form is the fast write; vectors that may hold nulls, and frames with columns the
+    legacy setting also changes (decimals), keep Spark's standard three levels."""
+    import pyarrow.parquet as pq
+    from pyspark.sql.types import ArrayType, DecimalType, FloatType, StringType, StructField, StructType
+
+    cfg = make_cfg(tmp_path)
+    rows = [(f"L{i % 2}", [0.25 * i, -1.5, float(i % 3)]) for i in range(16)]
+
+    def written(element_nulls: bool, name: str):
+        schema = StructType([StructField("label", StringType()),
+                             StructField("features", ArrayType(FloatType(), containsNull=element_nulls))])
+        frame = spark.createDataFrame(rows, schema).coalesce(1)
+        tables.write(frame, str(tmp_path / name), cfg)
+        folder = tmp_path / name / tables.committed_version(str(tmp_path / name), cfg)
+        file = next(f for f in folder.iterdir() if f.suffix == ".parquet")
+        chunk = pq.ParquetFile(file).metadata.row_group(0).column(1)
+        back = {(r["label"], tuple(r["features"])) for r in tables.read(spark, str(tmp_path / name), cfg).collect()}
+        return chunk.path_in_schema, chunk.has_dictionary_page, back
+
+    before = spark.conf.get("spark.sql.parquet.writeLegacyFormat")
+    expected = {(label, tuple(vector)) for label, vector in rows}
+    assert written(False, "two") == ("features.array", False, expected)
+    assert written(True, "three") == ("features.list.element", False, expected)
+    assert spark.conf.get("spark.sql.parquet.writeLegacyFormat") == before
+    with_decimal = StructType([StructField("price", DecimalType(10, 2)),
+                               StructField("features", ArrayType(FloatType(), containsNull=False))])
+    assert tables.two_level_lists(with_decimal) == {}

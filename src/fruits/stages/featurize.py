@@ -37,7 +37,6 @@ from fruits.core.storage import SHARD_GLOB, filesystem, iter_files, write_json
 
 log = logging.getLogger(__name__)
 
-RESULT_SCHEMA = "split string, label string, features array<float>, reject_reason string"
 # What identifies an image's row besides its path: what it contained, and when it was listed.
 ROW_IDENTITY = ["checksum", "size", "modified", "model"]
 FEATURE_COLUMNS = ["path", "label", "split", "features", *ROW_IDENTITY]
@@ -82,6 +81,16 @@ def featurize_batch(
     return pd.DataFrame({"split": splits, "label": labels, "features": features, "reject_reason": reasons})
 
 
+def result_schema():
+    """What the model's UDF returns per image. Its vectors never hold a null element: declared so,
+    they are written as a two-level Parquet list (fruits.core.tables.two_level_lists)."""
+    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+
+    return StructType([StructField("split", StringType()), StructField("label", StringType()),
+                       StructField("features", ArrayType(FloatType(), containsNull=False)),
+                       StructField("reject_reason", StringType())])
+
+
 def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumulator=None):
     """The pandas Iterator UDF (path, content) -> struct; the model is cached per worker process."""
     from pyspark.sql.functions import pandas_udf
@@ -89,7 +98,7 @@ def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumula
     input_size, alpha, engine = cfg.model.input_size, cfg.model.alpha, cfg.model.engine
     batch_size, threads = cfg.featurize.batch_size, cfg.featurize.threads
 
-    @pandas_udf(RESULT_SCHEMA)
+    @pandas_udf(result_schema())
     def featurize_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
         lighten_worker_imports()
         builds_before = backbone.BUILD_COUNT.get(identity, 0)
