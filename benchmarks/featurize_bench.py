@@ -98,10 +98,15 @@ def ceiling(engine: str, cfg_values: dict, files: list[Path], processes: int, th
 
 
 def decode_per_core(files: list[Path], size: int, batch: int) -> dict:
-    """Decode, resize and scale on one core, in featurize's batches."""
+    """Decode, resize and scale on one core, in featurize's batches, each dropped once made as the
+    model would consume it (keeping all 1,920 arrays, 1.1 GB, timed the page faults: half the rate)."""
     contents = [f.read_bytes() for f in files]
-    return timed("decode + resize (1 core)", len(contents),
-                 lambda: [prepare_batch(contents[start : start + batch], size) for start in range(0, len(contents), batch)])
+
+    def decode_all():
+        for start in range(0, len(contents), batch):
+            prepare_batch(contents[start : start + batch], size)
+
+    return timed("decode + resize (1 core)", len(contents), decode_all)
 
 
 def keras_predict_loop(files: list[Path], cfg) -> dict:
