@@ -18,7 +18,7 @@ from PIL import Image
 
 from fruits.core.images import MAX_PIXELS, RejectedImage, parse_image_path, prepare
 from fruits.core.storage import ListedFile
-from fruits.stages.featurize import featurize_batch, unreadable_by_spark
+from fruits.stages.featurize import featurize_batch, unreadable_by_spark, walk
 
 SIZE = 32
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "RGBa",
@@ -174,6 +174,17 @@ def test_names_spark_would_skip_are_rejects_with_a_reason_not_lost(prefix, name,
     rejects = unreadable_by_spark([ListedFile(f"file:/d/{relative}", relative, 10)])
     assert len(rejects) == 1 and "hidden name" in rejects[0][1]
 
+
+
+def test_the_walk_sizes_only_what_spark_will_read():
+    """A first run sizes the model's tasks from the walk (no listing job): skipped files weigh nothing."""
+    files = [ListedFile("file:/d/Training/Kiwi/a.jpg", "Training/Kiwi/a.jpg", 300),
+             ListedFile("file:/d/Training/Kiwi/.b.jpg", "Training/Kiwi/.b.jpg", 9_000),
+             ListedFile("file:/d/Training/Kiwi/c.jpg", "Training/Kiwi/c.jpg", 0),
+             ListedFile("file:/d/Test/Kiwi/d.jpg", "Test/Kiwi/d.jpg", 700)]
+    walked = walk(iter(files))
+    assert (walked.readable, walked.readable_bytes, walked.largest) == (2, 1_000, 700)
+    assert [reason.split(" ")[0] for _, reason in walked.unreadable] == ["hidden", "empty"]
 
 # --- a batch of hostile files ------------------------------------------------------------------------
 
