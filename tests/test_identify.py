@@ -177,3 +177,14 @@ def test_above_accuracy_queries_the_index_stage_answers_its_fixed_sample_of_test
     assert metrics["knn_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert metrics["knn_accuracy_standard_error"] == pytest.approx(
         math.sqrt(expected * (1 - expected) / len(sampled)), abs=1e-6)
+    assert metrics["knn_accuracy_interval_95"] == pytest.approx(list(index.wilson_interval(expected, len(sampled))),
+                                                                abs=1e-6)
+
+
+@pytest.mark.parametrize("share, rows, expected", [
+    (1.0, 30, (0.8865, 1.0)),     # all right: the standard error reads 0, the interval does not
+    (0.5, 100, (0.4038, 0.5962)),
+    (0.0, 10, (0.0, 0.2775)),
+])
+def test_the_accuracy_interval_is_wilsons(share, rows, expected):
+    assert index.wilson_interval(share, rows) == pytest.approx(expected, abs=1e-4)

@@ -56,6 +56,13 @@ def test_the_report_says_when_the_accuracy_is_measured_on_a_sample():
                                                     "identify.accuracy_queries; standard error 0.2%)")
 
 
+
+def test_the_report_gives_the_accuracy_with_its_interval_when_the_metrics_have_one():
+    assert report.right_share({"knn_accuracy": 1.0, "knn_accuracy_interval_95": [0.8865, 1.0]}) == \
+        "100.0% (95 % interval 88.6% to 100.0%)"
+    assert report.right_share({"knn_accuracy": 0.5}) == "50.0%"  # metrics written before the interval
+    assert report.right_share({"knn_accuracy": None}) == "- (no Test image)"
+
 def test_critique_follows_the_numbers():
     cluster = compose().cluster
     featurize_m = {"images": 90_000, "featurized": 89_990, "rejected": 10, "reject_reasons": {"empty file": 10},

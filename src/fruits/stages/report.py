@@ -135,6 +135,15 @@ def rejects_and_weights(featurize_m: dict, provenance: dict) -> list[str]:
 # --- rendering -----------------------------------------------------------------------------------------
 
 
+def right_share(index_m: dict) -> str:
+    """The index stage's accuracy, with its 95 % interval when the metrics have one."""
+    if index_m["knn_accuracy"] is None:
+        return "- (no Test image)"
+    interval = index_m.get("knn_accuracy_interval_95")
+    return f"{index_m['knn_accuracy']:.1%}" + (f" (95 % interval {interval[0]:.1%} to {interval[1]:.1%})"
+                                               if interval else "")
+
+
 def answered_test_images(index_m: dict) -> str:
     """Which Test images the index stage's accuracy is measured on: all of them, or its fixed sample."""
     answered, rows = index_m.get("test_rows_answered", index_m["test_rows"]), index_m["test_rows"]
@@ -336,7 +345,7 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
         ("p", f"A photo is answered by the vote of its {index_m['neighbours']} nearest Training images in PCA space "
               f"({index_m['training_vectors']} vectors, {index_m['labels']} labels), weighted by 1 / distance. On the "
               f"{answered_test_images(index_m)}, that answer is right for "
-              + (f"{index_m['knn_accuracy']:.1%}" if index_m["knn_accuracy"] is not None else "- (no Test image)")
+              + right_share(index_m)
               + f" at k = {index_m['components']} components. With fewer components (the first j of the same PCA):"),
         ("table", ["components", "right answers on Test"],
          [[j, "-" if share is None else f"{share:.1%}"] for j, share in by_components.items()])]))
