@@ -165,7 +165,8 @@ def run(cfg: DictConfig, spark=None) -> dict:
         # (the error reads 0 at 100 %; the interval still says how sure 30 of 30 is)
         "knn_accuracy_standard_error": (round(math.sqrt(accuracy[k] * (1 - accuracy[k]) / answered), 6)
                                         if answered else None),
-        "knn_accuracy_interval_95": [round(end, 6) for end in wilson_interval(accuracy[k], answered)] if answered else None,
+        "knn_accuracy_interval_95": ([round(end, 6) for end in wilson_interval(accuracy[k], answered)]
+                                     if answered else None),
         "knn_accuracy_by_components": {str(j): share for j, share in accuracy.items()},
         "seconds": round(time.perf_counter() - started, 3),
     }

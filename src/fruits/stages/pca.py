@@ -87,7 +87,6 @@ def transform(features, broadcast_projection):
         import pandas as pd
 
         lighten_worker_imports()
-
         vectors = broadcast_projection.value.project(np.stack(batch.to_numpy())) if len(batch) else []
         return pd.Series(list(vectors), index=batch.index, dtype=object)
 
