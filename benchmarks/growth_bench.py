@@ -22,7 +22,7 @@ from fruits.core.config import load_config
 from fruits.core.spark import get_session
 from fruits.core.storage import iter_files
 from fruits.stages import featurize, sample, weights
-from fruits.stages.featurize import extract, unreadable_by_spark
+from fruits.stages.featurize import extract, image_files, walk
 from measure import PeakRss
 
 ROOT = Path("bench/growth")
@@ -75,8 +75,8 @@ def listing(spark, counts: list[int]) -> list[dict]:
         cfg = load_config([f"data.root={folder}"])
         with PeakRss() as rss:
             started = time.perf_counter()
-            listed = extract(spark, cfg).count()
-            unreadable = unreadable_by_spark(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
+            listed = extract(image_files(spark, cfg)).count()
+            unreadable = walk(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions)).unreadable
             seconds = time.perf_counter() - started
         rows.append({"files": count, "listed_by_spark": listed, "skipped_by_spark": len(unreadable),
                      "seconds": round(seconds, 2), "driver_python_peak_rss_mib": round(rss.peak_python / 2**20),

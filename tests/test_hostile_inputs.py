@@ -18,7 +18,7 @@ from PIL import Image
 
 from fruits.core.images import MAX_PIXELS, RejectedImage, parse_image_path, prepare
 from fruits.core.storage import ListedFile
-from fruits.stages.featurize import featurize_batch, unreadable_by_spark, walk
+from fruits.stages.featurize import featurize_batch, walk
 
 SIZE = 32
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "RGBa",
@@ -171,7 +171,7 @@ def test_a_path_without_split_is_rejected_with_the_path_named(name, folders):
 @given(st.sampled_from([".", "_"]), NAMES.filter(usable_part), st.booleans())
 def test_names_spark_would_skip_are_rejects_with_a_reason_not_lost(prefix, name, folder):
     relative = f"Training/{prefix}{name}/a.jpg" if folder else f"Training/Kiwi/{prefix}{name}.jpg"
-    rejects = unreadable_by_spark([ListedFile(f"file:/d/{relative}", relative, 10)])
+    rejects = walk([ListedFile(f"file:/d/{relative}", relative, 10)]).unreadable
     assert len(rejects) == 1 and "hidden name" in rejects[0][1]
 
 

@@ -346,11 +346,6 @@ def walk(files) -> Walk:
     return Walk(unreadable, readable, total, largest)
 
 
-def unreadable_by_spark(files) -> list[tuple[str, str]]:
-    """(uri, reject_reason) for the files that Spark's file source never returns."""
-    return walk(files).unreadable
-
-
 class RunPlan(NamedTuple):
     reused: object  # paths whose previous rows are kept
     to_compute: object  # path, content, checksum of what goes through the model
