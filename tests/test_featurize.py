@@ -233,6 +233,16 @@ def test_partition_settings_cut_equal_counts_in_whole_waves(images, cores, expec
     assert spark_file_partitions(sizes, settings, cores) == expected
 
 
+@pytest.mark.parametrize(("rows", "cores", "files"), [
+    (1920, 2, 2),  # one write task per core, not one per model partition (4 here)
+    (0, 2, 2),
+    (10_000_000, 32, 400),  # 25,000 rows (~128 MB) a file, not 20,000 files of 512 rows
+    (100, 0, 1),
+])
+def test_features_are_written_in_one_wave_of_files_of_bounded_rows(rows, cores, files):
+    assert featurize.feature_files(rows, cores) == files
+
+
 def test_odd_names_are_read_literally(spark, tmp_path):
     """Explicit paths go through Hadoop's glob: brackets, braces, stars must not be patterns."""
     names = ["a[1].jpg", "b c.jpg", "é%20.jpg", "x{y}.jpg", "q?.jpg"]

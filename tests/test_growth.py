@@ -48,6 +48,11 @@ def full_run(spark, cfg, root: Path):
     return read_tables(spark, fresh)
 
 
+def rejects_files(cfg) -> list[str]:
+    version = Path(tables.version_uri(cfg.env.paths.rejects, cfg))
+    return sorted(p.name for p in version.iterdir() if not p.name.startswith((".", "_")))
+
+
 def assert_same_as_full_run(spark, cfg, root: Path) -> None:
     features, rejects = read_tables(spark, cfg)
     full_features, full_rejects = full_run(spark, cfg, root)
@@ -61,6 +66,7 @@ def assert_same_as_full_run(spark, cfg, root: Path) -> None:
 def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_path):
     first = featurize.run(growing, spark)
     assert first["run"]["new"] == first["images"] == 32 and first["run"]["reused"] == 0
+    assert rejects_files(growing) == [tables.EMPTY_FILE]  # no rejects: written from the driver, no Spark job
 
     root = Path(growing.data.root)
     for i in range(10):
@@ -78,6 +84,7 @@ def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_pat
     assert grown["images"] == 42 == grown["featurized"] + grown["rejected"]
     features, rejects = read_tables(spark, growing)
     assert f"file:{deleted}" not in features and rejects == {f"file:{broken}": "not an image (format not recognised)"}
+    assert rejects_files(growing) != [tables.EMPTY_FILE]
     assert_same_as_full_run(spark, growing, tmp_path / "full-1")
 
     broken.write_bytes(jpeg("Kiwi", 3000))  # fixed: it leaves the rejects table
@@ -87,6 +94,7 @@ def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_pat
 
     again = featurize.run(growing, spark)  # nothing changed: nothing goes through the model
     assert again["run"]["computed"] == 0 and again["run"]["reused"] == 42
+    assert again["rejected"] == 0 and rejects_files(growing) == [tables.EMPTY_FILE]
 
 
 def test_a_new_model_refeaturizes_everything(spark, growing, tmp_path):

@@ -103,3 +103,29 @@ def test_vectors_without_null_elements_are_written_as_two_level_lists_and_read_b
     with_decimal = StructType([StructField("price", DecimalType(10, 2)),
                                StructField("features", ArrayType(FloatType(), containsNull=False))])
     assert tables.two_level_lists(with_decimal) == {}
+
+
+def test_an_empty_version_written_without_spark_reads_as_spark_writes_one(spark, tmp_path):
+    """featurize writes a run's empty rejects table from the driver: no Spark job, and Spark, pyarrow
+    and a later union read it as the version Spark would have written."""
+    cfg = make_cfg(tmp_path)
+    schema = "path string, reject_reason string, checksum string, size long, modified timestamp, model string"
+    empty = spark.createDataFrame([], schema)
+    by_spark, by_driver = str(tmp_path / "by_spark"), str(tmp_path / "by_driver")
+    tables.write(empty, by_spark, cfg)
+
+    version = tables.new_version()
+    spark.sparkContext.setJobGroup("empty-version", "write_empty_version")
+    try:
+        tables.write_empty_version(empty.schema, by_driver, version, cfg)
+    finally:
+        spark.sparkContext.setJobGroup(None, None)
+    tables.commit(by_driver, version, cfg)
+
+    assert spark.sparkContext.statusTracker().getJobIdsForGroup("empty-version") == []
+    read = tables.read(spark, by_driver, cfg)
+    assert read.schema == tables.read(spark, by_spark, cfg).schema
+    assert read.count() == 0 and tables.row_count(by_driver, cfg) == 0
+    assert tables.value_counts(by_driver, "reject_reason", cfg) == {}
+    row = spark.createDataFrame([("a.jpg", "cut", "00", 3, None, "m")], schema)
+    assert read.unionByName(row).count() == 1

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from fruits.core.storage import filesystem, is_s3
 
 COMMIT_FILE = "_commit.json"
+EMPTY_FILE = "part-00000-empty.parquet"  # the one file of a version written by write_empty_version
 
 
 class NoTable(FileNotFoundError):
@@ -110,6 +111,20 @@ def write_version(frame, uri: str, version: str) -> None:
             writer = writer.option(f"parquet.enable.dictionary#{column}.{leaf}", "false")
     with session_settings(frame.sparkSession, two_level_lists(frame.schema)):
         writer.parquet(f"{uri.rstrip('/')}/{version}")
+
+
+def write_empty_version(schema, uri: str, version: str, cfg: DictConfig) -> None:
+    """Write a version without rows, from the driver: what Spark writes for an empty frame (one
+    Parquet file that holds the schema), without a Spark job (in featurize, the empty rejects job of
+    a run with no rejects cost 0.2-0.3 s of a 10 s run). schema: the frame's Spark schema."""
+    import pyarrow.parquet as pq
+    from pyspark.sql.pandas.types import to_arrow_schema
+
+    fs, path = filesystem(uri, cfg)
+    folder = f"{path.rstrip('/')}/{version}"
+    fs.makedirs(folder, exist_ok=True)
+    with fs.open(f"{folder}/{EMPTY_FILE}", "wb") as file:
+        pq.write_table(to_arrow_schema(schema).empty_table(), file)
 
 
 def two_level_lists(schema) -> dict[str, str]:

@@ -44,6 +44,7 @@ REJECT_COLUMNS = ["path", "reject_reason", *ROW_IDENTITY]
 # Tests only: a Python worker dies (os._exit) in this partition's first attempt, after its first batch.
 CRASH_VARIABLE = "FRUITS_TEST_CRASH_PARTITION"
 LISTED_SIZE_BOUND = 64 * 2**20  # for partitioning the listing only: larger images make bigger listing tasks
+FEATURE_FILE_ROWS = 25_000  # ~128 MB of 1280-d float vectors: one Parquet row group per file
 
 
 def featurize_batch(
@@ -311,17 +312,27 @@ def split_results(results):
     return features, rejects
 
 
-def load(features, rejects, cfg: DictConfig) -> str:
+def load(features, rejects, cfg: DictConfig, feature_rows: int, no_rejects: bool) -> str:
     """Both tables written in full as one new version, then committed one after the other (readers see
-    the previous versions until then; a killed run leaves them). Returns the version."""
+    the previous versions until then; a killed run leaves them). feature_rows: at most how many rows
+    features holds; no_rejects: rejects is known to be empty. Returns the version."""
     version = tables.new_version()
-    tables.write_version(features, cfg.env.paths.features, version)
-    # Rejects are few: one wave of tasks, not one (mostly empty) file per model partition.
-    tables.write_version(rejects.coalesce(rejects.sparkSession.sparkContext.defaultParallelism),
-                         cfg.env.paths.rejects, version)
+    cores = features.sparkSession.sparkContext.defaultParallelism
+    tables.write_version(features.coalesce(feature_files(feature_rows, cores)), cfg.env.paths.features, version)
+    if no_rejects:  # the usual run: a Spark job would only write the schema
+        tables.write_empty_version(rejects.schema, cfg.env.paths.rejects, version, cfg)
+    else:  # rejects are few: one wave of tasks, not one (mostly empty) file per model partition
+        tables.write_version(rejects.coalesce(cores), cfg.env.paths.rejects, version)
     for path in (cfg.env.paths.features, cfg.env.paths.rejects):
         tables.commit(path, version, cfg)
     return version
+
+
+def feature_files(rows: int, cores: int) -> int:
+    """How many files the features are written as: one per core (one wave of write tasks), more when
+    that makes files above FEATURE_FILE_ROWS rows. Not one per model partition: those hold
+    images_per_partition rows, 2.6 MB files, ~20,000 of them for 10M images."""
+    return max(1, cores, math.ceil(rows / FEATURE_FILE_ROWS))
 
 
 class Walk(NamedTuple):
@@ -472,7 +483,9 @@ def run(cfg: DictConfig, spark=None) -> dict:
         unreadable_rows = spark.createDataFrame(
             [(uri, reason, None, None, None, identity) for uri, reason in unreadable],
             "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
-        load(features, rejects.unionByName(unreadable_rows), cfg)
+        # No rejects now and none to keep: the rejects table is written without a Spark job.
+        no_rejects = rejected_now == 0 and (previous is None or tables.row_count(cfg.env.paths.rejects, cfg) == 0)
+        load(features, rejects.unionByName(unreadable_rows), cfg, computed_count + reused_count, no_rejects)
         seconds = time.perf_counter() - started
         # What was committed, read back (Parquet footers and one small column, no Spark job): the
         # accounting below checks the tables, not the plan.
