@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -34,6 +35,36 @@ def test_featurize_batch_keeps_order_and_rejects_in_place():
     assert [f is None for f in out["features"]] == [False, True, False, True, False, True]
     assert out["label"].tolist()[:5] == ["Fig"] * 5 and out["split"][0] == "Training"
     np.testing.assert_allclose(out["features"][0], [1.0, 1.0, 1.0])
+
+
+def arrow_images(rows: int):
+    import pyarrow as pa
+
+    return pa.RecordBatch.from_pydict({
+        "path": [f"file:/d/Training/Fig/{i}.png" for i in range(rows)], "content": [b"bytes"] * rows,
+        "checksum": [f"sum{i}" for i in range(rows)], "size": list(range(rows)),
+        "modified": pa.array([datetime(2026, 1, 2, tzinfo=timezone.utc)] * rows, pa.timestamp("us", tz="UTC"))})
+
+
+def test_to_arrow_keeps_the_input_columns_and_puts_each_vector_or_a_null_in_place():
+    images = arrow_images(3)
+    result = pd.DataFrame({"split": ["Training", None, "Training"], "label": ["Fig", None, "Fig"],
+                           "features": [np.array([1, 2], np.float32), None, np.array([3, 4], np.float32)],
+                           "reject_reason": [None, "empty file", None]})
+    out = featurize.to_arrow(images, result)
+    assert out.schema.names == featurize.result_schema().fieldNames()
+    for name in ("path", "checksum", "size", "modified"):
+        assert out.column(name).equals(images.column(name))
+    assert out.column("features").to_pylist() == [[1.0, 2.0], None, [3.0, 4.0]]
+    assert out.column("reject_reason").to_pylist() == [None, "empty file", None]
+    assert out.column("label").to_pylist() == ["Fig", None, "Fig"]
+
+
+def test_to_arrow_of_a_batch_of_rejects_only_has_no_vectors():
+    result = pd.DataFrame({"split": [None, None], "label": [None, None], "features": [None, None],
+                           "reject_reason": ["empty file", "cut"]})
+    out = featurize.to_arrow(arrow_images(2), result)
+    assert out.column("features").to_pylist() == [None, None] and out.num_rows == 2
 
 
 def test_accounting_check_fails_loudly():

@@ -1,8 +1,8 @@
 """featurize: images -> 1280-d MobileNetV2 features, with Spark, incrementally.
 
 The weights are read once on the driver and broadcast; each Python worker builds the model once
-(`weights=None`, filled from the broadcast) and keeps it for every later task and batch. A pandas
-Iterator UDF decodes, resizes and predicts in fixed-size batches. Files that cannot be decoded go to
+(`weights=None`, filled from the broadcast) and keeps it for every later task and batch. An Arrow
+function (mapInArrow) decodes, resizes and predicts in fixed-size batches. Files that cannot be decoded go to
 a rejects table with the reason; the job checks inputs = featurized + rejected.
 
 Incremental: every row carries the image's content checksum (sha256) and the model identity. Spark
@@ -21,7 +21,7 @@ import math
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -82,25 +82,49 @@ def featurize_batch(
     return pd.DataFrame({"split": splits, "label": labels, "features": features, "reject_reason": reasons})
 
 
-def result_schema():
-    """What the model's UDF returns per image. Its vectors never hold a null element: declared so,
-    they are written as a two-level Parquet list (fruits.core.tables.two_level_lists)."""
-    from pyspark.sql.types import ArrayType, FloatType, StringType, StructField, StructType
+INPUT_COLUMNS = ["path", "content", "checksum", "size", "modified"]
 
-    return StructType([StructField("split", StringType()), StructField("label", StringType()),
+
+def result_schema():
+    """What the model's Arrow function returns per image: the input's columns but the content, and the
+    split, label, features and reject reason. Its vectors never hold a null element: declared so, they
+    are written as a two-level Parquet list (fruits.core.tables.two_level_lists)."""
+    from pyspark.sql.types import (ArrayType, FloatType, LongType, StringType, StructField, StructType,
+                                   TimestampType)
+
+    return StructType([StructField("path", StringType()), StructField("checksum", StringType()),
+                       StructField("size", LongType()), StructField("modified", TimestampType()),
+                       StructField("split", StringType()), StructField("label", StringType()),
                        StructField("features", ArrayType(FloatType(), containsNull=False)),
                        StructField("reject_reason", StringType())])
 
 
-def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumulator=None):
-    """The pandas Iterator UDF (path, content) -> struct; the model is cached per worker process."""
-    from pyspark.sql.functions import pandas_udf
+def to_arrow(images, result: pd.DataFrame):
+    """The output batch of one input Arrow batch: its columns but the content (as they came), then
+    featurize_batch's result. The vectors go to Arrow as one buffer: Spark's pandas path converted
+    them float by float (92 ms per 480 images, 6 % of the model's time)."""
+    import pyarrow as pa
 
+    rejected = result["reject_reason"].notna().to_numpy()
+    vectors = [vector for vector in result["features"] if vector is not None]
+    width = len(vectors[0]) if vectors else 0
+    flat = np.stack(vectors).astype(np.float32, copy=False).ravel() if vectors else np.empty(0, np.float32)
+    offsets = np.concatenate([[0], np.cumsum(np.where(rejected, 0, width))]).astype(np.int32)
+    features = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat), mask=pa.array(rejected),
+                                        type=pa.list_(pa.field("element", pa.float32(), nullable=False)))
+    columns = [images.column(name) for name in INPUT_COLUMNS if name != "content"]
+    columns += [pa.array(result["split"], pa.string()), pa.array(result["label"], pa.string()), features,
+                pa.array(result["reject_reason"], pa.string())]
+    return pa.RecordBatch.from_arrays(columns, names=result_schema().fieldNames())
+
+
+def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumulator=None):
+    """The Arrow function for mapInArrow: batches of INPUT_COLUMNS -> result_schema(); the model is
+    cached per worker process."""
     input_size, alpha, engine = cfg.model.input_size, cfg.model.alpha, cfg.model.engine
     batch_size, threads = cfg.featurize.batch_size, cfg.featurize.threads
 
-    @pandas_udf(result_schema())
-    def featurize_images(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
+    def featurize_images(batches):
         lighten_worker_imports()
         builds_before = backbone.BUILD_COUNT.get(identity, 0)
         extract = backbone.cached_extractor(
@@ -108,10 +132,11 @@ def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumula
         )
         if builds_accumulator is not None:
             builds_accumulator.add({os.getpid(): backbone.BUILD_COUNT[identity] - builds_before})
-        for number, (paths, contents) in enumerate(batches):
+        for number, images in enumerate(batches):
             if number == 1 and injected_crash():
                 os._exit(70)
-            yield featurize_batch(extract, paths.tolist(), contents.tolist(), input_size, batch_size)
+            paths, contents = images.column("path").to_pylist(), images.column("content").to_pylist()
+            yield to_arrow(images, featurize_batch(extract, paths, contents, input_size, batch_size))
 
     return featurize_images
 
@@ -269,19 +294,7 @@ def plan(listing, previous):
 def transform(images, featurize_udf):
     """path, content, checksum, size, modified -> path, checksum, size, modified, split, label, features,
     reject_reason (the model runs once per row)."""
-    from pyspark.sql import functions as F
-
-    result = featurize_udf(F.col("path"), F.col("content"))
-    return images.select(
-        "path",
-        "checksum",
-        "size",
-        "modified",
-        result["split"].alias("split"),
-        result["label"].alias("label"),
-        result["features"].alias("features"),
-        result["reject_reason"].alias("reject_reason"),
-    )
+    return images.select(*INPUT_COLUMNS).mapInArrow(featurize_udf, result_schema())
 
 
 def merge(previous_tables, reused, computed, listing, identity: str):
