@@ -95,6 +95,7 @@ def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_pat
     again = featurize.run(growing, spark)  # nothing changed: nothing goes through the model
     assert again["run"]["computed"] == 0 and again["run"]["reused"] == 42
     assert again["rejected"] == 0 and rejects_files(growing) == [tables.EMPTY_FILE]
+    assert again["model_builds_per_worker"] == {}  # no task even looked the model up
 
 
 def test_a_new_model_refeaturizes_everything(spark, growing, tmp_path):

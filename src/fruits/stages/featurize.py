@@ -124,15 +124,20 @@ def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumula
     input_size, alpha, engine = cfg.model.input_size, cfg.model.alpha, cfg.model.engine
     batch_size, threads = cfg.featurize.batch_size, cfg.featurize.threads
 
-    def featurize_images(batches):
-        lighten_worker_imports()
+    def model():
         builds_before = backbone.BUILD_COUNT.get(identity, 0)
         extract = backbone.cached_extractor(
             identity, lambda: broadcast_weights.value, input_size, alpha, threads, engine
         )
         if builds_accumulator is not None:
             builds_accumulator.add({os.getpid(): backbone.BUILD_COUNT[identity] - builds_before})
+        return extract
+
+    def featurize_images(batches):
+        lighten_worker_imports()
+        extract = None  # looked up at the first batch: an empty partition (nothing to compute) builds nothing
         for number, images in enumerate(batches):
+            extract = extract or model()
             if number == 1 and injected_crash():
                 os._exit(70)
             paths, contents = images.column("path").to_pylist(), images.column("content").to_pylist()
