@@ -63,6 +63,11 @@ def test_the_report_gives_the_accuracy_with_its_interval_when_the_metrics_have_o
     assert report.right_share({"knn_accuracy": 0.5}) == "50.0%"  # metrics written before the interval
     assert report.right_share({"knn_accuracy": None}) == "- (no Test image)"
 
+def test_the_model_builds_read_as_a_count_or_as_not_built():
+    assert report.model_builds({"101": 1, "102": 1}) == "built 2 time(s) over 2 worker(s)"
+    assert report.model_builds({}) == "not built (no image to compute)"
+
+
 def test_critique_follows_the_numbers():
     cluster = compose().cluster
     featurize_m = {"images": 90_000, "featurized": 89_990, "rejected": 10, "reject_reasons": {"empty file": 10},

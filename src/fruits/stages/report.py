@@ -74,9 +74,8 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
         f"Of {total:.1f} s of Spark work, featurize took {featurize_m['seconds']:.1f} s "
         f"({featurize_m['seconds'] / total:.0%}) for {computed} image(s) through the model out of "
         f"{featurize_m['images']} ({featurize_m['run']['reused']} reused; {rate or 0:.1f} img/s on "
-        f"{local_cores} cores, {featurize_m['partitions']} partitions, model built "
-        f"{sum(featurize_m['model_builds_per_worker'].values())} time(s) over "
-        f"{len(featurize_m['model_builds_per_worker'])} worker(s)) and the PCA {pca_m['seconds']:.1f} s."
+        f"{local_cores} cores, {featurize_m['partitions']} partitions, model "
+        f"{model_builds(featurize_m['model_builds_per_worker'])}) and the PCA {pca_m['seconds']:.1f} s."
     )
     if not rate:
         lines.append("No image went through the model in this run (all reused): there is no throughput to "
@@ -113,6 +112,13 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
                          f"${cheapest['usd']:.2f}), fastest on {fastest['option']} (about {fastest['hours']:.2f} h, "
                          f"${fastest['usd']:.2f}), cluster start included.")
     return lines + rejects_and_weights(featurize_m, provenance)
+
+
+def model_builds(builds_per_worker: dict) -> str:
+    """'built 2 time(s) over 2 worker(s)'; a run with nothing to compute looks no model up."""
+    if not builds_per_worker:
+        return "not built (no image to compute)"
+    return f"built {sum(builds_per_worker.values())} time(s) over {len(builds_per_worker)} worker(s)"
 
 
 def rejects_and_weights(featurize_m: dict, provenance: dict) -> list[str]:
@@ -324,7 +330,7 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
         ["this run: new / changed / deleted / reused", f"{run['new']} / {run['changed']} / {run['deleted']} / {run['reused']}"],
         ["this run: images through the model", run["computed"]], ["this run: rejected", run["rejected"]],
         ["wall time (s)", featurize_m["seconds"]], ["images per second (through the model)", featurize_m["images_per_second"]],
-        ["partitions", featurize_m["partitions"]], ["model builds per worker", featurize_m["model_builds_per_worker"]]])]))
+        ["partitions", featurize_m["partitions"]], ["model builds per worker", featurize_m["model_builds_per_worker"] or "none (no image to compute)"]])]))
 
     variance_png, scatter_png = Path(cfg.env.paths.variance_plot), Path(cfg.env.paths.scatter_plot)
     for figure in (variance_png, scatter_png):
