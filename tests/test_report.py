@@ -63,6 +63,7 @@ def test_the_report_gives_the_accuracy_with_its_interval_when_the_metrics_have_o
     assert report.right_share({"knn_accuracy": 0.5}) == "50.0%"  # metrics written before the interval
     assert report.right_share({"knn_accuracy": None}) == "- (no Test image)"
 
+
 def test_the_model_builds_read_as_a_count_or_as_not_built():
     assert report.model_builds({"101": 1, "102": 1}) == "built 2 time(s) over 2 worker(s)"
     assert report.model_builds({}) == "not built (no image to compute)"

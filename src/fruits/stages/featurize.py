@@ -2,8 +2,8 @@
 
 The weights are read once on the driver and broadcast; each Python worker builds the model once
 (`weights=None`, filled from the broadcast) and keeps it for every later task and batch. An Arrow
-function (mapInArrow) decodes, resizes and predicts in fixed-size batches. Files that cannot be decoded go to
-a rejects table with the reason; the job checks inputs = featurized + rejected.
+function (mapInArrow) decodes, resizes and predicts in fixed-size batches. Files that cannot be
+decoded go to a rejects table with the reason; the job checks inputs = featurized + rejected.
 
 Incremental: every row carries the image's content checksum (sha256) and the model identity. Spark
 lists the inputs without reading them (binaryFile metadata); an image whose size and modification

@@ -330,7 +330,8 @@ def transform(facts: dict, cfg: DictConfig) -> list[Section]:
         ["this run: new / changed / deleted / reused", f"{run['new']} / {run['changed']} / {run['deleted']} / {run['reused']}"],
         ["this run: images through the model", run["computed"]], ["this run: rejected", run["rejected"]],
         ["wall time (s)", featurize_m["seconds"]], ["images per second (through the model)", featurize_m["images_per_second"]],
-        ["partitions", featurize_m["partitions"]], ["model builds per worker", featurize_m["model_builds_per_worker"] or "none (no image to compute)"]])]))
+        ["partitions", featurize_m["partitions"]],
+        ["model builds per worker", featurize_m["model_builds_per_worker"] or "none (no image to compute)"]])]))
 
     variance_png, scatter_png = Path(cfg.env.paths.variance_plot), Path(cfg.env.paths.scatter_plot)
     for figure in (variance_png, scatter_png):
