@@ -12,7 +12,10 @@ then --rounds warm runs, each from empty tables (featurize is incremental: a sec
 everything) and each paired with the composite ceiling (N processes x 1 thread, as Spark runs)
 measured just before it: this machine's speed drifts by 10 % and more between minutes, so a ratio is
 taken within a pair, and the median of the pairs reported. Then the peak RSS of each Python worker,
-and the naive recipe (the model rebuilt for every Arrow batch).
+and the naive recipe (the model rebuilt for every Arrow batch). Last, the engines interleaved: one
+session holding both models, --rounds rounds of each engine's composite and warm featurize back to
+back, the engines' order alternating: the ratio between the engines, free of the drift between the
+two sessions above.
 
 Writes reports/bench.json, reports/bench.md and reports/bench.png. A benchmark: nothing is asserted.
 """
@@ -223,13 +226,52 @@ def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[
     return results, rss
 
 
-def summarise(rows: list[dict], rss: dict, flops: int, peak_gflops: float, cores: int) -> dict:
+def engines_interleaved(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[dict], dict]:
+    """The engines' ratio without the drift between the two sessions of spark_runs (minutes apart):
+    one session, both models warm in each worker, then `rounds` rounds that run each engine's
+    composite ceiling and warm featurize back to back, the engines' order alternating."""
+    from fruits.core.spark import get_session
+
+    spark, cores, rows = get_session(cfg, cfg.env.spark.get("featurize_java_options")), os.cpu_count(), []
+    engine_cfgs = {engine: cfg.copy() for engine in ENGINES}
+    for engine, engine_cfg in engine_cfgs.items():
+        engine_cfg.model.engine = engine
+
+    def from_scratch(engine):
+        for table in (cfg.env.paths.features, cfg.env.paths.rejects):
+            shutil.rmtree(table, ignore_errors=True)
+        featurize.run(engine_cfgs[engine], spark)
+
+    for engine in ENGINES:  # warm-up: each worker builds both models (not reported)
+        from_scratch(engine)
+    featurize_ratios, composite_ratios = [], []
+    for number in range(1, rounds + 1):
+        rate = {}
+        for engine in ENGINES if number % 2 else reversed(ENGINES):
+            composite = ceiling(engine, values, files, cores, 1, True)
+            composite["run"] = f"interleaved: {composite['run']}, round {number}"
+            warm = timed(f"interleaved: spark featurize {engine} (warm, round {number})", len(files),
+                         lambda engine=engine: from_scratch(engine))
+            rows += [{**composite, "interleaved": True}, {**warm, "engine": engine, "interleaved": True}]
+            rate[engine] = (warm["images_per_second"], composite["images_per_second"])
+        featurize_ratios.append(round(rate["onnxruntime"][0] / rate["tensorflow"][0], 3))
+        composite_ratios.append(round(rate["onnxruntime"][1] / rate["tensorflow"][1], 3))
+    spark.stop()
+    summary = {"featurize_ratio_rounds": featurize_ratios, "featurize_ratio": statistics.median(featurize_ratios),
+               "composite_ratio_rounds": composite_ratios, "composite_ratio": statistics.median(composite_ratios)}
+    print(f"  interleaved onnxruntime / tensorflow: featurize {featurize_ratios}, composite {composite_ratios}",
+          flush=True)
+    return rows, summary
+
+
+def summarise(rows: list[dict], rss: dict, interleaved: dict, flops: int, peak_gflops: float, cores: int) -> dict:
     rate = {row["run"]: row["images_per_second"] for row in rows}
     per_engine = {}
     for engine in ENGINES:
-        model_only = max(r["images_per_second"] for r in rows if r.get("engine") == engine and not r["decode"])
+        model_only = max(r["images_per_second"] for r in rows if r.get("engine") == engine and r.get("decode") is False)
         composite = max(r["images_per_second"] for r in rows
-                        if r.get("engine") == engine and r["decode"] and not r.get("paired"))
+                        if r.get("engine") == engine and r.get("decode") and not r.get("paired")
+                        and not r.get("interleaved"))
         paired = [r["images_per_second"] for r in rows if r.get("engine") == engine and r.get("paired")]
         warm = [rate[f"spark featurize {engine} (warm, round {n})"] for n in range(1, len(paired) + 1)]
         ratios = [round(w / c, 3) for w, c in zip(warm, paired, strict=True)]
@@ -255,6 +297,7 @@ def summarise(rows: list[dict], rss: dict, flops: int, peak_gflops: float, cores
                                                     per_engine["tensorflow"]["featurize_warm"], 2),
         "featurize_vs_naive": round(per_engine["tensorflow"]["featurize_warm"] /
                                     rate["spark naive tensorflow (rebuild/batch)"], 2),
+        "interleaved": interleaved,
     }
 
 
@@ -281,6 +324,7 @@ def plot(rows: list[dict], summary: dict, out: Path) -> None:
 
 
 def markdown(rows: list[dict], summary: dict, header: str) -> str:
+    inter = summary["interleaved"]
     lines = [header, "", "| run | img/s | seconds |", "|---|---:|---:|"]
     lines += [f"| {r['run']} | {r['images_per_second']} | {r['seconds']} |" for r in rows]
     lines += ["", "| engine | model ceiling | composite ceiling (first / paired median) | featurize warm (median) | "
@@ -296,7 +340,11 @@ def markdown(rows: list[dict], summary: dict, header: str) -> str:
               f"{summary['flops_per_image'] / 1e9:.2f} GFLOP per image against {summary['matmul_peak_gflops']} GFLOP/s "
               f"(numpy float32 matmul, all cores) = {summary['flop_bound_images_per_second']} img/s. onnxruntime / "
               f"TensorFlow featurize (warm) = {summary['onnxruntime_vs_tensorflow_featurize']}; TensorFlow featurize / "
-              f"naive = {summary['featurize_vs_naive']}.", ""]
+              f"naive = {summary['featurize_vs_naive']}.", "",
+              f"Engines interleaved in one session (each featurize just after its composite, the engines' order "
+              f"alternating): onnxruntime / TensorFlow featurize {inter['featurize_ratio']} "
+              f"({', '.join(map(str, inter['featurize_ratio_rounds']))}); composites {inter['composite_ratio']} "
+              f"({', '.join(map(str, inter['composite_ratio_rounds']))}).", ""]
     return "\n".join(lines)
 
 
@@ -327,9 +375,10 @@ def main() -> None:
             rows += [ceiling(engine, values, files, 1, cores, decode), ceiling(engine, values, files, cores, 1, decode)]
     rows.append(keras_predict_loop(files, cfg))
     spark_rows, rss = spark_runs(files, cfg, values, args.rounds)
-    rows += spark_rows
+    interleaved_rows, interleaved = engines_interleaved(files, cfg, values, args.rounds)
+    rows += spark_rows + interleaved_rows
     flops, peak = model_flops(cfg.model.input_size, cfg.model.alpha), matmul_peak_gflops()
-    summary = summarise(rows, rss, flops, peak, cores)
+    summary = summarise(rows, rss, interleaved, flops, peak, cores)
     out = Path("reports")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"setup": header, "images": len(files), "input_size": cfg.model.input_size,
