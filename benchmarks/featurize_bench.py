@@ -7,8 +7,8 @@ with one thread each, for
 and decode alone per core (Pillow: decode, resize, scale), the FLOP bound (the model's FLOPs per image
 against the float32 matrix-multiply throughput numpy reaches on all cores), the Keras `predict` loop.
 
-Spark, per engine, in a fresh session each: featurize cold (first run: workers start, model built),
-then --rounds warm runs, each from empty tables (featurize is incremental: a second run would reuse
+Spark, per engine: featurize cold, as `dvc repro` runs it (the stage as its own process: Python, JVM and
+workers start, the model is built); then, in a fresh session, a first run and --rounds warm runs, each from empty tables (featurize is incremental: a second run would reuse
 everything) and each paired with the composite ceiling (N processes x 1 thread, as Spark runs)
 measured just before it: this machine's speed drifts by 10 % and more between minutes, so a ratio is
 taken within a pair, and the median of the pairs reported. Then the peak RSS of each Python worker,
@@ -36,11 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from omegaconf import OmegaConf
 
 from fruits.core import backbone as model
 from fruits.core.config import load_config
 from fruits.core.images import prepare_batch
 from fruits.stages import featurize, sample, weights
+from measure import run_stage
 
 ENGINES = ("tensorflow", "onnxruntime")
 
@@ -188,17 +190,34 @@ def worker_peak_rss_mib(pids) -> dict[str, int]:
     return peaks
 
 
+def featurize_cold(files: list[Path], engine_cfg) -> dict:
+    """The stage as `dvc repro` runs it: its own process (Python, JVM and workers started, the model
+    built), from empty tables, timed from the process's start to its end."""
+    for table in (engine_cfg.env.paths.features, engine_cfg.env.paths.rejects):
+        shutil.rmtree(table, ignore_errors=True)
+    params = Path(engine_cfg.env.paths.root) / f"params-cold-{engine_cfg.model.engine}.yaml"
+    OmegaConf.save(engine_cfg, params)
+    stage = run_stage("featurize", params)
+    label = f"spark featurize {engine_cfg.model.engine} (cold: own process)"
+    print(f"  {label:<44} {len(files) / stage['seconds']:7.1f} img/s  ({stage['seconds']:.1f} s)", flush=True)
+    return {"run": label, "images": len(files), "seconds": stage["seconds"],
+            "images_per_second": round(len(files) / stage["seconds"], 2)}
+
+
 def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[dict], dict]:
-    """Per engine, in a fresh Spark session: featurize cold, then `rounds` rounds of (the composite
-    ceiling, featurize warm): the module docstring says why they are paired."""
+    """Per engine: featurize cold, as its own process; then, in a fresh Spark session, a first run
+    (its workers start and build the model; the JVM is warm from the run before it but for the first
+    engine) and `rounds` rounds of (the composite ceiling, featurize warm): the module docstring says
+    why they are paired."""
     from fruits.core.spark import get_session
 
     results, rss, cores = [], {}, os.cpu_count()
     for engine in ENGINES:
-        # A fresh session per engine (new Python workers, their own memory), started as featurize starts its own.
-        spark = get_session(cfg, cfg.env.spark.get("featurize_java_options"))
         engine_cfg = cfg.copy()
         engine_cfg.model.engine = engine
+        results.append(featurize_cold(files, engine_cfg))
+        # A fresh session per engine (new Python workers, their own memory), started as featurize starts its own.
+        spark = get_session(cfg, cfg.env.spark.get("featurize_java_options"))
         pids = set()
 
         def from_scratch():
@@ -206,7 +225,7 @@ def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[
                 shutil.rmtree(table, ignore_errors=True)
             pids.update(featurize.run(engine_cfg, spark)["model_builds_per_worker"])
 
-        results.append(timed(f"spark featurize {engine} (cold)", len(files), from_scratch))
+        results.append(timed(f"spark featurize {engine} (first run in the session)", len(files), from_scratch))
         for number in range(1, rounds + 1):
             paired = ceiling(engine, values, files, cores, 1, True)
             paired["run"] += f", round {number}"
@@ -275,7 +294,7 @@ def summarise(rows: list[dict], rss: dict, interleaved: dict, flops: int, peak_g
         paired = [r["images_per_second"] for r in rows if r.get("engine") == engine and r.get("paired")]
         warm = [rate[f"spark featurize {engine} (warm, round {n})"] for n in range(1, len(paired) + 1)]
         ratios = [round(w / c, 3) for w, c in zip(warm, paired, strict=True)]
-        cold = rate[f"spark featurize {engine} (cold)"]
+        cold = rate[f"spark featurize {engine} (cold: own process)"]
         per_engine[engine] = {
             "model_ceiling": model_only, "composite_ceiling": composite,
             "composite_ceiling_paired_median": statistics.median(paired), "featurize_warm_rounds": warm,
@@ -295,6 +314,8 @@ def summarise(rows: list[dict], rss: dict, interleaved: dict, flops: int, peak_g
         "flop_bound_images_per_second": round(peak_gflops * 1e9 / flops, 1),
         "onnxruntime_vs_tensorflow_featurize": round(per_engine["onnxruntime"]["featurize_warm"] /
                                                     per_engine["tensorflow"]["featurize_warm"], 2),
+        "onnxruntime_vs_tensorflow_featurize_cold": round(per_engine["onnxruntime"]["featurize_cold"] /
+                                                         per_engine["tensorflow"]["featurize_cold"], 2),
         "featurize_vs_naive": round(per_engine["tensorflow"]["featurize_warm"] /
                                     rate["spark naive tensorflow (rebuild/batch)"], 2),
         "interleaved": interleaved,
@@ -339,7 +360,8 @@ def markdown(rows: list[dict], summary: dict, header: str) -> str:
     lines += ["", f"Decode + resize: {summary['decode_per_core']} img/s per core. FLOP bound: "
               f"{summary['flops_per_image'] / 1e9:.2f} GFLOP per image against {summary['matmul_peak_gflops']} GFLOP/s "
               f"(numpy float32 matmul, all cores) = {summary['flop_bound_images_per_second']} img/s. onnxruntime / "
-              f"TensorFlow featurize (warm) = {summary['onnxruntime_vs_tensorflow_featurize']}; TensorFlow featurize / "
+              f"TensorFlow featurize (warm) = {summary['onnxruntime_vs_tensorflow_featurize']}, cold "
+              f"{summary['onnxruntime_vs_tensorflow_featurize_cold']}; TensorFlow featurize / "
               f"naive = {summary['featurize_vs_naive']}.", "",
               f"Engines interleaved in one session (each featurize just after its composite, the engines' order "
               f"alternating): onnxruntime / TensorFlow featurize {inter['featurize_ratio']} "

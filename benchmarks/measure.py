@@ -1,9 +1,13 @@
-"""What the benchmarks share: peak memory of the driver (Python and its JVM)."""
+"""What the benchmarks share: peak memory of the driver (Python and its JVM), a stage run as its own
+process, results written to reports/."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import psutil
 
@@ -36,6 +40,22 @@ class PeakRss:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self.thread.join()
+
+
+def run_stage(stage: str, params: Path) -> dict:
+    """One stage as its own process: wall seconds, peak RSS of its Python driver and of its JVM. Its log
+    (featurize's progress lines included) is kept beside the params, as <stage>.log."""
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-m", f"fruits.stages.{stage}", "--params", str(params)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with PeakRss(process.pid) as rss:
+        _, errors = process.communicate()
+    seconds = time.perf_counter() - started
+    (params.parent / f"{stage}.log").write_text(errors)
+    if process.returncode:
+        raise RuntimeError(f"{stage} failed:\n{errors[-3000:]}")
+    return {"stage": stage, "seconds": round(seconds, 2), "driver_python_peak_rss_mib": round(rss.peak_python / 2**20),
+            "driver_jvm_peak_rss_mib": round(rss.peak_jvm / 2**20)}
 
 
 def write_results(name: str, data, lines: list[str]) -> str:

@@ -21,9 +21,7 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,7 @@ from fruits.core import tables
 from fruits.core.config import load_config
 from fruits.core.costs import describe_growth, fit_line, predict_emr, predict_serverless
 from fruits.stages import sample, weights
-from measure import PeakRss
+from measure import run_stage
 
 ROOT = Path("bench/scale")
 STAGES = ("ingest", "featurize", "pca", "index", "report")
@@ -48,22 +46,6 @@ def config(count: int, overrides: list[str]):
     return load_config([f"data.root={ROOT}/images-{count}", f"env.paths.root={ROOT}/{count}",
                         f"env.paths.models={ROOT}/models", f"data.train_per_label={train}",
                         f"data.test_per_label={count // LABELS - train}", *overrides])
-
-
-def run_stage(stage: str, params: Path) -> dict:
-    """One stage as its own process: wall seconds, peak RSS of its Python driver and of its JVM. Its log
-    (featurize's progress lines included) is kept beside the params, as <stage>.log."""
-    started = time.perf_counter()
-    process = subprocess.Popen([sys.executable, "-m", f"fruits.stages.{stage}", "--params", str(params)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    with PeakRss(process.pid) as rss:
-        _, errors = process.communicate()
-    seconds = time.perf_counter() - started
-    (params.parent / f"{stage}.log").write_text(errors)
-    if process.returncode:
-        raise RuntimeError(f"{stage} failed:\n{errors[-3000:]}")
-    return {"stage": stage, "seconds": round(seconds, 2), "driver_python_peak_rss_mib": round(rss.peak_python / 2**20),
-            "driver_jvm_peak_rss_mib": round(rss.peak_jvm / 2**20)}
 
 
 def one_count(count: int, overrides: list[str]) -> list[dict]:
