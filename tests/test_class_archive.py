@@ -1,0 +1,70 @@
+"""Spark's JVM class archive (fruits.core.spark: class_archive, archive_option, build_class_archive)."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import make_cfg
+
+from fruits.core import spark as spark_setup
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_spark_home(tmp_path: Path) -> Path:
+    home = tmp_path / "spark-home"
+    (home / "jars").mkdir(parents=True)
+    (home / "jars" / "spark-core.jar").write_bytes(b"core")
+    (home / "jars" / "spark-sql.jar").write_bytes(b"sql")
+    return home
+
+
+def test_the_archive_is_named_after_the_jdk_and_spark_jars_and_used_only_once_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARK_HOME", str(fake_spark_home(tmp_path)))
+    cfg = make_cfg(tmp_path)
+    archive = spark_setup.class_archive(cfg)
+    assert archive.parent == tmp_path / ".cache" / "jvm" and archive.suffix == ".jsa"
+    assert spark_setup.archive_option(cfg) is None  # not built yet: the JVM starts as it always did
+
+    archive.parent.mkdir(parents=True)
+    archive.write_bytes(b"archive")
+    assert spark_setup.archive_option(cfg) == f"-XX:SharedArchiveFile={archive}"
+
+    # An upgraded Spark (a jar of another size) looks for another archive, never the stale one.
+    (tmp_path / "spark-home" / "jars" / "spark-sql.jar").write_bytes(b"sql 3.5.10")
+    assert spark_setup.class_archive(cfg) != archive
+    assert spark_setup.archive_option(cfg) is None
+
+
+def test_no_archive_when_the_env_names_no_folder(tmp_path):
+    cfg = make_cfg(tmp_path, "env.paths.class_archives=null")
+    assert spark_setup.class_archive(cfg) is None and spark_setup.archive_option(cfg) is None
+
+
+@pytest.mark.slow
+def test_a_built_archive_is_what_the_next_jvm_maps_spark_from(tmp_path):
+    folder = tmp_path / "jvm"
+    built = subprocess.run([sys.executable, "-m", "fruits.core.spark", f"env.paths.class_archives={folder}"],
+                           cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    archives = list(folder.iterdir())
+    assert len(archives) == 1 and archives[0].suffix == ".jsa"  # renamed when complete: no partial file left
+    assert archives[0].stat().st_size > 10 * 2**20
+
+    # -Xshare:on: the JVM refuses to start if it cannot map the archive, instead of quietly loading.
+    classes = tmp_path / "classes.log"
+    script = textwrap.dedent(f"""
+        from fruits.core.config import load_config
+        from fruits.core.spark import get_session
+        spark = get_session(load_config(["env.paths.class_archives={folder}"]),
+                            "-Xshare:on -Xlog:class+load=info:file={classes}")
+        print(spark.range(5).count())
+        spark.stop()
+    """)
+    started = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    assert started.stdout.split()[-1] == "5"
+    loaded = classes.read_text()
+    assert "org.apache.spark.SparkContext source: shared objects file (top)" in loaded
