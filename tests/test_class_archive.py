@@ -23,14 +23,14 @@ def fake_spark_home(tmp_path: Path) -> Path:
 
 def test_the_archive_is_named_after_the_jdk_and_spark_jars_and_used_only_once_written(tmp_path, monkeypatch):
     monkeypatch.setenv("SPARK_HOME", str(fake_spark_home(tmp_path)))
-    cfg = make_cfg(tmp_path)
+    cfg = make_cfg(tmp_path, f"env.paths.class_archives={tmp_path / 'jvm'}")
     archive = spark_setup.class_archive(cfg)
-    assert archive.parent == tmp_path / ".cache" / "jvm" and archive.suffix == ".jsa"
+    assert archive.parent == tmp_path / "jvm" and archive.suffix == ".jsa"
     assert spark_setup.archive_option(cfg) is None  # not built yet: the JVM starts as it always did
 
     archive.parent.mkdir(parents=True)
     archive.write_bytes(b"archive")
-    assert spark_setup.archive_option(cfg) == f"-XX:SharedArchiveFile={archive}"
+    assert spark_setup.archive_option(cfg) == f"-XX:SharedArchiveFile={archive.resolve()}"
 
     # An upgraded Spark (a jar of another size) looks for another archive, never the stale one.
     (tmp_path / "spark-home" / "jars" / "spark-sql.jar").write_bytes(b"sql 3.5.10")
