@@ -126,7 +126,7 @@ test: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the 
 test-fast: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the tests not marked slow
 	$(PY) -m pytest -m "not slow"
 
-bench: $(STAMP) ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
+bench: $(STAMP) jvm-archive ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
 	$(PY) benchmarks/featurize_bench.py
 
 bench-growth: $(STAMP) ## Growth: incremental vs full featurize; listing time and driver memory at 10k/100k files
@@ -135,7 +135,7 @@ bench-growth: $(STAMP) ## Growth: incremental vs full featurize; listing time an
 bench-sizes: $(STAMP) ## Input size trade-off: img/s and 1-NN accuracy (Test vs Training, PCA space) at 96-224 px
 	$(PY) benchmarks/input_size_bench.py
 
-bench-scale: $(STAMP) ## How time and memory grow: stages on 1k/5k/20k images, fits, EMR and Serverless predictions
+bench-scale: $(STAMP) jvm-archive ## How time and memory grow: stages on 1k/5k/20k images, fits, EMR and Serverless predictions
 	$(PY) benchmarks/scale_bench.py
 
 profile: $(STAMP) ## Where featurize spends its time: py-spy over the driver and Spark's Python workers (after make bench)
