@@ -242,21 +242,24 @@ def build_class_archive(cfg: DictConfig) -> Path:
         raise RuntimeError("a JVM already runs in this process: build the class archive in a process of its own")
     archive.parent.mkdir(parents=True, exist_ok=True)
     partial = archive.with_name(f"{archive.name}.partial-{os.getpid()}")
-    spark = get_session(cfg, " ".join(part for part in (cfg.env.spark.get("featurize_java_options"),
-                                                      f"-XX:ArchiveClassesAtExit={partial}") if part))
-    with tempfile.TemporaryDirectory() as work:
-        archive_workload(spark, Path(work))
-    gateway = SparkContext._gateway
-    spark.stop()
     try:
-        gateway.jvm.System.exit(0)  # the JVM writes the archive as it exits
-    except Exception:  # the connection closes under the call: that is the exit
-        pass
-    gateway.proc.wait(timeout=600)
-    SparkContext._gateway = SparkContext._jvm = None
-    if not partial.is_file() or partial.stat().st_size == 0:
-        raise RuntimeError(f"the JVM wrote no class archive at {partial}")
-    os.replace(partial, archive)
+        spark = get_session(cfg, " ".join(part for part in (cfg.env.spark.get("featurize_java_options"),
+                                                          f"-XX:ArchiveClassesAtExit={partial}") if part))
+        with tempfile.TemporaryDirectory() as work:
+            archive_workload(spark, Path(work))
+        gateway = SparkContext._gateway
+        spark.stop()
+        try:
+            gateway.jvm.System.exit(0)  # the JVM writes the archive as it exits
+        except Exception:  # the connection closes under the call: that is the exit
+            pass
+        gateway.proc.wait(timeout=600)
+        SparkContext._gateway = SparkContext._jvm = None
+        if not partial.is_file() or partial.stat().st_size == 0:
+            raise RuntimeError(f"the JVM wrote no class archive at {partial}")
+        os.replace(partial, archive)
+    finally:
+        partial.unlink(missing_ok=True)  # a failed build leaves nothing a later JVM could map
     return archive
 
 
