@@ -22,7 +22,7 @@ def fake_spark_home(tmp_path: Path) -> Path:
 
 
 def test_the_archive_is_named_after_the_jdk_and_spark_jars_and_used_only_once_written(tmp_path, monkeypatch):
-    monkeypatch.setenv("SPARK_HOME", str(fake_spark_home(tmp_path)))
+    monkeypatch.setenv("SPARK_HOME", str(fake_spark_home(tmp_path)))  # where spark-submit finds the jars
     cfg = make_cfg(tmp_path, f"env.paths.class_archives={tmp_path / 'jvm'}")
     archive = spark_setup.class_archive(cfg)
     assert archive.parent == tmp_path / "jvm" and archive.suffix == ".jsa"

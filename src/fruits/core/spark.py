@@ -51,13 +51,14 @@ def class_archive(cfg: DictConfig) -> Path | None:
     one (the JVM would refuse it, with a warning, and load every class again)."""
     import hashlib
 
-    from pyspark.find_spark_home import _find_spark_home
+    import pyspark
 
     folder, java = cfg.env.paths.get("class_archives"), java_binary()
     if not folder or java is None:
         return None
+    spark_home = Path(os.environ.get("SPARK_HOME") or Path(pyspark.__file__).parent)  # as spark-submit finds it
     identity = hashlib.sha256()
-    for part in (java, *sorted(Path(_find_spark_home(), "jars").glob("*.jar"))):
+    for part in (java, *sorted((spark_home / "jars").glob("*.jar"))):
         stat = part.stat()
         identity.update(f"{part.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     return Path(folder) / f"spark-{identity.hexdigest()[:16]}.jsa"
@@ -223,41 +224,43 @@ def archive_workload(spark, folder: Path) -> None:
 
 
 def build_class_archive(cfg: DictConfig) -> Path:
-    """Write this machine's class archive (JDK 17 dynamic AppCDS): a JVM started with
-    -XX:ArchiveClassesAtExit runs archive_workload, exits, and so writes the classes it loaded. Written
-    under a temporary name, renamed when complete. Run in a process of its own (`make jvm-archive`):
-    the option counts only for a JVM this process starts."""
+    """Write this machine's class archive (JDK 17 dynamic AppCDS): spark-submit runs archive_workload
+    in a JVM started with -XX:ArchiveClassesAtExit, which writes the classes it loaded as it exits;
+    spark-submit is that JVM, so it returns once the archive is written. Written under a temporary
+    name, renamed when complete."""
+    import subprocess
     import tempfile
-
-    from pyspark import SparkContext
 
     from fruits.core.config import ConfigError
 
-    archive = class_archive(cfg)
+    archive, submit = class_archive(cfg), shutil.which("spark-submit")
     if archive is None:
         raise ConfigError("env.paths.class_archives is not set (or no java found): no class archive to build")
     if archive.is_file():
         return archive
-    if SparkContext._gateway is not None:
-        raise RuntimeError("a JVM already runs in this process: build the class archive in a process of its own")
+    if submit is None:
+        raise RuntimeError("spark-submit is not on PATH (pyspark installs it beside the interpreter)")
     archive.parent.mkdir(parents=True, exist_ok=True)
     partial = archive.with_name(f"{archive.name}.partial-{os.getpid()}")
+    java_options = " ".join(part for part in (cfg.env.spark.get("featurize_java_options"),
+                                              f"-XX:ArchiveClassesAtExit={partial.resolve()}") if part)
+    environment = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+    if not logs.verbose():
+        environment.setdefault("SPARK_SUBMIT_OPTS", f"-Dlog4j2.configurationFile={logs.SPARK_LOG_CONFIG.as_uri()}")
     try:
-        spark = get_session(cfg, " ".join(part for part in (cfg.env.spark.get("featurize_java_options"),
-                                                          f"-XX:ArchiveClassesAtExit={partial}") if part))
         with tempfile.TemporaryDirectory() as work:
-            archive_workload(spark, Path(work))
-        gateway = SparkContext._gateway
-        spark.stop()
-        try:
-            gateway.jvm.System.exit(0)  # the JVM writes the archive as it exits
-        except Exception:  # the connection closes under the call: that is the exit
-            pass
-        gateway.proc.wait(timeout=600)
-        SparkContext._gateway = SparkContext._jvm = None
+            script = Path(work) / "workload.py"
+            script.write_text("import sys\nfrom pathlib import Path\nfrom pyspark.sql import SparkSession\n"
+                              "from fruits.core.spark import archive_workload\n"
+                              "spark = SparkSession.builder.getOrCreate()\n"
+                              "archive_workload(spark, Path(sys.argv[1]))\nspark.stop()\n")
+            subprocess.run([submit, "--master", cfg.env.spark.master or "local[2]", "--driver-java-options", java_options,
+                            str(script), work], env=environment, check=True, capture_output=True, text=True)
         if not partial.is_file() or partial.stat().st_size == 0:
             raise RuntimeError(f"the JVM wrote no class archive at {partial}")
         os.replace(partial, archive)
+    except subprocess.CalledProcessError as err:
+        raise RuntimeError(f"the class archive's workload failed:\n{err.stderr[-3000:]}") from None
     finally:
         partial.unlink(missing_ok=True)  # a failed build leaves nothing a later JVM could map
     return archive
