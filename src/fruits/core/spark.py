@@ -20,11 +20,17 @@ from fruits.core import logs
 log = logging.getLogger(__name__)
 
 
+def java_binary() -> Path | None:
+    """The java that spark-submit runs: $JAVA_HOME/bin/java, else the first on PATH."""
+    found = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
+    return Path(found).resolve() if found and Path(found).exists() else None
+
+
 def check_java() -> None:
     """Spark needs a JVM; say so plainly instead of a py4j stack trace."""
-    if not (os.environ.get("JAVA_HOME") or shutil.which("java")):
+    if java_binary() is None:
         raise RuntimeError(
-            "no Java runtime found: Spark 3.5 needs Java 8, 11 or 17 "
+            "no Java runtime found (JAVA_HOME/bin/java, or java on PATH): Spark 3.5 needs Java 8, 11 or 17 "
             "(Debian: apt-get install openjdk-17-jre-headless, or set JAVA_HOME)"
         )
 
@@ -37,12 +43,6 @@ def session_conf(spark_cfg: DictConfig, java_options: str | None = None) -> dict
         conf["spark.driver.extraJavaOptions"] = " ".join(
             part for part in (conf.get("spark.driver.extraJavaOptions"), java_options) if part)
     return conf
-
-
-def java_binary() -> Path | None:
-    """The java that spark-submit runs: $JAVA_HOME/bin/java, else the first on PATH."""
-    found = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
-    return Path(found).resolve() if found and Path(found).exists() else None
 
 
 def class_archive(cfg: DictConfig) -> Path | None:
