@@ -7,11 +7,12 @@ with one thread each, for
 and decode alone per core (Pillow: decode, resize, scale), the FLOP bound (the model's FLOPs per image
 against the float32 matrix-multiply throughput numpy reaches on all cores), the Keras `predict` loop.
 
-Spark, per engine: featurize cold, as `dvc repro` runs it (the stage as its own process: Python, JVM and
-workers start, the model is built); then, in a fresh session, a first run and --rounds warm runs, each from empty tables (featurize is incremental: a second run would reuse
-everything) and each paired with the composite ceiling (N processes x 1 thread, as Spark runs)
-measured just before it: this machine's speed drifts by 10 % and more between minutes, so a ratio is
-taken within a pair, and the median of the pairs reported. Then the peak RSS of each Python worker,
+Spark, per engine: featurize cold, as `dvc repro` runs it (the stage as its own process: Python, JVM
+and workers start, the model is built); then, in a fresh session, a first run and --rounds warm runs,
+each from empty tables (featurize is incremental: a second run would reuse everything) and each
+paired with the composite ceiling (N processes x 1 thread, as Spark runs) measured just before it:
+this machine's speed drifts by 10 % and more between minutes, so a ratio is taken within a pair, and
+the median of the pairs reported. Then the peak RSS of each Python worker,
 and the naive recipe (the model rebuilt for every Arrow batch). Last, the engines interleaved: one
 session holding both models, --rounds rounds of each engine's composite and warm featurize back to
 back, the engines' order alternating: the ratio between the engines, free of the drift between the
@@ -190,18 +191,20 @@ def worker_peak_rss_mib(pids) -> dict[str, int]:
     return peaks
 
 
+def empty_tables(cfg) -> None:
+    """Featurize is incremental: a run timed from scratch starts without its tables."""
+    for table in (cfg.env.paths.features, cfg.env.paths.rejects):
+        shutil.rmtree(table, ignore_errors=True)
+
+
 def featurize_cold(files: list[Path], engine_cfg) -> dict:
     """The stage as `dvc repro` runs it: its own process (Python, JVM and workers started, the model
     built), from empty tables, timed from the process's start to its end."""
-    for table in (engine_cfg.env.paths.features, engine_cfg.env.paths.rejects):
-        shutil.rmtree(table, ignore_errors=True)
+    empty_tables(engine_cfg)
     params = Path(engine_cfg.env.paths.root) / f"params-cold-{engine_cfg.model.engine}.yaml"
     OmegaConf.save(engine_cfg, params)
-    stage = run_stage("featurize", params)
-    label = f"spark featurize {engine_cfg.model.engine} (cold: own process)"
-    print(f"  {label:<44} {len(files) / stage['seconds']:7.1f} img/s  ({stage['seconds']:.1f} s)", flush=True)
-    return {"run": label, "images": len(files), "seconds": stage["seconds"],
-            "images_per_second": round(len(files) / stage["seconds"], 2)}
+    return timed(f"spark featurize {engine_cfg.model.engine} (cold: own process)", len(files),
+                 lambda: run_stage("featurize", params))
 
 
 def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[dict], dict]:
@@ -221,8 +224,7 @@ def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[
         pids = set()
 
         def from_scratch():
-            for table in (engine_cfg.env.paths.features, engine_cfg.env.paths.rejects):
-                shutil.rmtree(table, ignore_errors=True)
+            empty_tables(engine_cfg)
             pids.update(featurize.run(engine_cfg, spark)["model_builds_per_worker"])
 
         results.append(timed(f"spark featurize {engine} (first run in the session)", len(files), from_scratch))
@@ -257,8 +259,7 @@ def engines_interleaved(files: list[Path], cfg, values: dict, rounds: int) -> tu
         engine_cfg.model.engine = engine
 
     def from_scratch(engine):
-        for table in (cfg.env.paths.features, cfg.env.paths.rejects):
-            shutil.rmtree(table, ignore_errors=True)
+        empty_tables(cfg)
         featurize.run(engine_cfgs[engine], spark)
 
     for engine in ENGINES:  # warm-up: each worker builds both models (not reported)
