@@ -40,12 +40,13 @@ import pandas as pd
 from omegaconf import OmegaConf
 
 from fruits.core import backbone as model
+from fruits.core import engines, listing
 from fruits.core.config import load_config
 from fruits.core.images import prepare_batch
 from fruits.stages import featurize, sample, weights
 from measure import run_stage
 
-ENGINES = ("tensorflow", "onnxruntime")
+ENGINES = tuple(engines.ENGINES)
 
 
 def timed(label: str, images: int, work) -> dict:
@@ -57,11 +58,9 @@ def timed(label: str, images: int, work) -> dict:
 
 
 def build(engine: str, cfg_values: dict, threads: int):
-    if engine == "onnxruntime":
-        return model.make_onnx_extractor(Path(cfg_values["onnx"]).read_bytes(), threads)
-    model.configure_tf_threads(threads)
-    arrays = model.load_weight_arrays(cfg_values["weights"], cfg_values["size"], cfg_values["alpha"])
-    return model.make_extractor(arrays, cfg_values["size"], cfg_values["alpha"])
+    """The engine's extractor, from its payload, as featurize and the app build it."""
+    chosen, cfg = engines.engine(engine), cfg_values["cfg"]
+    return chosen.build(chosen.payload(cfg), cfg.model.input_size, cfg.model.alpha, threads)
 
 
 def ceiling_worker(engine, cfg_values, threads, files, decode_in_loop, barrier, results) -> None:
@@ -239,7 +238,7 @@ def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[
             tf_cfg = engine_cfg
             broadcast, _ = featurize.broadcast_weights(spark, tf_cfg)
             spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.batch_size))
-            images = featurize.contents(featurize.image_files(spark, tf_cfg))
+            images = listing.contents(listing.image_files(spark, tf_cfg))
             udf = naive_udf(broadcast, tf_cfg)
             results.append(timed("spark naive tensorflow (rebuild/batch)", len(files),
                                  lambda: images.select(udf("content")).write.mode("overwrite").format("noop").save()))
@@ -390,8 +389,7 @@ def main() -> None:
     header = (f"{len(files)} images at {cfg.model.input_size} px, batch {cfg.featurize.batch_size}, "
               f"master {cfg.env.spark.master}, {cores} cores, {platform.processor() or platform.machine()}")
     print(header, flush=True)
-    values = {"onnx": cfg.env.paths.onnx, "weights": cfg.env.paths.weights, "size": cfg.model.input_size,
-              "alpha": cfg.model.alpha, "batch": cfg.featurize.batch_size}
+    values = {"cfg": cfg, "size": cfg.model.input_size, "batch": cfg.featurize.batch_size}
     rows = [decode_per_core(files, cfg.model.input_size, cfg.featurize.batch_size)]
     for engine in ENGINES:
         for decode in (False, True):

@@ -22,7 +22,8 @@ from fruits.core.config import load_config
 from fruits.core.spark import get_session
 from fruits.core.storage import iter_files
 from fruits.stages import featurize, sample, weights
-from fruits.stages.featurize import extract, image_files, walk
+from fruits.core.listing import image_files, walk
+from fruits.core.listing import listing as listing_rows
 from measure import PeakRss
 
 ROOT = Path("bench/growth")
@@ -75,7 +76,7 @@ def listing(spark, counts: list[int]) -> list[dict]:
         cfg = load_config([f"data.root={folder}"])
         with PeakRss() as rss:
             started = time.perf_counter()
-            listed = extract(image_files(spark, cfg)).count()
+            listed = listing_rows(image_files(spark, cfg)).count()
             unreadable = walk(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions)).unreadable
             seconds = time.perf_counter() - started
         rows.append({"files": count, "listed_by_spark": listed, "skipped_by_spark": len(unreadable),

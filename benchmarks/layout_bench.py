@@ -21,7 +21,7 @@ from fruits.core.costs import s3_reads
 from fruits.core.spark import get_session
 from fruits.core.storage import SHARD_GLOB
 from fruits.stages import ingest
-from fruits.stages.featurize import image_reader
+from fruits.core.listing import image_reader
 from fruits.stages.sample import draw_fruit
 
 ROOT = Path("bench/layout")

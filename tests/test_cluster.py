@@ -16,7 +16,8 @@ import pytest
 from botocore.stub import Stubber
 
 from fruits.cloud import cluster, steps
-from fruits.core.config import EU_REGIONS, PROJECT_ROOT, ConfigError, compose
+from fruits.core.config import PROJECT_ROOT, compose
+from fruits.core.errors import EU_REGIONS, ConfigError
 
 from conftest import make_cfg
 

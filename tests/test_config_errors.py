@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fruits.core.config import ConfigError, load_config
+from fruits.core.config import load_config
+from fruits.core.errors import ConfigError
 from fruits.core.tables import NoTable
 from fruits.stages import featurize, index, ingest, pca, report
 

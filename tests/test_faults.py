@@ -4,7 +4,6 @@ processes, stopped at a point reached by polling; the results are compared with 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -78,14 +77,15 @@ def test_the_index_refuses_a_projection_that_is_not_the_one_of_the_committed_vec
 
 def test_a_worker_that_crashes_midway_is_retried_without_duplicate_or_missing_rows(tiny_cfg, tmp_path, spark):
     """local[2,2]: two cores, a task may fail twice. A Python worker exits (os._exit) in partition 1's
-    first attempt after sending its first batch; Spark retries the task; the tables hold each image once."""
+    first attempt after sending its first batch (injected by tests/crashing_featurize.py, not by the
+    stage); Spark retries the task; the tables hold each image once."""
     tiny_cfg.env.spark.master = "local[2,2]"
     tiny_cfg.featurize.images_per_partition = 4  # 8 partitions of 4 images, in Arrow batches of 2
     tiny_cfg.env.spark.conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = "2"
     params = tmp_path / "params.yaml"
     OmegaConf.save(tiny_cfg, params)
-    env = {**os.environ, featurize.CRASH_VARIABLE: "1"}
-    done = subprocess.run([sys.executable, "-m", "fruits.stages.featurize", "--params", str(params)], env=env,
+    crashing = Path(__file__).with_name("crashing_featurize.py")  # the stage, its Arrow function wrapped
+    done = subprocess.run([sys.executable, str(crashing), "--params", str(params)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Lost task 1.0" in done.stderr and "Python worker exited unexpectedly" in done.stderr, done.stderr[-3000:]

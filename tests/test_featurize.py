@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from fruits.core import backbone, tables
+from fruits.core import backbone, increments, listing, tables
 from fruits.stages import featurize, weights
 from fruits.stages.sample import draw_fruit
 
@@ -104,7 +104,8 @@ def test_split_results_separates_features_and_rejects(spark):
     results = spark.createDataFrame(
         [("a", "Training", "Fig", [1.0], None, "c1", 3, None, "m"), ("b", "Test", "Fig", None, "empty file", "c2", 0, None, "m")],
         f"path string, split string, label string, features array<float>, reject_reason string, {IDENTITY}")
-    features, rejects = featurize.split_results(results)
+    features, rejects = increments.split_results(
+        increments.TablePair("features", "rejects", featurize.FEATURE_COLUMNS, featurize.REJECT_COLUMNS), results)
     assertDataFrameEqual(features, spark.createDataFrame(
         [("a", "Fig", "Training", [1.0], "c1", 3, None, "m")], f"path string, label string, split string, features array<float>, {IDENTITY}"))
     assertDataFrameEqual(rejects, spark.createDataFrame([("b", "empty file", "c2", 0, None, "m")], f"path string, reject_reason string, {IDENTITY}"))
@@ -121,7 +122,7 @@ def test_plan_keeps_unchanged_reads_new_or_touched_and_finds_deleted(spark):
     previous = spark.createDataFrame(
         [("same", "c1", 10, day1, "m"), ("grown", "c2", 10, day1, "m"), ("touched", "c3", 10, day1, "m"),
          ("gone", "c4", 7, day1, "m")], f"path string, {IDENTITY}")
-    kept, candidates, deleted = featurize.plan(listing, previous)
+    kept, candidates, deleted = increments.plan(listing, previous)
     assertDataFrameEqual(kept, spark.createDataFrame([("same",)], "path string"))
     assertDataFrameEqual(candidates, spark.createDataFrame([("grown", "c2"), ("touched", "c3"), ("new", None)],
                                                            "path string, previous_checksum string"))
@@ -260,7 +261,7 @@ def spark_file_partitions(sizes: list[int], settings: dict[str, str], parallelis
 ])
 def test_partition_settings_cut_equal_counts_in_whole_waves(images, cores, expected):
     sizes = [3000 + (7919 * i) % 9000 for i in range(images)]  # unequal sizes, up to 4x apart
-    settings = featurize.partition_settings(images, sum(sizes), max(sizes), cores, 512)
+    settings = listing.partition_settings(images, sum(sizes), max(sizes), cores, 512)
     assert spark_file_partitions(sizes, settings, cores) == expected
 
 
@@ -281,5 +282,5 @@ def test_odd_names_are_read_literally(spark, tmp_path):
         write_image(tmp_path / "Training" / "Kiwi" / name, draw_fruit("Kiwi", 1), "JPEG")
     (tmp_path / "Training" / "Kiwi" / "a1.jpg").write_bytes(b"decoy: a[1] as a pattern would match me")
     uris = [f"file:{tmp_path}/Training/Kiwi/{name}" for name in names]
-    read = {row["path"]: row["checksum"] for row in featurize.read_contents(spark, uris).collect()}
+    read = {row["path"]: row["checksum"] for row in listing.read_contents(spark, uris).collect()}
     assert set(read) == set(uris)

@@ -13,7 +13,7 @@ import pytest
 
 from fruits.cloud import bucket
 from fruits.stages import ingest, sample
-from fruits.core.config import ConfigError
+from fruits.core.errors import ConfigError
 
 from conftest import make_cfg
 

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fruits.core import backbone
+from fruits.core import backbone, engines
 from fruits.core.images import prepare
 from fruits.stages import weights as stage
 
@@ -51,9 +51,9 @@ def test_worker_build_never_downloads_and_happens_once(tiny_weights, monkeypatch
         return tiny_weights
 
     key = "test-once"
-    first = backbone.cached_extractor(key, weights, TINY_SIZE, 1.0, 1)
-    second = backbone.cached_extractor(key, weights, TINY_SIZE, 1.0, 1)
-    assert first is second and backbone.BUILD_COUNT[key] == 1 and len(calls) == 1
+    first = engines.cached_extractor(key, weights, "tensorflow", TINY_SIZE, 1.0, 1)
+    second = engines.cached_extractor(key, weights, "tensorflow", TINY_SIZE, 1.0, 1)
+    assert first is second and engines.BUILD_COUNT[key] == 1 and len(calls) == 1
 
 
 def test_imagenet_unavailable_falls_back_in_order_only_where_allowed(tiny_project, tmp_path, monkeypatch):

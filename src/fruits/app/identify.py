@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
-from fruits.core import backbone
+from fruits.core import engines
 from fruits.core.config import load_config
 from fruits.core.images import RejectedImage, prepare
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
@@ -72,17 +72,14 @@ class Identifier:
     """Model, projection, index and cards, loaded once (per CLI call, per server process)."""
 
     def __init__(self, cfg: DictConfig):
-        size, alpha, engine = cfg.model.input_size, cfg.model.alpha, cfg.model.engine
+        size, alpha, engine = cfg.model.input_size, cfg.model.alpha, engines.engine(cfg.model.engine)
         weights = Path(cfg.env.paths.weights)
         if not weights.exists():
             raise FileNotFoundError(f"{weights} not found: run the pipeline first (dvc repro)")
-        self.model = backbone.model_identity(weights, size, alpha, engine)
-        if engine == "onnxruntime":  # what featurize broadcasts: the checked ONNX bytes, or the weight arrays
-            onnx = backbone.verified_onnx(cfg.env.paths.onnx, weights, cfg.env.paths.provenance)
-            payload = onnx.read_bytes
-        else:
-            payload = lambda: backbone.load_weight_arrays(weights, size, alpha)  # noqa: E731
-        self.extract = backbone.cached_extractor(self.model, payload, size, alpha, cfg.featurize.threads, engine)
+        self.model = engines.model_identity(cfg)
+        engine.check(cfg)  # the payload featurize broadcasts: the checked ONNX bytes, or the weight arrays
+        self.extract = engines.cached_extractor(self.model, lambda: engine.payload(cfg), engine.name, size, alpha,
+                                                cfg.featurize.threads)
         self.input_size = size
         self.projection = load_projection(cfg.env.paths.pca_projection)
         self.index = NeighbourIndex.load(cfg.env.paths.knn_index)

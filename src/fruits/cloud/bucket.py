@@ -12,7 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fruits.core.aws import check_location, client
-from fruits.core.config import ConfigError
+from fruits.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

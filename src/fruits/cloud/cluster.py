@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 
 from fruits.core.aws import client
 from fruits.core.backbone import TF_ENVIRONMENT
-from fruits.core.config import PROJECT_ROOT, ConfigError, load_config
+from fruits.core.config import PROJECT_ROOT, load_config
+from fruits.core.errors import ConfigError
 from fruits.core.costs import cluster_hourly_price
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, OmegaConf
 
-from fruits.core.config import EU_REGIONS, REGION_SETTINGS, ConfigError, check_region
+from fruits.core.config import REGION_SETTINGS
+from fruits.core.errors import EU_REGIONS, ConfigError, check_region
 
 
 def client(service: str, cfg: DictConfig, region_setting: str = "storage.region"):

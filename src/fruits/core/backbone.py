@@ -1,7 +1,7 @@
 """The MobileNetV2 backbone: build, load and save weights, export them as an ONNX graph, and the
-per-process feature extractor of each engine (TensorFlow or onnxruntime) that Spark workers (and the
-app) keep for their whole life. Workers never download anything: they take the weights they are given
-(the broadcast value on Spark): weight arrays for TensorFlow, the serialized ONNX model for onnxruntime.
+extractor functions each engine builds (fruits.core.engines chooses between them and keeps one per
+process). Workers never download anything: they take the weights they are given (the broadcast value
+on Spark): weight arrays for TensorFlow, the serialized ONNX model for onnxruntime.
 """
 
 from __future__ import annotations
@@ -14,17 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from fruits.core.errors import ConfigError
+from fruits.core.storage import file_digest
+
 FEATURE_DIM = 1280
-ENGINES = ("tensorflow", "onnxruntime")
 # Set before TensorFlow loads, in every process that builds a model (driver, workers, EMR nodes):
 # oneDNN kernels are off by default on some CPUs (AMD here) and double the speed; the C++ log level
 # keeps TensorFlow's start-up chatter out of the pipeline's output.
 TF_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-# Per Python process: how many times each extractor was built (Spark reuses worker processes, so
-# this stays at 1 per process however many tasks and batches go through it).
-BUILD_COUNT: dict[str, int] = {}
-_EXTRACTORS: dict[str, Callable[[np.ndarray], np.ndarray]] = {}
 
 
 class WeightsUnavailable(RuntimeError):
@@ -68,8 +65,6 @@ def sha256_file(path: str | Path) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256_of_version(path: str, *version: int) -> str:
-    from fruits.core.storage import file_digest
-
     return file_digest(path, "sha256")
 
 
@@ -146,26 +141,6 @@ def make_onnx_extractor(model_bytes: bytes, threads: int):
     return lambda batch: session.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
-def cached_extractor(
-    key: str,
-    payload: Callable[[], object],
-    input_size: int,
-    alpha: float,
-    threads: int,
-    engine: str = "tensorflow",
-):
-    """The extractor of this process, built at most once per key. payload() (fetched lazily, once) is
-    the weight arrays for TensorFlow, the serialized ONNX model for onnxruntime."""
-    if key not in _EXTRACTORS:
-        if engine == "onnxruntime":
-            _EXTRACTORS[key] = make_onnx_extractor(payload(), threads)
-        else:
-            configure_tf_threads(threads)
-            _EXTRACTORS[key] = make_extractor(payload(), input_size, alpha)
-        BUILD_COUNT[key] = BUILD_COUNT.get(key, 0) + 1
-    return _EXTRACTORS[key]
-
-
 def extract_in_batches(extract, images: np.ndarray, batch_size: int) -> np.ndarray:
     """Run the extractor over images in batches of batch_size; float32 (N, 1280)."""
     outputs = [extract(images[start : start + batch_size]) for start in range(0, len(images), batch_size)]
@@ -185,8 +160,6 @@ def check_weights_file(weights: str | Path, provenance_file: str | Path) -> None
     import json
 
     import h5py
-
-    from fruits.core.config import ConfigError
 
     weights, provenance_file = Path(weights), Path(provenance_file)
     if not weights.exists():

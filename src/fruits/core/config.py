@@ -18,20 +18,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from fruits.core import engines
+from fruits.core.backbone import FEATURE_DIM
+from fruits.core.errors import ConfigError, check_region
+
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
 PARAMS_FILE = "params.yaml"
 
-# GDPR: data stays in the EU. Every AWS client takes its region from the config, checked here.
-EU_REGIONS = (
-    "eu-west-1",
-    "eu-west-2",
-    "eu-west-3",
-    "eu-central-1",
-    "eu-central-2",
-    "eu-north-1",
-    "eu-south-1",
-    "eu-south-2",
-)
 INPUT_SIZES = (96, 128, 160, 192, 224)
 REGION_SETTINGS = ("storage.region", "cluster.region")
 # Each group's option file names itself in `<group>.name`: that is how a composed params file says
@@ -42,20 +35,10 @@ WHOLE_NUMBERS = ("pca.k", "featurize.batch_size", "featurize.images_per_partitio
                  "identify.accuracy_queries")
 
 
-class ConfigError(ValueError):
-    """A setting is missing or wrong; the message names it and says what to do."""
-
-
 def conf_dir() -> Path:
     """conf/ of the project being run (the working directory, as for DVC), else of this checkout."""
     here = Path.cwd() / "conf"
     return here if (here / "config.yaml").exists() else PROJECT_ROOT / "conf"
-
-
-def check_region(setting: str, region: str | None) -> None:
-    """The GDPR guard: refuse a region outside the EU, naming the setting."""
-    if region is not None and region not in EU_REGIONS:
-        raise ConfigError(f"{setting}={region} is outside the EU; GDPR requires one of {', '.join(EU_REGIONS)}")
 
 
 def compose_unresolved(overrides: Sequence[str] = (), config_dir: Path | None = None) -> DictConfig:
@@ -254,14 +237,11 @@ def check_dvc_remotes(project: Path) -> None:
 
 def validate(cfg: DictConfig) -> DictConfig:
     """Refuse, before any work or AWS call, settings that would be wrong or unlawful."""
-    from fruits.core.backbone import ENGINES, FEATURE_DIM  # light: numpy only at import
-
     check_types(cfg)
     for setting in REGION_SETTINGS:
         check_region(setting, OmegaConf.select(cfg, setting))
     check_dvc_remotes(Path.cwd())
-    if cfg.model.engine not in ENGINES:
-        raise ConfigError(f"model.engine={cfg.model.engine} is not one of {', '.join(ENGINES)}")
+    engines.engine(cfg.model.engine)  # the engines know their names
     if cfg.data.layout not in LAYOUTS:
         raise ConfigError(f"data.layout={cfg.data.layout} is not one of {', '.join(LAYOUTS)}")
     size = cfg.model.input_size

@@ -16,6 +16,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fruits.core import logs
+from fruits.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -230,8 +231,6 @@ def build_class_archive(cfg: DictConfig) -> Path:
     name, renamed when complete."""
     import subprocess
     import tempfile
-
-    from fruits.core.config import ConfigError
 
     archive, submit = class_archive(cfg), shutil.which("spark-submit")
     if archive is None:

@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 from omegaconf import DictConfig
 
+from fruits.core.errors import check_region
+
 
 # data.layout=parquet: ingest's shards are named shard-<run id>-<n>.parquet; the index beside them is not one.
 SHARD_GLOB = "shard-*.parquet"
@@ -38,8 +40,6 @@ def filesystem(uri: str, cfg: DictConfig):
     import fsspec
 
     if is_s3(uri):
-        from fruits.core.config import check_region
-
         check_region("storage.region", cfg.storage.region)  # the GDPR guard, before any call
         options = {"client_kwargs": {"region_name": cfg.storage.region}}
         if cfg.storage.endpoint_url:

@@ -29,7 +29,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from fruits.core.aws import client, require_bucket
-from fruits.core.config import ConfigError, stage_config
+from fruits.core.config import stage_config
+from fruits.core.errors import ConfigError
 from fruits.core.images import RejectedImage, parse_image_path
 from fruits.core.storage import (
     ROW_GROUP_IMAGES,
