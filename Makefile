@@ -48,7 +48,7 @@ s3a-jars: $(STAMP) $(S3A_JARS)/.verified ## Tests: the S3A connector jars, so lo
 params: $(STAMP) ## Compose conf/ into params.yaml + emr/params.yaml; generate dvc.yaml + emr/dvc.yaml
 	$(PY) -m fruits.core.config > params.yaml
 	$(PY) -m fruits.core.config env=emr storage=s3 > emr/params.yaml
-	$(PY) -m fruits.core.pipeline
+	$(PY) -m fruits.tooling.dvc_pipelines
 
 sample: $(STAMP) ## Build the sample subset under data/sample
 	$(PY) -m fruits.stages.sample

@@ -13,7 +13,8 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from fruits.core import pipeline
+from fruits.core import registry
+from fruits.tooling import dvc_pipelines
 from fruits.core.config import PROJECT_ROOT, compose
 
 from conftest import make_cfg
@@ -26,12 +27,12 @@ def dvc_stages(pipeline: str = "dvc.yaml"):
 @pytest.mark.parametrize("emr", [False, True], ids=["dvc.yaml", "emr/dvc.yaml"])
 def test_both_pipelines_are_generated_from_the_registry(emr):
     """The EMR pipeline cannot drift from the local one: both are written by `make params`."""
-    path = pipeline.EMR_PIPELINE if emr else "dvc.yaml"
+    path = registry.EMR_PIPELINE if emr else "dvc.yaml"
     cfg = compose(["env=emr", "storage=s3"] if emr else [])
-    assert (PROJECT_ROOT / path).read_text() == pipeline.render(cfg, emr), f"{path} drifted: run `make params`"
+    assert (PROJECT_ROOT / path).read_text() == dvc_pipelines.render(cfg, emr), f"{path} drifted: run `make params`"
 
 
-@pytest.mark.parametrize("path", ["dvc.yaml", pipeline.EMR_PIPELINE])
+@pytest.mark.parametrize("path", ["dvc.yaml", registry.EMR_PIPELINE])
 def test_each_stage_depends_on_every_package_module_it_imports(path):
     """deps cover the import closure (import-linter's own graph of the package, function-level imports included)."""
     import grimp
@@ -39,14 +40,14 @@ def test_each_stage_depends_on_every_package_module_it_imports(path):
     graph = grimp.build_graph("fruits")
     for name, entry in dvc_stages(path).items():
         entry_module = re.fullmatch(r"python -m ([\w.]+).*", entry["cmd"]).group(1)
-        modules = {pipeline.stage(name).module, entry_module}
+        modules = {registry.stage(name).module, entry_module}
         needed = set(modules).union(*(graph.find_upstream_modules(m) for m in modules))
-        files = {pipeline.module_file(m).relative_to(PROJECT_ROOT).as_posix() for m in needed}
-        missing = {f for f in files if f not in entry["deps"] and pipeline.module_file_has_code(f)}
+        files = {dvc_pipelines.module_file(m).relative_to(PROJECT_ROOT).as_posix() for m in needed}
+        missing = {f for f in files if f not in entry["deps"] and dvc_pipelines.module_file_has_code(f)}
         assert not missing, f"{path}: stage {name} imports {sorted(missing)} without depending on them"
 
 
-@pytest.mark.parametrize("path", ["dvc.yaml", pipeline.EMR_PIPELINE])
+@pytest.mark.parametrize("path", ["dvc.yaml", registry.EMR_PIPELINE])
 def test_every_listed_param_and_path_exists(path):
     params = yaml.safe_load((PROJECT_ROOT / path).parent.joinpath("params.yaml").read_text())
     for name, entry in dvc_stages(path).items():
@@ -63,7 +64,7 @@ def test_every_listed_param_and_path_exists(path):
 
 def test_pca_parameters_reach_only_pca_then_index_and_report():
     readers = {name for name, stage in dvc_stages().items()
-               if any(pipeline.covers(p, "pca.k") for p in stage["params"])}
+               if any(registry.covers(p, "pca.k") for p in stage["params"])}
     assert readers == {"pca", "report"}
     downstream = {name for name, stage in dvc_stages().items() if any("pca" in dep for dep in stage["deps"]
                                                                        if not dep.startswith("src/"))}
@@ -100,17 +101,17 @@ def test_a_real_run_reads_only_listed_params_and_writes_exactly_its_registered_o
     runs = {"sample": sample.run, "ingest": ingest.run, "weights": weights.run,
             "featurize": lambda c: featurize.run(c, spark), "pca": lambda c: pca.run(c, spark),
             "index": lambda c: index.run(c, spark), "report": lambda c: report.run(c, spark)}
-    assert list(runs) == list(pipeline.STAGES)
+    assert list(runs) == list(registry.STAGES)
     before: set[Path] = set()
     for name, run_stage in runs.items():
-        stage = pipeline.stage(name)
+        stage = registry.stage(name)
         with recorded_reads() as keys:
             run_stage(cfg)
-        unlisted = {key for key in keys if not any(pipeline.covers(p, key) for p in stage.params)}
+        unlisted = {key for key in keys if not any(registry.covers(p, key) for p in stage.params)}
         assert not unlisted, f"stage {name} reads {sorted(unlisted)} without listing them in its params"
         assert keys, name
         after = {p for p in tmp_path.rglob("*") if p.is_file()}
-        registered = [Path(OmegaConf.select(cfg, key)) for key in stage.written() if pipeline.enabled(cfg, key)]
+        registered = [Path(OmegaConf.select(cfg, key)) for key in stage.written() if registry.enabled(cfg, key)]
         assert all(path.exists() for path in registered), name
         stray = {p for p in after - before if not any(p == r or r in p.parents for r in registered)
                  and "downloads" not in p.parts}

@@ -10,10 +10,12 @@ import shutil
 import string
 import subprocess
 import sys
+import textwrap
 import uuid
 from pathlib import Path
 
 import boto3
+import pytest
 
 from fruits.cloud import bucket
 from fruits.core import logs
@@ -91,3 +93,35 @@ def test_a_stage_run_with_aws_credentials_writes_them_nowhere(tmp_path, s3_endpo
     for value in credentials.values():
         assert not any(value in text for text in printed)
         assert not any(value.encode() in blob for blob in objects + files)
+
+
+ENTRY_POINTS = {  # module: (its main's arguments, the module attribute its main loads the config with)
+    "fruits.app.identify": (["README.md"], "load_config"),
+    "fruits.cloud.cluster": (["plan"], "load_config"),
+    "fruits.cloud.steps": (["pca"], "load_config"),
+    "fruits.cloud.bucket": ([], None),  # a stage-style CLI: fruits.core.config.stage_config
+}
+
+
+@pytest.mark.parametrize("module", ENTRY_POINTS)
+def test_every_command_line_masks_aws_credentials_in_what_it_logs(module):
+    """Each entry point configures logging through logs.configure: a record that quotes the credentials
+    (here, from the config loading the CLI calls first) prints them masked, quiet or -v."""
+    arguments, attribute = ENTRY_POINTS[module]
+    credentials = fake_credentials()
+    target = module if attribute else "fruits.core.config"
+    script = textwrap.dedent(f"""
+        import importlib, logging, os, sys
+        def leaky(*args, **kwargs):
+            logging.getLogger("fruits.leak").warning("creds %s %s", os.environ["AWS_ACCESS_KEY_ID"],
+                                                    os.environ["AWS_SECRET_ACCESS_KEY"])
+            sys.exit(0)
+        setattr(importlib.import_module({target!r}), "load_config", leaky)
+        importlib.import_module({module!r}).main(sys.argv[1:])
+    """)
+    for verbose in ([], ["-v"]):
+        done = subprocess.run([sys.executable, "-c", script, *arguments, *verbose], cwd=PROJECT_ROOT,
+                              env={**os.environ, **credentials}, capture_output=True, text=True, timeout=120)
+        printed = done.stdout + done.stderr
+        assert done.returncode == 0 and "creds *** ***" in printed, printed[-2000:]
+        assert not any(value in printed for value in credentials.values())

@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
-from fruits.core import engines
+from fruits.core import engines, logs
 from fruits.core.config import load_config
 from fruits.core.images import RejectedImage, prepare
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
@@ -135,8 +135,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default=None, help="composed config (default: params.yaml)")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON (the service's schema)")
     parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. identify.neighbours=10")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
+    logs.configure(args.verbose, level=logging.WARNING)
     if not args.photo.is_file():
         parser.exit(2, f"identify: {args.photo} is not a file\n")
     identifier = Identifier(load_config(args.overrides, args.params))

@@ -20,11 +20,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fruits.core import logs
 from fruits.core.aws import client
 from fruits.core.backbone import TF_ENVIRONMENT
 from fruits.core.config import PROJECT_ROOT, load_config
-from fruits.core.errors import ConfigError
 from fruits.core.costs import cluster_hourly_price
+from fruits.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -279,8 +280,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("action", choices=["plan", "create", "status", "down"])
     parser.add_argument("--params", default="emr/params.yaml", help="composed config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. cluster.core_instance_count=4")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs (AWS credentials stay masked)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(args.verbose)
     cfg = load_config(args.overrides, args.params)
     if args.action == "plan":
         print(json.dumps(run_job_flow_request(cfg), indent=2))

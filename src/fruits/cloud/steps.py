@@ -16,14 +16,14 @@ import importlib
 import logging
 import os
 import sys
-from datetime import datetime, timezone
 
 from omegaconf import DictConfig, OmegaConf
 
 from fruits.cloud.cluster import artifact_uris, current_cluster_id, wait_for
-from fruits.core import pipeline
+from fruits.core import logs, registry
 from fruits.core.aws import client
 from fruits.core.config import load_config
+from fruits.core.ids import stamped_id
 from fruits.core.storage import copy_file, filesystem
 
 log = logging.getLogger(__name__)
@@ -33,11 +33,11 @@ STEP_FAILED = ("CANCELLED", "FAILED", "INTERRUPTED")
 
 def stage_files(cfg: DictConfig, name: str) -> tuple[list[str], list[str]]:
     """(small local files the stage reads, small local files it writes), from the stage registry."""
-    stage = pipeline.stage(name)
+    stage = registry.stage(name)
     if not stage.on_cluster:
         raise ValueError(f"stage {name!r} does not run on the cluster (Spark stages do: "
-                         f"{', '.join(s.name for s in pipeline.STAGES.values() if s.on_cluster)})")
-    return pipeline.small_files(cfg, stage.inputs), pipeline.small_files(cfg, stage.written())
+                         f"{', '.join(s.name for s in registry.STAGES.values() if s.on_cluster)})")
+    return registry.small_files(cfg, stage.inputs), registry.small_files(cfg, stage.written())
 
 
 def step_request(cfg: DictConfig, stage: str, run_uri: str) -> dict:
@@ -90,7 +90,7 @@ def run_on_cluster(stage: str, run_uri: str) -> None:
         source = in_run_folder(run_uri, "inputs", relative)
         if fs.exists(filesystem(source, cfg)[1]):
             copy_file(source, relative, cfg)
-    importlib.import_module(pipeline.stage(stage).module).run(cfg)
+    importlib.import_module(registry.stage(stage).module).run(cfg)
     for relative in outputs:
         copy_file(relative, in_run_folder(run_uri, "outputs", relative), cfg)
 
@@ -113,8 +113,7 @@ def submit(cfg: DictConfig, stage: str) -> None:
     cluster_id = current_cluster_id(cfg)
     if cluster_id is None:
         raise RuntimeError("no cluster is recorded: run `make cluster` first")
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    run_uri = f"{cfg.storage.uris.runs}/{stage}-{stamp}"
+    run_uri = f"{cfg.storage.uris.runs}/{stage}-{stamped_id()}"
     prepare_run(cfg, stage, run_uri)
     emr = client("emr", cfg, "cluster.region")
     step_id = emr.add_job_flow_steps(JobFlowId=cluster_id, Steps=[step_request(cfg, stage, run_uri)])["StepIds"][0]
@@ -125,11 +124,12 @@ def submit(cfg: DictConfig, stage: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Run a Spark stage as an EMR step on the project's cluster.")
-    parser.add_argument("stage", choices=[s.name for s in pipeline.STAGES.values() if s.on_cluster])
-    parser.add_argument("--params", default=pipeline.EMR_PARAMS, help="composed config (default: %(default)s)")
+    parser.add_argument("stage", choices=[s.name for s in registry.STAGES.values() if s.on_cluster])
+    parser.add_argument("--params", default=registry.EMR_PARAMS, help="composed config (default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. pca.k=50")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs (AWS credentials stay masked)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logs.configure(args.verbose)
     submit(load_config(args.overrides, args.params), args.stage)
 
 

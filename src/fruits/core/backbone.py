@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import functools
 import os
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from fruits.core.errors import ConfigError
-from fruits.core.storage import file_digest
+from fruits.core.storage import atomic_output, file_digest
 
 FEATURE_DIM = 1280
 # Set before TensorFlow loads, in every process that builds a model (driver, workers, EMR nodes):
@@ -70,12 +69,8 @@ def _sha256_of_version(path: str, *version: int) -> str:
 
 def save_weights(model, path: str | Path) -> None:
     """Write atomically: an interrupted save never leaves a half-written weights file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        partial = Path(tmp) / path.name
+    with atomic_output(path) as partial:
         model.save_weights(partial)
-        os.replace(partial, path)
 
 
 def load_weight_arrays(path: str | Path, input_size: int, alpha: float) -> list[np.ndarray]:

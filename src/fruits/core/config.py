@@ -18,7 +18,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from fruits.core import engines
+from fruits.core import engines, logs
 from fruits.core.backbone import FEATURE_DIM
 from fruits.core.errors import ConfigError, check_region
 
@@ -99,23 +99,9 @@ def leaves(node, parts: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...],
         yield parts, node
 
 
-def is_derived(skeleton: DictConfig, parts: tuple[str, ...]) -> bool:
-    """True when conf/ defines this key by interpolation (its value is derived from other settings)."""
-    node = skeleton
-    for part in parts[:-1]:
-        if not isinstance(node, DictConfig) or part not in node:
-            return False
-        node = node._get_node(part)
-    return isinstance(node, DictConfig) and parts[-1] in node and OmegaConf.is_interpolation(node, parts[-1])
-
-
-def set_leaf(cfg: DictConfig, parts: tuple[str, ...], value) -> None:
-    node = cfg
-    for part in parts[:-1]:
-        if part not in node or not isinstance(node._get_node(part), DictConfig):
-            node[part] = {}
-        node = node._get_node(part)
-    node[parts[-1]] = value
+def is_interpolation(value) -> bool:
+    """True for a value conf/ writes as an interpolation (`${data.root}/images`): derived from other settings."""
+    return isinstance(value, str) and "${" in value
 
 
 def rebuild(base: DictConfig, choices: dict[str, str]) -> DictConfig:
@@ -127,11 +113,17 @@ def rebuild(base: DictConfig, choices: dict[str, str]) -> DictConfig:
     options = {group: str(base[group].name) for group in GROUPS if group in base}
     options.update(choices)
     skeleton = compose_unresolved([f"{group}={option}" for group, option in options.items()])
+    derived = {parts for parts, value in leaves(OmegaConf.to_container(skeleton, resolve=False))
+               if is_interpolation(value)}
+    kept: dict = {}  # base's leaves as one tree (keys may hold dots: parts, not dotted strings)
+    for parts, value in leaves(OmegaConf.to_container(base, resolve=False)):
+        if parts[0] not in choices and parts not in derived:
+            node = kept
+            for part in parts[:-1]:
+                node = node.setdefault(part, {})
+            node[parts[-1]] = value
     with open_dict(skeleton):
-        for parts, value in leaves(OmegaConf.to_container(base, resolve=False)):
-            if parts[0] in choices or is_derived(skeleton, parts):
-                continue
-            set_leaf(skeleton, parts, value)
+        skeleton.merge_with(kept)  # a leaf (a value or a list) replaces conf/'s; sections merge
     return skeleton
 
 
@@ -284,8 +276,6 @@ def stage_config(description: str, argv: list[str] | None = None) -> DictConfig:
     parser.add_argument("-v", "--verbose", action="store_true",
                         help="debug logs, with TensorFlow's and Spark's own (also: FRUITS_LOG_LEVEL=DEBUG)")
     args = parser.parse_args(argv)
-    from fruits.core import logs
-
     logs.configure(args.verbose)
     return load_config(args.overrides, args.params)
 

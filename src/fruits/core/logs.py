@@ -44,14 +44,15 @@ class MaskSecrets(logging.Filter):
         return True
 
 
-def configure(debug: bool = False) -> None:
-    """Logging for a stage's command line; debug=True is -v."""
+def configure(debug: bool = False, level: int = logging.INFO) -> None:
+    """Logging for every command line of the package (stages, the app, the cloud runners): debug=True
+    is -v; level is the quiet level (the identify CLI prints only warnings)."""
     if debug:
         os.environ[LEVEL_VARIABLE] = "DEBUG"
     debug = verbose()
     if not debug:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow loads: no oneDNN/absl lines
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format=LOG_FORMAT, force=True)
+    logging.basicConfig(level=logging.DEBUG if debug else level, format=LOG_FORMAT, force=True)
     mask = MaskSecrets()
     for handler in logging.getLogger().handlers:
         handler.addFilter(mask)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fruits.core.storage import atomic_output
+
 EXACT_UP_TO = 1_000_000  # vectors: above this, `kind: auto` builds the approximate index
 VOTE_EPSILON = 1e-9  # keeps an exact match (distance 0) finite
 
@@ -115,12 +117,9 @@ class NeighbourIndex:
 
     def save(self, path: str | Path) -> None:
         """One .npz file, written aside then renamed: a reader never sees half of it."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_name(f".{path.name}.partial.npz")
-        np.savez(partial, vectors=self.vectors.astype(np.float32), labels=self.labels.astype(str),
-                 paths=self.paths.astype(str), projection_sha256=np.array(self.projection_sha256))
-        partial.replace(path)
+        with atomic_output(path) as partial, open(partial, "wb") as stream:  # a stream: savez adds no suffix
+            np.savez(stream, vectors=self.vectors.astype(np.float32), labels=self.labels.astype(str),
+                     paths=self.paths.astype(str), projection_sha256=np.array(self.projection_sha256))
 
     @classmethod
     def load(cls, path: str | Path) -> NeighbourIndex:

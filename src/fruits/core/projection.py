@@ -7,15 +7,13 @@ that, so `project` gives Spark's vectors, for a whole table (the pca stage) or f
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from fruits.core import tables
-from fruits.core.storage import file_digest
+from fruits.core.storage import atomic_output, file_digest
 
 
 @dataclass(frozen=True)
@@ -43,13 +41,10 @@ class Projection:
 
 def save_projection(projection: Projection, path: str | Path) -> Path:
     """Write atomically (.npz): an interrupted write never leaves a half artifact."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as partial:
-        np.savez(partial, components=projection.components, shift=projection.shift, factor=projection.factor,
+    with atomic_output(path) as partial, open(partial, "wb") as stream:  # a stream: savez adds no suffix
+        np.savez(stream, components=projection.components, shift=projection.shift, factor=projection.factor,
                  explained_variance=projection.explained_variance)
-    os.replace(partial.name, path)
-    return path
+    return Path(path)
 
 
 def load_projection(path: str | Path) -> Projection:

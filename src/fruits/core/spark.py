@@ -9,7 +9,6 @@ import shutil
 import sys
 import threading
 import time
-import zipimport
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from omegaconf import DictConfig
 
 from fruits.core import logs
 from fruits.core.errors import ConfigError
+from fruits.core.storage import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -95,21 +95,6 @@ def get_session(cfg: DictConfig, java_options: str | None = None):
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel("WARN")
     return spark
-
-
-def lighten_worker_imports() -> None:
-    """Called first in each Python UDF: Spark's Python worker runs importlib.invalidate_caches() before
-    every task, and CPython 3.11's zip importers then re-read their archive's whole directory. Spark
-    puts its core jar (5,221 entries, no Python) on the workers' sys.path, and each package imported
-    from pyspark.zip has an importer of its own: 83 ms per task in a worker, measured. The jar leaves
-    this process's path; the package importers leave the cache (an import that needs one makes it
-    again from the archive's cached directory). The zips on sys.path stay, so imports work as before."""
-    for entry in [entry for entry in sys.path if entry.endswith(".jar")]:
-        sys.path.remove(entry)
-    on_path = set(sys.path)
-    for key, finder in list(sys.path_importer_cache.items()):
-        if isinstance(finder, zipimport.zipimporter) and key not in on_path:
-            del sys.path_importer_cache[key]
 
 
 @contextmanager
@@ -229,9 +214,6 @@ def build_class_archive(cfg: DictConfig) -> Path:
     in a JVM started with -XX:ArchiveClassesAtExit, which writes the classes it loaded as it exits;
     spark-submit is that JVM, so it returns once the archive is written. Written under a temporary
     name, renamed when complete."""
-    import subprocess
-    import tempfile
-
     archive, submit = class_archive(cfg), shutil.which("spark-submit")
     if archive is None:
         raise ConfigError("env.paths.class_archives is not set (or no java found): no class archive to build")
@@ -239,8 +221,16 @@ def build_class_archive(cfg: DictConfig) -> Path:
         return archive
     if submit is None:
         raise RuntimeError("spark-submit is not on PATH (pyspark installs it beside the interpreter)")
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    partial = archive.with_name(f"{archive.name}.partial-{os.getpid()}")
+    with atomic_output(archive) as partial:  # a failed build leaves nothing a later JVM could map
+        run_archive_workload(cfg, submit, partial)
+    return archive
+
+
+def run_archive_workload(cfg: DictConfig, submit: str, partial: Path) -> None:
+    """spark-submit archive_workload in a JVM that writes its class archive to partial as it exits."""
+    import subprocess
+    import tempfile
+
     java_options = " ".join(part for part in (cfg.env.spark.get("featurize_java_options"),
                                               f"-XX:ArchiveClassesAtExit={partial.resolve()}") if part)
     environment = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
@@ -257,12 +247,8 @@ def build_class_archive(cfg: DictConfig) -> Path:
                             str(script), work], env=environment, check=True, capture_output=True, text=True)
         if not partial.is_file() or partial.stat().st_size == 0:
             raise RuntimeError(f"the JVM wrote no class archive at {partial}")
-        os.replace(partial, archive)
     except subprocess.CalledProcessError as err:
         raise RuntimeError(f"the class archive's workload failed:\n{err.stderr[-3000:]}") from None
-    finally:
-        partial.unlink(missing_ok=True)  # a failed build leaves nothing a later JVM could map
-    return archive
 
 
 if __name__ == "__main__":

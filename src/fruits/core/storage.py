@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import secrets
 import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
 from omegaconf import DictConfig
 
 from fruits.core.errors import check_region
-
 
 # data.layout=parquet: ingest's shards are named shard-<run id>-<n>.parquet; the index beside them is not one.
 SHARD_GLOB = "shard-*.parquet"
@@ -72,8 +75,10 @@ class ListedFile(NamedTuple):
 def iter_files(uri: str, cfg: DictConfig, extensions):
     """Every file under uri whose extension is one of extensions (any case), one at a time: memory does
     not grow with the number of files (one folder's listing at most)."""
+    from fsspec.core import strip_protocol
+
     fs, root = filesystem(uri, cfg)
-    root = fs._strip_protocol(root).rstrip("/")
+    root = strip_protocol(uri if is_s3(uri) else root).rstrip("/")  # local: absolute, as fs.walk names files
     wanted = {e.lower() for e in extensions}
     scheme = "s3://" if is_s3(uri) else "file:"
     for folder, _, files in fs.walk(root, detail=True):
@@ -100,17 +105,37 @@ def copy_file(source: str, destination: str, cfg: DictConfig) -> None:
         shutil.copyfileobj(src, dst)
 
 
+@contextmanager
+def atomic_output(destination: str | Path, cfg: DictConfig | None = None) -> Iterator[Path]:
+    """The one way the project writes a file whole: yields a local path beside the destination (same
+    name ending, so writers that check it accept it), written by the caller; then a rename into place
+    locally, one PUT on S3 (an object appears whole). A failed write leaves no partial file and the
+    previous file as it was. S3 destinations need cfg (the guarded filesystem)."""
+    destination = str(destination)
+    if is_s3(destination):
+        with tempfile.TemporaryDirectory() as folder:
+            partial = Path(folder) / destination.rsplit("/", 1)[-1]
+            yield partial
+            fs, path = filesystem(destination, cfg)
+            fs.put_file(str(partial), path)
+        return
+    path = Path(local_path(destination))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".partial-{secrets.token_hex(4)}.{path.name}")  # hidden: Spark and DVC skip it
+    try:
+        yield partial
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def write_json(path: str | Path, data: dict) -> Path:
-    """A small local JSON output (metrics, provenance, manifest), its folder created if needed; written
-    aside then renamed, so that a killed run never leaves half a file."""
+    """A small JSON output (metrics, provenance, manifest), written whole (atomic_output)."""
     return write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    """A small local text output, replaced atomically (a reader sees the old or the new file, whole)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(text, encoding="utf-8")
-    partial.replace(path)
-    return path
+    """A small text output, replaced atomically (a reader sees the old or the new file, whole)."""
+    with atomic_output(path) as partial:
+        partial.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import json
 import time
-import uuid
 
 from omegaconf import DictConfig
 
+from fruits.core.ids import stamped_id
 from fruits.core.storage import filesystem, is_s3
 
 COMMIT_FILE = "_commit.json"
@@ -95,7 +95,7 @@ def value_counts(uri: str, column: str, cfg: DictConfig) -> dict:
 
 def new_version() -> str:
     """A version name that sorts by time and never repeats (two runs in the same second differ)."""
-    return f"v-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    return f"v-{stamped_id()}"
 
 
 def write_version(frame, uri: str, version: str) -> None:
@@ -117,14 +117,31 @@ def write_empty_version(schema, uri: str, version: str, cfg: DictConfig) -> None
     """Write a version without rows, from the driver: what Spark writes for an empty frame (one
     Parquet file that holds the schema), without a Spark job (in featurize, the empty rejects job of
     a run with no rejects cost 0.2-0.3 s of a 10 s run). schema: the frame's Spark schema."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
-    from pyspark.sql.pandas.types import to_arrow_schema
 
     fs, path = filesystem(uri, cfg)
     folder = f"{path.rstrip('/')}/{version}"
     fs.makedirs(folder, exist_ok=True)
+    fields = [pa.field(field.name, arrow_type(field.dataType), field.nullable) for field in schema.fields]
     with fs.open(f"{folder}/{EMPTY_FILE}", "wb") as file:
-        pq.write_table(to_arrow_schema(schema).empty_table(), file)
+        pq.write_table(pa.schema(fields).empty_table(), file)
+
+
+def arrow_type(kind):
+    """The Arrow type Spark reads back as this Spark SQL type (timestamps: microseconds, UTC, as Spark's
+    own Arrow conversion gives them). Only the types the project's tables hold."""
+    import pyarrow as pa
+    from pyspark.sql import types as T
+
+    simple = {T.StringType: pa.string(), T.LongType: pa.int64(), T.IntegerType: pa.int32(),
+              T.DoubleType: pa.float64(), T.FloatType: pa.float32(), T.BooleanType: pa.bool_(),
+              T.BinaryType: pa.binary(), T.TimestampType: pa.timestamp("us", tz="UTC")}
+    if type(kind) in simple:
+        return simple[type(kind)]
+    if isinstance(kind, T.ArrayType):
+        return pa.list_(pa.field("element", arrow_type(kind.elementType), kind.containsNull))
+    raise TypeError(f"no Arrow type for the Spark type {kind.simpleString()} in an empty table version")
 
 
 def two_level_lists(schema) -> dict[str, str]:

@@ -29,7 +29,7 @@ from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
 from fruits.core.images import RejectedImage, parse_image_path, pixels, to_model_input
 from fruits.core.increments import ROW_IDENTITY
-from fruits.core.spark import PidCounts, Progress, get_session, lighten_worker_imports, session_settings
+from fruits.core.spark import PidCounts, Progress, get_session, session_settings
 from fruits.core.storage import filesystem, iter_files, write_json
 
 log = logging.getLogger(__name__)
@@ -84,8 +84,15 @@ def result_schema():
     """What the model's Arrow function returns per image: the input's columns but the content, and the
     split, label, features and reject reason. Its vectors never hold a null element: declared so, they
     are written as a two-level Parquet list (fruits.core.tables.two_level_lists)."""
-    from pyspark.sql.types import (ArrayType, FloatType, LongType, StringType, StructField, StructType,
-                                   TimestampType)
+    from pyspark.sql.types import (
+        ArrayType,
+        FloatType,
+        LongType,
+        StringType,
+        StructField,
+        StructType,
+        TimestampType,
+    )
 
     return StructType([StructField("path", StringType()), StructField("checksum", StringType()),
                        StructField("size", LongType()), StructField("modified", TimestampType()),
@@ -128,7 +135,6 @@ def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumula
         return extract
 
     def featurize_images(batches):
-        lighten_worker_imports()
         extract = None  # looked up at the first batch: an empty partition (nothing to compute) builds nothing
         for images in batches:
             extract = extract or model()

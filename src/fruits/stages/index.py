@@ -21,7 +21,6 @@ import logging
 import math
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -31,8 +30,8 @@ from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.neighbours import ExactIndex, NeighbourIndex, vote
 from fruits.core.projection import checked_projection_sha256
-from fruits.core.spark import get_session, lighten_worker_imports
-from fruits.core.storage import write_json
+from fruits.core.spark import get_session
+from fruits.core.storage import atomic_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +93,6 @@ def transform(test, broadcast_index, neighbours: int, curve: list[int]):
 
     @pandas_udf(f"struct<{schema}>")
     def right_answers(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
-        lighten_worker_imports()
         index = broadcast_index.value
         searches = {j: ExactIndex(index.vectors[:, :j]) for j in curve}  # once per task, not per batch
         for labels, pcas in batches:
@@ -127,9 +125,7 @@ def accuracy_table(right, curve: list[int]) -> tuple[int, dict[int, float]]:
 def load(index: NeighbourIndex, metrics: dict, curve: dict[int, float], cfg: DictConfig) -> None:
     index.save(cfg.env.paths.knn_index)
     write_json(cfg.env.paths.index_metrics, metrics)
-    path = Path(cfg.env.paths.knn_curve)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as stream:
+    with atomic_output(cfg.env.paths.knn_curve) as partial, open(partial, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["components", "knn_accuracy"])
         writer.writerows([j, "" if share is None else f"{share:.6g}"] for j, share in curve.items())

@@ -19,8 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
-import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,10 +29,12 @@ from tqdm import tqdm
 from fruits.core.aws import client, require_bucket
 from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
+from fruits.core.ids import stamped_id
 from fruits.core.images import RejectedImage, parse_image_path
 from fruits.core.storage import (
     ROW_GROUP_IMAGES,
     ListedFile,
+    atomic_output,
     file_digest,
     filesystem,
     list_files,
@@ -190,12 +190,8 @@ def write_parquet(table, destination: str, cfg: DictConfig, replace: bool = True
     fs, path = filesystem(destination, cfg)
     if not replace and fs.exists(path):
         raise FileExistsError(f"{destination} exists already: a shard is never rewritten")
-    folder, name = path.rsplit("/", 1)
-    partial = f"{folder}/_partial-{name}"
-    fs.makedirs(folder, exist_ok=True)
-    with fs.open(partial, "wb") as stream:
-        pq.write_table(table, stream, row_group_size=ROW_GROUP_IMAGES)
-    fs.mv(partial, path)
+    with atomic_output(destination, cfg) as partial:
+        pq.write_table(table, partial, row_group_size=ROW_GROUP_IMAGES)
 
 
 def pack(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> dict:
@@ -206,7 +202,7 @@ def pack(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> dict
 
     index, current = read_index(cfg), {}
     # Unique per run: a shard, once written, is never replaced (two runs may start in the same second).
-    run = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    run = stamped_id()
     pending: list[dict] = []
     pending_bytes, shards_written = 0, []
 

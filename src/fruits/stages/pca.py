@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.projection import Projection, save_projection
-from fruits.core.spark import get_session, lighten_worker_imports
+from fruits.core.spark import get_session
 from fruits.core.storage import file_digest, write_json, write_text
 
 log = logging.getLogger(__name__)
@@ -86,7 +86,6 @@ def transform(features, broadcast_projection):
     def project(batch):
         import pandas as pd
 
-        lighten_worker_imports()
         vectors = broadcast_projection.value.project(np.stack(batch.to_numpy())) if len(batch) else []
         return pd.Series(list(vectors), index=batch.index, dtype=object)
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.costs import alternatives, describe_fit, emr_estimate, predict_emr, predict_serverless, s3_reads
-from fruits.core.pipeline import params_of
+from fruits.core.registry import params_of
 from fruits.core.spark import get_session
 
 log = logging.getLogger(__name__)

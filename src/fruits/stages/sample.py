@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from fruits.core.config import stage_config
 from fruits.core.images import SPLITS
-from fruits.core.storage import write_json
+from fruits.core.storage import atomic_output, write_json
 
 log = logging.getLogger(__name__)
 
@@ -164,10 +164,9 @@ def download(url: str, destination: Path) -> Path:
     archive = destination / "fruits-360.zip"
     if not archive.exists():
         log.info("downloading %s", url)
-        partial = archive.with_suffix(".part")
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with atomic_output(archive) as partial, urllib.request.urlopen(url, timeout=60) as response, \
+                open(partial, "wb") as out:
             shutil.copyfileobj(response, out, 1 << 20)
-        os.replace(partial, archive)
     return archive
 
 

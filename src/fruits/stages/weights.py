@@ -32,7 +32,7 @@ from fruits.core.backbone import (
 )
 from fruits.core.config import offline_weights_allowed, stage_config
 from fruits.core.images import RejectedImage, prepare
-from fruits.core.storage import copy_file, write_json
+from fruits.core.storage import atomic_output, copy_file, write_json
 
 log = logging.getLogger(__name__)
 
@@ -218,9 +218,10 @@ def transform(provenance: dict, staged: Path, cfg: DictConfig) -> tuple[Path, di
 
 
 def load(staged: Path, onnx: Path, provenance: dict, cfg: DictConfig) -> None:
-    """Swap the checked weights file and its ONNX graph into place, then write their provenance."""
-    os.replace(onnx, cfg.env.paths.onnx)
-    os.replace(staged, cfg.env.paths.weights)
+    """Swap the checked weights file and its ONNX graph into place (each whole), then write their provenance."""
+    for checked, destination in ((onnx, cfg.env.paths.onnx), (staged, cfg.env.paths.weights)):
+        with atomic_output(destination) as partial:
+            os.replace(checked, partial)  # the staging folder is beside it: a rename, no copy
     write_json(cfg.env.paths.provenance, provenance)
 
 

@@ -1,26 +1,20 @@
 """The stage registry: for each stage, the config keys it reads (params) and the config keys naming the
 files it reads and writes. Values come from the config; names of files live only there.
 
-From it come both DVC pipelines (`make params` writes dvc.yaml and emr/dvc.yaml; a test fails if
-either drifts), the small files the EMR runner ships to and from a step, and the parameters the
-report shows. A stage's code deps are its import closure inside the package, read from the source.
+From it come both DVC pipelines (fruits.tooling.dvc_pipelines writes dvc.yaml and emr/dvc.yaml; a
+test fails if either drifts), the small files the EMR runner ships to and from a step, and the
+parameters the report shows. It names no module above core: a stage's module is `fruits.stages.<name>`.
 """
 
 from __future__ import annotations
 
-import ast
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
 from omegaconf import DictConfig, OmegaConf
 
+from fruits.core.config import leaves
 from fruits.core.storage import is_s3
 
-PACKAGE_ROOT = Path(__file__).resolve().parents[1]  # src/fruits
-SOURCE_ROOT = PACKAGE_ROOT.parent  # src
-RUNNER_MODULE = "fruits.cloud.steps"
 # Values of data.source that are not a folder: nothing on disk for DVC to watch.
 SOURCE_KEYWORDS = ("generate", "download")
 # Outputs that exist only with one setting: {key: (setting, value)}.
@@ -167,8 +161,6 @@ def small_files(cfg: DictConfig, keys) -> list[str]:
 
 def params_of(cfg: DictConfig, stages=None) -> dict[str, object]:
     """{param: value} of the params the stages list (all stages by default), flattened."""
-    from fruits.core.config import leaves
-
     flat: dict[str, object] = {}
     for key in merged_params(stages or STAGES.values()):
         node = value(cfg, key)
@@ -178,55 +170,6 @@ def params_of(cfg: DictConfig, stages=None) -> dict[str, object]:
     return flat
 
 
-# --- code deps: the import closure of a module inside the package ----------------------------------
-
-
-def module_file(module: str) -> Path:
-    path = SOURCE_ROOT / Path(*module.split("."))
-    return path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
-
-
-def imported_modules(module: str) -> set[str]:
-    """The package modules a module imports anywhere in its source (function-level imports included)."""
-    found = set()
-    for node in ast.walk(ast.parse(module_file(module).read_text())):
-        if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            # `from fruits.core import backbone` imports a module; `from fruits.core.x import y`, a name.
-            names = [f"{node.module}.{alias.name}" for alias in node.names] + [node.module]
-        else:
-            continue
-        found.update(name for name in names if name.startswith("fruits.") and module_file(name).exists())
-    return found
-
-
-def import_closure(module: str) -> set[str]:
-    seen, todo = set(), [module]
-    while todo:
-        current = todo.pop()
-        if current not in seen:
-            seen.add(current)
-            todo.extend(imported_modules(current) - seen)
-    return seen
-
-
-def code_deps(modules) -> list[str]:
-    """Source files (relative to the project) of the modules and everything they import in the package."""
-    closure = set().union(*(import_closure(module) for module in modules))
-    files = {module_file(module).relative_to(SOURCE_ROOT.parent).as_posix() for module in closure}
-    return sorted(f for f in files if not (f.endswith("__init__.py") and not module_file_has_code(f)))
-
-
-def module_file_has_code(relative: str) -> bool:
-    """False for a package __init__ that holds only its docstring."""
-    body = ast.parse((SOURCE_ROOT.parent / relative).read_text()).body
-    return any(not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)) for node in body)
-
-
-# --- the two DVC pipelines --------------------------------------------------------------------------
-
-
 def enabled(cfg: DictConfig, key: str) -> bool:
     setting, wanted = ONLY_WITH.get(key, (None, None))
     return setting is None or value(cfg, setting) == wanted
@@ -234,81 +177,3 @@ def enabled(cfg: DictConfig, key: str) -> bool:
 
 def producers(stages) -> dict[str, Stage]:
     return {key: stage for stage in stages for key in stage.written()}
-
-
-def dvc_stage(stage: Stage, cfg: DictConfig, emr: bool, made_by: dict[str, Stage]) -> dict:
-    """One stage of dvc.yaml (emr=False) or emr/dvc.yaml (emr=True)."""
-    if emr and stage.on_cluster:
-        cmd = f"python -m {RUNNER_MODULE} {stage.name} --params {EMR_PARAMS}"
-        modules = [stage.module, RUNNER_MODULE]
-        extra = ["bootstrap/run_stage.py"]
-    else:
-        cmd = f"python -m {stage.module}" + (f" --params {EMR_PARAMS}" if emr else "")
-        modules, extra = [stage.module], []
-    data_deps = []
-    for key in stage.inputs:
-        if str(value(cfg, key)) in SOURCE_KEYWORDS:
-            continue
-        if not is_s3(str(value(cfg, key))):
-            data_deps.append(f"${{{key}}}")
-        else:  # in S3 (not versioned by DVC): depend on the metrics of the stage that wrote it
-            data_deps.extend(f"${{{m}}}" for m in made_by[key].metrics if f"${{{m}}}" not in data_deps)
-    entry: dict = {}
-    if emr:
-        entry["wdir"] = ".."
-    entry["cmd"] = cmd
-    if emr and stage.watches_s3:
-        entry["always_changed"] = True
-    entry["deps"] = code_deps(modules) + extra + data_deps
-    entry["params"] = [{EMR_PARAMS: list(stage.params)}] if emr else list(stage.params)
-    outs = [{f"${{{key}}}": {"persist": True}} if key in stage.incremental else f"${{{key}}}"
-            for key in stage.outputs if not is_s3(str(value(cfg, key))) and enabled(cfg, key)]
-    outs += [{f"${{{key}}}": {"cache": False}} for key in stage.small_outputs]
-    if outs:
-        entry["outs"] = outs
-    if stage.metrics:
-        entry["metrics"] = [{f"${{{key}}}": {"cache": False}} for key in stage.metrics]
-    if stage.plots:
-        entry["plots"] = [{f"${{{key}}}": {"cache": False}} for key in stage.plots]
-    return entry
-
-
-def dvc_pipeline(cfg: DictConfig, emr: bool) -> dict:
-    stages = [s for s in STAGES.values() if s.in_emr_pipeline or not emr]
-    made_by = producers(stages)
-    pipeline = {"stages": {s.name: dvc_stage(s, cfg, emr, made_by) for s in stages}}
-    specs = {f"${{{key}}}": spec for s in stages for key, spec in s.plot_specs.items()}
-    if specs:
-        pipeline["plots"] = [{path: spec} for path, spec in specs.items()]
-    return pipeline
-
-
-HEADER = """\
-# GENERATED by `make params` from the stage registry (src/fruits/core/pipeline.py): do not edit.
-# {what}
-# Every path is a config key ({params}); every stage lists the params it reads and the package
-# modules it imports, so `dvc exp run -S pca.k=50` re-runs pca and report only. A test fails if this
-# file differs from what the registry generates.
-"""
-
-
-def render(cfg: DictConfig, emr: bool) -> str:
-    what = ("The same stages on AWS EMR: `make cluster && make emr-repro`. Spark stages run as EMR steps;\n"
-            "# images, features and PCA vectors stay in S3; DVC tracks the small outputs each step brings back."
-            if emr else "The local pipeline: `dvc repro` (or `make demo`).")
-    text = yaml.safe_dump(dvc_pipeline(cfg, emr), sort_keys=False, width=120, allow_unicode=True)
-    return HEADER.format(what=what, params=EMR_PARAMS if emr else "params.yaml") + text
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Write dvc.yaml and emr/dvc.yaml from the registry (`make params`)."""
-    from fruits.core.config import PROJECT_ROOT, compose
-
-    args = sys.argv[1:] if argv is None else argv
-    root = Path(args[0]) if args else PROJECT_ROOT
-    (root / "dvc.yaml").write_text(render(compose(), emr=False))
-    (root / EMR_PIPELINE).write_text(render(compose(["env=emr", "storage=s3"]), emr=True))
-
-
-if __name__ == "__main__":
-    main()

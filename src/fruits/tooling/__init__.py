@@ -1,0 +1,1 @@
+"""Build tooling above every layer (never imported by the package): the DVC pipelines' writer."""
