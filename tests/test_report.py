@@ -5,7 +5,7 @@ import re
 
 import pytest
 
-from fruits.core import costs
+from fruits.core import costs, critique
 from fruits.stages import featurize, index, ingest, pca, report
 from fruits.core.config import compose
 
@@ -50,23 +50,23 @@ def test_report_from_a_real_run(spark, tiny_cfg):
 
 def test_the_report_says_when_the_accuracy_is_measured_on_a_sample():
     every = {"test_rows": 30, "test_rows_answered": 30, "knn_accuracy_standard_error": 0.05}
-    assert report.answered_test_images(every) == "30 Test images"
+    assert critique.answered_test_images(every) == "30 Test images"
     sampled = {"test_rows": 90_000, "test_rows_answered": 19_950, "knn_accuracy_standard_error": 0.0021}
-    assert report.answered_test_images(sampled) == ("19950 Test images of 90000 (a fixed sample by path hash, "
+    assert critique.answered_test_images(sampled) == ("19950 Test images of 90000 (a fixed sample by path hash, "
                                                     "identify.accuracy_queries; standard error 0.2%)")
 
 
 
 def test_the_report_gives_the_accuracy_with_its_interval_when_the_metrics_have_one():
-    assert report.right_share({"knn_accuracy": 1.0, "knn_accuracy_interval_95": [0.8865, 1.0]}) == \
+    assert critique.right_share({"knn_accuracy": 1.0, "knn_accuracy_interval_95": [0.8865, 1.0]}) == \
         "100.0% (95 % interval 88.6% to 100.0%)"
-    assert report.right_share({"knn_accuracy": 0.5}) == "50.0%"  # metrics written before the interval
-    assert report.right_share({"knn_accuracy": None}) == "- (no Test image)"
+    assert critique.right_share({"knn_accuracy": 0.5}) == "50.0%"  # metrics written before the interval
+    assert critique.right_share({"knn_accuracy": None}) == "- (no Test image)"
 
 
 def test_the_model_builds_read_as_a_count_or_as_not_built():
-    assert report.model_builds({"101": 1, "102": 1}) == "built 2 time(s) over 2 worker(s)"
-    assert report.model_builds({}) == "not built (no image to compute)"
+    assert critique.model_builds({"101": 1, "102": 1}) == "built 2 time(s) over 2 worker(s)"
+    assert critique.model_builds({}) == "not built (no image to compute)"
 
 
 def test_critique_follows_the_numbers():
@@ -76,7 +76,7 @@ def test_critique_follows_the_numbers():
                    "run": {"computed": 90_000, "reused": 0}}
     pca_m = {"k": 50, "k_rule": "pca.k", "explained_variance_at_k": 0.58, "components_for_90pct": 210,
              "components_for_95pct": 330, "dimension": 1280, "rows_fitted": 67_000, "seconds": 60.0}
-    lines = report.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2)
+    lines = critique.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2)
     text = " ".join(lines)
     assert "keeps 58.0% of the variance and drops 42.0%" in text and "90% would need 210" in text
     assert "featurize took 600.0 s (91%)" in text
@@ -87,7 +87,7 @@ def test_critique_follows_the_numbers():
 
     # An incremental run where every image was reused measured no throughput: no cost is extrapolated.
     featurize_m.update(images_per_second=None, run={"computed": 0, "reused": 90_000})
-    text = " ".join(report.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2))
+    text = " ".join(critique.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2))
     assert "0 image(s) through the model out of 90000 (90000 reused" in text
     assert "no throughput to extrapolate" in text and "At 10x" not in text and "10 file(s) were rejected" in text
 
@@ -147,9 +147,9 @@ def test_critique_predicts_from_the_scale_fits_when_there_are_some():
                    "run": {"computed": 320, "reused": 0}}
     pca_m = {"k": 20, "k_rule": "pca.k", "explained_variance_at_k": 0.9, "components_for_90pct": 20,
              "components_for_95pct": 30, "dimension": 1280, "rows_fitted": 240, "seconds": 8.0}
-    text = " ".join(report.critique(featurize_m, pca_m, {"pretrained": True}, cfg.cluster, 2, scale, cfg.report))
+    text = " ".join(critique.critique(featurize_m, pca_m, {"pretrained": True}, cfg.cluster, 2, scale, cfg.report))
     assert "featurize 15 s fixed + 8 ms per image, pca 20 s fixed + 0.2 ms per image" in text and "At 10x" not in text
-    rows = report.scale_predictions(scale, cfg.cluster, cfg.report)
+    rows = critique.scale_predictions(scale, cfg.cluster, cfg.report)
     assert len(rows) == 2 * 3 * 2  # 2 image counts x 3 cluster sizes x (EMR, Serverless)
     big = [r for r in rows if r["images"] == 10_000_000 and r["option"].startswith("EMR on EC2")]
     fastest = min(big, key=lambda r: r["hours"])
