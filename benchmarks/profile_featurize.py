@@ -102,7 +102,7 @@ def main() -> None:
     if stage.wait() != 0:
         raise SystemExit("featurize failed under the profiler")
     spy.wait(timeout=120)  # py-spy stops when the daemon exits with the Spark session
-    metrics = json.loads(Path(cfg.env.paths.featurize_metrics).read_text())
+    metrics = json.loads(Path(cfg.env.paths.featurize_diagnostics).read_text())
     activities, leaves, workers = parse(raw)
     result = {"engine": cfg.model.engine, "images": metrics["images"], "seconds": metrics["seconds"],
               "worker_samples": workers,

@@ -108,7 +108,7 @@ def synthetic_pca(rows: int, dimension: int, overrides: list[str]) -> dict:
 
 def search_sizes(count: int, overrides: list[str]) -> dict:
     """The index stage's search, from its metrics: Test rows, those answered, Training rows."""
-    metrics = json.loads(Path(config(count, overrides).env.paths.index_metrics).read_text())
+    metrics = json.loads(Path(config(count, overrides).env.paths.index_diagnostics).read_text())
     return {"test_rows": metrics["test_rows"], "test_rows_answered": metrics.get("test_rows_answered", metrics["test_rows"]),
             "training_vectors": metrics["training_vectors"]}
 

@@ -89,7 +89,7 @@ def test_a_worker_that_crashes_midway_is_retried_without_duplicate_or_missing_ro
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "Lost task 1.0" in done.stderr and "Python worker exited unexpectedly" in done.stderr, done.stderr[-3000:]
-    metrics = json.loads(Path(tiny_cfg.env.paths.featurize_metrics).read_text())
+    metrics = json.loads(Path(tiny_cfg.env.paths.featurize_diagnostics).read_text())
     assert metrics["images"] == metrics["featurized"] == 32 and metrics["partitions"] == 8
 
     rows = tables.read(spark, tiny_cfg.env.paths.features, tiny_cfg).select("path", "features").collect()

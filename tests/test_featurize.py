@@ -154,6 +154,11 @@ def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny
         assert (rows[path]["split"], rows[path]["label"]) == (local_path(path).parts[-3], local_path(path).parts[-2])
     written = json.loads((Path(tiny_cfg.env.paths.metrics) / "featurize.json").read_text())
     assert written["featurized"] == 32 and written["weights_pretrained"] is False
+    # The DVC metrics file holds what compares experiments; timings and per-worker counts are diagnostics.
+    assert set(written) == set(featurize.COMPARED) and "seconds" not in written
+    diagnostics = json.loads(Path(tiny_cfg.env.paths.featurize_diagnostics).read_text())
+    assert {"seconds", "partitions", "model_builds_per_worker"} <= set(diagnostics)
+    assert {key: diagnostics[key] for key in written} == written
 
 
 def test_the_onnxruntime_engine_gives_the_tensorflow_features_built_once_per_worker(spark, tiny_cfg, tiny_weights):

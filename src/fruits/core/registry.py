@@ -60,10 +60,11 @@ SAMPLE = Stage(
 INGEST = Stage(
     "ingest",
     params=("data.root", "data.extensions", "data.layout", "data.shard_mb", "storage", "env.paths.images",
-            "env.paths.shards", "env.paths.shard_index", "env.paths.ingest_metrics"),
+            "env.paths.shards", "env.paths.shard_index", "env.paths.ingest_metrics", "env.paths.ingest_diagnostics"),
     inputs=("data.root",),
     outputs=("env.paths.shards",),
     incremental=("env.paths.shards",),
+    small_outputs=("env.paths.ingest_diagnostics",),
     metrics=("env.paths.ingest_metrics",),
     watches_s3=True,  # images put straight into the raw prefix must reach featurize too
 )
@@ -80,19 +81,21 @@ FEATURIZE = Stage(
     params=("model.input_size", "model.alpha", "model.engine", "featurize", "data.extensions", "data.layout",
             "env.spark", "env.paths.images", "env.paths.shards", "env.paths.shard_index", "env.paths.onnx",
             "env.paths.weights", "env.paths.provenance", "env.paths.features", "env.paths.rejects",
-            "env.paths.featurize_metrics"),
+            "env.paths.featurize_metrics", "env.paths.featurize_diagnostics"),
     inputs=("env.paths.ingest_metrics", "env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
     outputs=("env.paths.features", "env.paths.rejects"),
     incremental=("env.paths.features", "env.paths.rejects"),
+    small_outputs=("env.paths.featurize_diagnostics",),
     metrics=("env.paths.featurize_metrics",),
     on_cluster=True,
 )
 PCA = Stage(
     "pca",
     params=("pca", "env.spark", "env.paths.features", "env.paths.pca_vectors", "env.paths.pca_projection",
-            "env.paths.pca_metrics", "env.paths.pca_variance"),
+            "env.paths.pca_metrics", "env.paths.pca_diagnostics", "env.paths.pca_variance"),
     inputs=("env.paths.features",),
     outputs=("env.paths.pca_vectors", "env.paths.pca_projection"),
+    small_outputs=("env.paths.pca_diagnostics",),
     metrics=("env.paths.pca_metrics",),
     plots=("env.paths.pca_variance",),
     on_cluster=True,
@@ -104,9 +107,10 @@ INDEX = Stage(
     "index",
     params=("identify.neighbours", "identify.curve_components", "identify.accuracy_queries", "env.spark",
             "env.paths.pca_vectors", "env.paths.pca_projection", "env.paths.knn_index", "env.paths.index_metrics",
-            "env.paths.knn_curve"),
+            "env.paths.index_diagnostics", "env.paths.knn_curve"),
     inputs=("env.paths.pca_vectors", "env.paths.pca_projection"),  # the projection: checked to be the vectors' own
     outputs=("env.paths.knn_index",),
+    small_outputs=("env.paths.index_diagnostics",),
     metrics=("env.paths.index_metrics",),
     plots=("env.paths.knn_curve",),
     on_cluster=True,
@@ -114,8 +118,8 @@ INDEX = Stage(
         "x": "components", "y": "knn_accuracy", "title": "The app's accuracy on Test images against PCA components"}},
 )
 REPORT_INPUTS = ("env.paths.features", "env.paths.rejects", "env.paths.pca_vectors", "env.paths.provenance",
-                 "env.paths.ingest_metrics", "env.paths.featurize_metrics", "env.paths.pca_metrics",
-                 "env.paths.pca_variance", "env.paths.index_metrics", "env.paths.knn_curve", "report.scale_fits")
+                 "env.paths.ingest_diagnostics", "env.paths.featurize_diagnostics", "env.paths.pca_diagnostics",
+                 "env.paths.pca_variance", "env.paths.index_diagnostics", "env.paths.knn_curve", "report.scale_fits")
 REPORT_OUTPUTS = ("env.paths.report_html", "env.paths.report_md", "env.paths.variance_plot",
                   "env.paths.scatter_plot")
 

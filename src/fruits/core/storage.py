@@ -129,6 +129,14 @@ def atomic_output(destination: str | Path, cfg: DictConfig | None = None) -> Ite
         partial.unlink(missing_ok=True)
 
 
+def write_record(metrics: str | Path, diagnostics: str | Path, record: dict, compared) -> None:
+    """A stage's record, in two files: the keys that compare experiments (compared) to its DVC metrics
+    file, so that `dvc exp show` stays readable; the whole record (timings, per-worker and per-label
+    counts) to its diagnostics file, which the report reads and DVC keeps without comparing."""
+    write_json(diagnostics, record)
+    write_json(metrics, {key: record[key] for key in compared if key in record})
+
+
 def write_json(path: str | Path, data: dict) -> Path:
     """A small JSON output (metrics, provenance, manifest), written whole (atomic_output)."""
     return write_text(path, json.dumps(data, indent=2) + "\n")

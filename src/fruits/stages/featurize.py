@@ -30,13 +30,17 @@ from fruits.core.errors import ConfigError
 from fruits.core.images import RejectedImage, parse_image_path, pixels, to_model_input
 from fruits.core.increments import ROW_IDENTITY
 from fruits.core.spark import PidCounts, Progress, get_session, session_settings
-from fruits.core.storage import filesystem, iter_files, write_json
+from fruits.core.storage import filesystem, iter_files, write_record
 
 log = logging.getLogger(__name__)
 
 FEATURE_COLUMNS = ["path", "label", "split", "features", *ROW_IDENTITY]
 REJECT_COLUMNS = ["path", "reject_reason", *ROW_IDENTITY]
 INPUT_COLUMNS = ["path", "content", "checksum", "size", "modified"]
+# What compares experiments (the DVC metrics file); the rest of the record goes to the diagnostics file.
+# version: the committed tables', which the next stage's DVC dependency (this file, on EMR) must see change.
+COMPARED = ("images", "featurized", "rejected", "run", "images_per_second", "engine", "input_size",
+            "weights_pretrained", "version")
 FEATURE_FILE_ROWS = 25_000  # ~128 MB of 1280-d float vectors: one Parquet row group per file
 
 
@@ -234,6 +238,7 @@ class Outcome(NamedTuple):
     computed: int
     rejected_now: int
     partitions: int
+    version: str  # of both tables, as committed
 
 
 def compute_and_commit(spark, cfg: DictConfig, work: increments.RunPlan, computed, previous, listed_rows,
@@ -257,9 +262,9 @@ def compute_and_commit(spark, cfg: DictConfig, work: increments.RunPlan, compute
         "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
     # No rejects now and none to keep: the rejects table is written without a Spark job.
     no_rejects = rejected_now == 0 and (previous is None or tables.row_count(cfg.env.paths.rejects, cfg) == 0)
-    load(features, rejects.unionByName(unreadable_rows), cfg, computed_count + reused_count, no_rejects)
+    version = load(features, rejects.unionByName(unreadable_rows), cfg, computed_count + reused_count, no_rejects)
     listed = computed_count if sizes.images is None else sizes.images  # a first run: what went through the model
-    return Outcome(listed, reused_count, computed_count, rejected_now, partitions)
+    return Outcome(listed, reused_count, computed_count, rejected_now, partitions, version)
 
 
 def clean_tables(cfg: DictConfig) -> None:
@@ -309,7 +314,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
     metrics = stage_metrics(cfg, outcome, work, len(walked.unreadable), featurized, reasons, seconds, identity,
                             provenance, builds.value, first_run=previous is None)
-    write_json(cfg.env.paths.featurize_metrics, metrics)
+    write_record(cfg.env.paths.featurize_metrics, cfg.env.paths.featurize_diagnostics, metrics, COMPARED)
     log.info("featurize: %d images (%d new, %d changed, %d deleted, %d reused), %d featurized, %d rejected, "
              "%.1f img/s computed", metrics["images"], metrics["run"]["new"], work.changed, work.deleted,
              outcome.reused, featurized, metrics["rejected"], metrics["images_per_second"] or 0)
@@ -336,6 +341,7 @@ def stage_metrics(cfg: DictConfig, outcome: Outcome, work: increments.RunPlan, u
         "partitions": outcome.partitions,
         "model_builds_per_worker": {str(pid): count for pid, count in builds.items()},
         "model": identity,
+        "version": outcome.version,
         "layout": cfg.data.layout,
         "engine": cfg.model.engine,
         "input_size": cfg.model.input_size,

@@ -31,9 +31,13 @@ from fruits.core.config import stage_config
 from fruits.core.neighbours import ExactIndex, NeighbourIndex, vote
 from fruits.core.projection import checked_projection_sha256
 from fruits.core.spark import get_session
-from fruits.core.storage import atomic_output, write_json
+from fruits.core.storage import atomic_output, write_record
 
 log = logging.getLogger(__name__)
+
+# What compares experiments (the DVC metrics file); the curve is a DVC plot, timings are diagnostics.
+COMPARED = ("training_vectors", "components", "test_rows", "test_rows_answered", "knn_accuracy",
+            "knn_accuracy_standard_error", "knn_accuracy_interval_95")
 
 HASH_DIGITS = 8  # a Test row's place in the accuracy sample: the first 8 hex digits of sha256(path)
 HASH_RANGE = 16**HASH_DIGITS
@@ -124,7 +128,7 @@ def accuracy_table(right, curve: list[int]) -> tuple[int, dict[int, float]]:
 
 def load(index: NeighbourIndex, metrics: dict, curve: dict[int, float], cfg: DictConfig) -> None:
     index.save(cfg.env.paths.knn_index)
-    write_json(cfg.env.paths.index_metrics, metrics)
+    write_record(cfg.env.paths.index_metrics, cfg.env.paths.index_diagnostics, metrics, COMPARED)
     with atomic_output(cfg.env.paths.knn_curve) as partial, open(partial, "w", newline="") as stream:
         writer = csv.writer(stream)
         writer.writerow(["components", "knn_accuracy"])

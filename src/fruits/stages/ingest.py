@@ -41,10 +41,15 @@ from fruits.core.storage import (
     local_path,
     object_encryption,
     shard_name,
-    write_json,
+    write_record,
 )
 
 log = logging.getLogger(__name__)
+
+# What compares experiments (the DVC metrics file): the per-label counts go to the diagnostics file. The
+# listing checksums are what featurize's DVC dependency on this file sees change when images do.
+COMPARED = ("origin", "images", "bytes", "labels", "listing_sha256", "destination", "remote_images",
+            "remote_listing_sha256")
 
 UPLOAD_THREADS = 8  # small objects: latency-bound, so a few requests in flight
 MD5_METADATA = "fruits-md5"  # object metadata: the MD5 of the content ingest uploaded
@@ -275,7 +280,7 @@ def load(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str], result:
         result.update(destination=transfer["destination"], remote_images=transfer["remote_images"],
                       remote_listing_sha256=transfer["remote_listing_sha256"])
         log.info("ingest: %d uploaded, %d already there", transfer["uploaded"], transfer["skipped"])
-    write_json(cfg.env.paths.ingest_metrics, result)
+    write_record(cfg.env.paths.ingest_metrics, cfg.env.paths.ingest_diagnostics, result, COMPARED)
     return result
 
 

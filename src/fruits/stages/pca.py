@@ -21,9 +21,14 @@ from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.projection import Projection, save_projection
 from fruits.core.spark import get_session
-from fruits.core.storage import file_digest, write_json, write_text
+from fruits.core.storage import file_digest, write_record, write_text
 
 log = logging.getLogger(__name__)
+
+# What compares experiments (the DVC metrics file); timings go to the diagnostics file. version: the
+# committed vectors', which the index stage's DVC dependency (this file, on EMR) must see change.
+COMPARED = ("k", "k_rule", "explained_variance_at_k", "components_for_90pct", "components_for_95pct", "rows_fitted",
+            "version")
 
 VECTOR = "features_vector"
 SCALED = "features_scaled"
@@ -98,7 +103,7 @@ def variance_curve(explained: np.ndarray, rank: int) -> list[tuple[int, float, f
     return [(i + 1, float(explained[i]), float(cumulative[i])) for i in range(min(rank, len(explained)))]
 
 
-def load(vectors, projection: Projection, curve, cfg: DictConfig) -> None:
+def load(vectors, projection: Projection, curve, cfg: DictConfig) -> str:
     """The PCA vectors (Parquet), the projection artifact, the variance curve (a DVC plot).
 
     The vectors are written as a new version, the projection and the curve replaced atomically, then
@@ -113,7 +118,7 @@ def load(vectors, projection: Projection, curve, cfg: DictConfig) -> None:
     writer.writerows([component, f"{share:.8g}", f"{cumulative:.8g}"] for component, share, cumulative in curve)
     write_text(cfg.env.paths.pca_variance, text.getvalue())
     tables.commit(cfg.env.paths.pca_vectors, version, cfg, {"projection_sha256": file_digest(saved)})
-
+    return version
 
 
 def run(cfg: DictConfig, spark=None) -> dict:
@@ -134,7 +139,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     broadcast_projection = spark.sparkContext.broadcast(projection)
     try:
         curve = variance_curve(explained, min(rows_fitted - 1, len(explained)))
-        load(transform(features, broadcast_projection), projection, curve, cfg)
+        version = load(transform(features, broadcast_projection), projection, curve, cfg)
     finally:
         broadcast_projection.unpersist()
     cumulative = np.cumsum(explained)
@@ -148,9 +153,10 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "rows_fitted": rows_fitted,
         "rows_projected": tables.read(spark, cfg.env.paths.pca_vectors, cfg).count(),
         "standardize": bool(cfg.pca.standardize),
+        "version": version,
         "seconds": round(time.perf_counter() - started, 3),
     }
-    write_json(cfg.env.paths.pca_metrics, metrics)
+    write_record(cfg.env.paths.pca_metrics, cfg.env.paths.pca_diagnostics, metrics, COMPARED)
     log.info("pca: k=%d (%s) keeps %.1f%% of the variance", k, why, 100 * metrics["explained_variance_at_k"])
     return metrics
 

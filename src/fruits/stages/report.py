@@ -61,11 +61,11 @@ def extract(spark, cfg: DictConfig) -> dict:
     sample = vectors.sample(fraction=fraction, seed=0).limit(cfg.report.scatter_points)
     points = sample.select(F.col("pca")[0], F.col("pca")[1], "label").collect()
     return {
-        "featurize": read_json(paths.featurize_metrics),
-        "pca": read_json(paths.pca_metrics),
-        "index": read_json(paths.index_metrics),
+        "featurize": read_json(paths.featurize_diagnostics),  # each stage's whole record
+        "pca": read_json(paths.pca_diagnostics),
+        "index": read_json(paths.index_diagnostics),
         "provenance": read_json(paths.provenance),
-        "manifest": read_json(paths.ingest_metrics),
+        "manifest": read_json(paths.ingest_diagnostics),
         "scale": scale_fits(cfg),
         "counts": [(r["label"], r["split"], r["count"]) for r in counts],
         "rejects": [(r["reject_reason"], r["count"]) for r in rejects],
