@@ -76,6 +76,13 @@ def test_a_cluster_without_a_sane_idle_timeout_is_refused(tmp_path, timeout):
         cluster.run_job_flow_request(cfg)
 
 
+def test_a_release_whose_spark_minor_is_not_the_local_pyspark_s_is_refused(tmp_path):
+    cfg = emr_cfg(tmp_path)
+    cfg.cluster.release_label, cfg.cluster.spark_version = "emr-6.15.0", "3.4.1"
+    with pytest.raises(ConfigError, match=r"cluster.spark_version=3.4.1 \(emr-6.15.0\) is not the Spark 3.5"):
+        cluster.run_job_flow_request(cfg)
+
+
 def test_a_cluster_outside_the_eu_is_refused(tmp_path):
     cfg = emr_cfg(tmp_path)
     cfg.cluster.region = "us-east-1"

@@ -58,6 +58,16 @@ def check_definition(cfg: DictConfig) -> None:
         )
     if not cfg.storage.bucket:
         raise ConfigError("storage.bucket is empty: the cluster needs the project bucket (use storage=s3)")
+    local = ".".join(pyspark_version().split(".")[:2])
+    if not str(cluster.spark_version).startswith(f"{local}."):
+        raise ConfigError(f"cluster.spark_version={cluster.spark_version} ({cluster.release_label}) is not the Spark "
+                          f"{local} of the local pyspark: the code is tested on {local}; pick an EMR release with it")
+
+
+def pyspark_version() -> str:
+    from importlib.metadata import version
+
+    return version("pyspark")
 
 
 def run_job_flow_request(cfg: DictConfig) -> dict:

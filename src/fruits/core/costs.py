@@ -38,7 +38,7 @@ def alternatives(images: int, per_core_rate: float, cluster: DictConfig) -> list
     prices = cluster.prices
     emr = emr_estimate(images, per_core_rate, cluster)
     vcpu_hours = images / per_core_rate / 3600
-    serverless = vcpu_hours * (prices.serverless.vcpu_hour + 4 * prices.serverless.gb_hour)
+    serverless = vcpu_hours * (prices.serverless.vcpu_hour + prices.serverless.gb_per_vcpu * prices.serverless.gb_hour)
     databricks_hours = emr["hours"]
     databricks = databricks_hours * (1 + cluster.core_instance_count) * (
         prices.databricks.dbu_per_node_hour * prices.databricks.usd_per_dbu + prices.instances[cluster.core_instance_type].ec2
