@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -62,15 +63,17 @@ def s3a_settings(endpoint: str, certificate: Path, workdir: Path) -> dict[str, s
 
 
 @pytest.fixture(scope="session")
-def spark(tmp_path_factory, s3_endpoint):
+def spark(tmp_path_factory, s3_address):
+    """The suite's local[2] session, able to reach the S3 endpoint (which starts only when a test asks
+    for it: a run of pure-Spark tests starts no S3 server)."""
+    from omegaconf import open_dict
+
     from fruits.core.spark import get_session
 
     cfg = make_cfg(tmp_path_factory.mktemp("spark-cfg"))
     workdir = tmp_path_factory.mktemp("s3a")
-    from omegaconf import open_dict
-
     with open_dict(cfg):
-        cfg.env.spark.conf.update(s3a_settings(s3_endpoint, Path(os.environ["AWS_CA_BUNDLE"]), workdir))
+        cfg.env.spark.conf.update(s3a_settings(s3_address.endpoint, s3_address.certificate, workdir))
     session = get_session(cfg)
     yield session
     session.stop()
@@ -137,31 +140,26 @@ def tls_aware_bucket_policies() -> None:
     FakeBucket.get_permission = get_permission
 
 
+class S3Address(NamedTuple):
+    endpoint: str
+    port: int
+    certificate: Path
+    key: Path
+
+
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """A real S3 HTTPS endpoint on 127.0.0.1 (moto's server mode), self-signed certificate trusted via
-    AWS_CA_BUNDLE (so the bucket's deny-non-TLS policy is exercised), throw-away credentials."""
+def s3_address(tmp_path_factory):
+    """The suite's S3 endpoint before its server runs: an address on 127.0.0.1, a self-signed certificate
+    trusted via AWS_CA_BUNDLE (so the bucket's deny-non-TLS policy is exercised), throw-away credentials
+    in the environment (set before the Spark JVM starts: S3A reads them from its environment)."""
     import socket
     import subprocess
-
-    from moto.moto_server.threaded_moto_server import MotoRequestHandler, ThreadedMotoServer
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
 
     tls = tmp_path_factory.mktemp("tls")
     cert, key = tls / "cert.pem", tls / "key.pem"
     subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
                     "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
                    check=True, capture_output=True)
-
-    class TlsMotoServer(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = DomainDispatcherApplication(create_backend_app)
-            self._server = make_server(self._ip_address, self._port, app, True,
-                                       request_handler=MotoRequestHandler, ssl_context=(str(cert), str(key)))
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -169,16 +167,34 @@ def s3_endpoint(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in names}
     os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_CA_BUNDLE=str(cert))
     os.environ.pop("AWS_SESSION_TOKEN", None)
-    server = TlsMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    tls_aware_bucket_policies()
-    yield f"https://127.0.0.1:{port}"
-    server.stop()
+    yield S3Address(f"https://127.0.0.1:{port}", port, cert, key)
     for name, value in saved.items():
         if value is None:
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(s3_address):
+    """A real S3 HTTPS endpoint on 127.0.0.1 (moto's server mode) at the suite's S3 address."""
+    from moto.moto_server.threaded_moto_server import MotoRequestHandler, ThreadedMotoServer
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    class TlsMotoServer(ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = DomainDispatcherApplication(create_backend_app)
+            self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler,
+                                       ssl_context=(str(s3_address.certificate), str(s3_address.key)))
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    server = TlsMotoServer(ip_address="127.0.0.1", port=s3_address.port, verbose=False)
+    server.start()
+    tls_aware_bucket_policies()
+    yield s3_address.endpoint
+    server.stop()
 
 
 def kill_midway(command: list[str], reached, timeout: float = 300) -> None:

@@ -193,7 +193,8 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     compared = flat_keys(json.loads((clone / "metrics/pca.json").read_text())) | flat_keys(
         json.loads((clone / "metrics/index.json").read_text()))
     composed = OmegaConf.load(clone / "params.yaml")
-    written = {str(OmegaConf.select(composed, key)) for name in ("pca", "index") for key in registry.stage(name).written()}
+    written = {os.path.normpath(str(OmegaConf.select(composed, key)))
+               for name in ("pca", "index") for key in registry.stage(name).written()}
     stray = [column for column in changed if column not in params | compared | written]  # outputs: as deps
     assert not stray, f"dvc exp show --only-changed names what does not differ between k=3 and k=4: {stray}"
 

@@ -73,8 +73,9 @@ WEIGHTS = Stage(
     params=("model", "env.name", "env.allow_offline_weights", "data.name", "data.allow_offline_weights",
             "data.root", "env.paths.models", "env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
     inputs=("data.root",),  # the random fallback recalibrates on the sample's images
-    outputs=("env.paths.weights", "env.paths.onnx"),
-    small_outputs=("env.paths.provenance",),
+    # The provenance is cached with the weights: models/ is git-ignored, so an uncached file would be missing
+    # from a fresh clone and from a queued experiment's workspace, and the weights stage would run again.
+    outputs=("env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
 )
 FEATURIZE = Stage(
     "featurize",
