@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fruits.core.aws import check_location, client
+from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,6 @@ def run(cfg: DictConfig, dvc_repo: Path | None = None) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from fruits.core.config import stage_config
-
     cfg = stage_config("Create or check the project bucket (EU region, private, encrypted, TLS only, versioned).", argv)
     run(cfg, Path(".") if Path(".dvc").is_dir() else None)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fruits.cloud.bucket import ensure_bucket
 from fruits.core import logs
 from fruits.core.aws import client
 from fruits.core.backbone import TF_ENVIRONMENT
@@ -215,8 +216,6 @@ def state_path(cfg: DictConfig) -> Path:
 
 def create(cfg: DictConfig) -> str:
     """Bucket, artifacts, cluster (or the running one), state file. Returns the cluster id."""
-    from fruits.cloud.bucket import ensure_bucket
-
     check_definition(cfg)
     emr, s3 = client("emr", cfg, "cluster.region"), client("s3", cfg)
     ensure_bucket(cfg)

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fruits.core.errors import ConfigError
+from fruits.core.logs import native_notices_hidden
 from fruits.core.storage import atomic_output, file_digest
 
 FEATURE_DIM = 1280
@@ -29,8 +30,6 @@ class WeightsUnavailable(RuntimeError):
 
 def import_keras():
     """Keras, with the TensorFlow environment set first (it is read once, when TensorFlow loads)."""
-    from fruits.core.logs import native_notices_hidden
-
     for name, value in TF_ENVIRONMENT.items():
         os.environ.setdefault(name, value)
     with native_notices_hidden():

@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fruits.core import logs
+from fruits.core.config import load_config
 from fruits.core.errors import ConfigError
 from fruits.core.storage import atomic_output
 
@@ -252,7 +253,5 @@ def run_archive_workload(cfg: DictConfig, submit: str, partial: Path) -> None:
 
 
 if __name__ == "__main__":
-    from fruits.core.config import load_config
-
     archive = build_class_archive(load_config(sys.argv[1:]))
     print(f"class archive: {archive} ({archive.stat().st_size >> 20} MiB)")

@@ -16,6 +16,7 @@ import time
 from omegaconf import DictConfig
 
 from fruits.core.ids import stamped_id
+from fruits.core.spark import session_settings
 from fruits.core.storage import filesystem, is_s3
 
 COMMIT_FILE = "_commit.json"
@@ -100,8 +101,6 @@ def new_version() -> str:
 
 def write_version(frame, uri: str, version: str) -> None:
     """Write frame as a version of the table, not yet visible to readers."""
-    from fruits.core.spark import session_settings
-
     writer = frame.write
     # Parquet tries a dictionary for every column and gives it up on float vectors (nearly every value
     # differs), after spending ~40 % of the write on it (1,920 x 1,280 floats: 0.62-0.83 s -> 0.35-0.45 s

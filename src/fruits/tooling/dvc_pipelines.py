@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 from omegaconf import DictConfig
 
+from fruits.core.config import PROJECT_ROOT, compose
 from fruits.core.registry import (
     EMR_PARAMS,
     EMR_PIPELINE,
@@ -129,8 +130,6 @@ def render(cfg: DictConfig, emr: bool) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Write dvc.yaml and emr/dvc.yaml from the registry (`make params`)."""
-    from fruits.core.config import PROJECT_ROOT, compose
-
     args = sys.argv[1:] if argv is None else argv
     root = Path(args[0]) if args else PROJECT_ROOT
     (root / "dvc.yaml").write_text(render(compose(), emr=False))
