@@ -177,7 +177,7 @@ def test_the_onnxruntime_engine_gives_the_tensorflow_features_built_once_per_wor
 
 def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cfg, tmp_path):
     # Fresh weights (another seed): no worker has this model cached yet.
-    calibration = weights.calibration_images(tiny_cfg)
+    calibration, _ = weights.calibration_images(tiny_cfg)
     other = weights.seeded_random_backbone(TINY_SIZE, 1.0, 11, calibration)
     weights_file = tmp_path / "other.weights.h5"
     backbone.save_weights(other, weights_file)

@@ -101,7 +101,7 @@ def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_pat
 def test_a_new_model_refeaturizes_everything(spark, growing, tmp_path):
     growing.model.engine = "tensorflow"  # the engine that runs the swapped weights file itself
     featurize.run(growing, spark)
-    other = weights.seeded_random_backbone(TINY_SIZE, 1.0, 5, weights.calibration_images(growing))
+    other = weights.seeded_random_backbone(TINY_SIZE, 1.0, 5, weights.calibration_images(growing)[0])
     backbone.save_weights(other, tmp_path / "other.weights.h5")
     growing.env.paths.weights = str(tmp_path / "other.weights.h5")
     metrics = featurize.run(growing, spark)

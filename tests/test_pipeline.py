@@ -162,6 +162,38 @@ def exp_show_columns(clone: Path, env: dict) -> list[str]:
     return [column.rsplit(":", 1)[-1] for column in header if column not in fixed]
 
 
+def featurize_run(clone: Path) -> tuple[int, int, int]:
+    """(rows in the features, images reused, images through the model) of the last featurize run."""
+    metrics = json.loads((clone / "metrics/featurize.json").read_text())
+    return metrics["featurized"], metrics["run"]["reused"], metrics["run"]["computed"]
+
+
+def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
+    """A Fruits-360 folder named with `dvc exp run -S` (the route DVC once missed): its images go through,
+    images added there later are seen by DVC and featurized alone, whichever way data.source was set;
+    new images never make new weights."""
+    from fruits.stages.sample import draw_fruit, generate
+
+    generate(source, ["Apple Red", "Banana", "Kiwi"], {"Training": 5, "Test": 2}, 100, 7)
+    named = ["dvc", "exp", "run", "-S", f"data.source={source}", "-S", "data.labels=null",
+             "-S", "data.train_per_label=null", "-S", "data.test_per_label=null"]
+    first = run(named, clone, env)
+    assert "Running stage 'sample'" in first and "Running stage 'weights'" not in first
+    assert featurize_run(clone)[0] == 21
+
+    for number in range(5):  # added to the folder: the same command sees them
+        draw_fruit("Kiwi", 100 + number).save(source / "Training" / "Kiwi" / f"added_{number}.jpg")
+    grown = run(named, clone, env)
+    assert "Running stage 'sample'" in grown and "Running stage 'weights'" not in grown
+    assert featurize_run(clone) == (26, 21, 5)  # only the five new images went through the model
+    assert "Running stage" not in run(named, clone, env)  # nothing changed: nothing runs
+
+    # params.yaml now names the folder (as if edited by hand): a plain `dvc repro` sees an image replaced.
+    draw_fruit("Banana", 200).save(source / "Test" / "Banana" / sorted((source / "Test" / "Banana").iterdir())[0].name)
+    replaced = run(["dvc", "repro"], clone, env)
+    assert "Running stage 'sample'" in replaced and featurize_run(clone) == (26, 25, 1)
+
+
 @pytest.mark.slow
 def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     clone = tmp_path / "clone"
@@ -224,6 +256,8 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     featurized = json.loads((clone / "metrics/featurize.json").read_text())
     assert featurized["images"] == featurized["featurized"] == 36
     assert (featurized["run"]["new"], featurized["run"]["reused"], featurized["run"]["computed"]) == (3, 33, 3)
+
+    source_folder_grows(clone, env, tmp_path / "fruits-360")
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone, env)
 
     metrics = run(["dvc", "metrics", "show", "--json"], clone, env)

@@ -69,3 +69,27 @@ def test_an_interrupted_rebuild_keeps_the_previous_sample(tmp_path, monkeypatch)
         pass
     assert digest_tree(tmp_path / "images") == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".images-")]
+
+
+def test_a_source_that_is_not_a_path_is_named_with_what_to_do(tmp_path):
+    import pytest
+
+    from fruits.core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.source=generate not found: .* recipe of conf/data/sources"):
+        sample.run(make_cfg(tmp_path, "data.source=generate"))
+
+
+def test_a_zip_that_grew_gives_its_new_images(tmp_path):
+    """The archive is unpacked afresh each run: an image added to the .zip reaches the sample."""
+    real = tmp_path / "fruits-360-main"
+    sample.generate(real, ["Fig"], {"Training": 2, "Test": 1}, 100, 1)
+    overrides = ["data.labels=null", "data.train_per_label=null", "data.test_per_label=null"]
+
+    def archive_and_sample() -> int:
+        archive = shutil.make_archive(str(tmp_path / "fruits"), "zip", tmp_path, "fruits-360-main")
+        return sample.run(make_cfg(tmp_path / "out", f"data.source={archive}", *overrides))["images"]
+
+    assert archive_and_sample() == 3
+    sample.draw_fruit("Fig", 9).save(real / "Training" / "Fig" / "added.jpg")
+    assert archive_and_sample() == 4

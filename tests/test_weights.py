@@ -108,7 +108,7 @@ def test_weights_from_a_saved_file_keep_their_checksum(tiny_project, tmp_path):
 
 def test_seeded_weights_are_reproducible(tiny_project):
     cfg = make_cfg(tiny_project)
-    calibration = stage.calibration_images(cfg)
+    calibration, _ = stage.calibration_images(cfg)
     first = stage.seeded_random_backbone(TINY_SIZE, 1.0, 7, calibration).get_weights()
     second = stage.seeded_random_backbone(TINY_SIZE, 1.0, 7, calibration).get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(first, second))

@@ -15,8 +15,6 @@ from omegaconf import DictConfig, OmegaConf
 from fruits.core.config import leaves
 from fruits.core.storage import is_s3
 
-# Values of data.source that are not a folder: nothing on disk for DVC to watch.
-SOURCE_KEYWORDS = ("generate", "download")
 # Outputs that exist only with one setting: {key: (setting, value)}.
 ONLY_WITH = {"env.paths.shards": ("data.layout", "parquet")}
 # Folders of many files (datasets, Spark tables): on EMR they live in S3; they never travel as small files.
@@ -53,7 +51,7 @@ SAMPLE = Stage(
     "sample",
     params=("data.source", "data.root", "data.url", "data.labels", "data.train_per_label", "data.test_per_label",
             "data.image_size", "data.seed"),
-    inputs=("data.source",),  # a real Fruits-360 folder or .zip: images added there re-run the pipeline
+    inputs=("data.source",),  # always a path (a folder, a .zip or a recipe): DVC watches it however it was set
     outputs=("data.root",),
     in_emr_pipeline=False,
 )
@@ -72,7 +70,8 @@ WEIGHTS = Stage(
     "weights",
     params=("model", "env.name", "env.allow_offline_weights", "data.name", "data.allow_offline_weights",
             "data.root", "env.paths.models", "env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
-    inputs=("data.root",),  # the random fallback recalibrates on the sample's images
+    # No DVC dependency on the images: only the seeded fallback reads a few (its batch-norm calibration,
+    # recorded in the provenance), and new images must not make new weights (every feature would change).
     # The provenance is cached with the weights: models/ is git-ignored, so an uncached file would be missing
     # from a fresh clone and from a queued experiment's workspace, and the weights stage would run again.
     outputs=("env.paths.weights", "env.paths.onnx", "env.paths.provenance"),

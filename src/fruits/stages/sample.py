@@ -1,8 +1,9 @@
 """The sample subset, in the Fruits-360 layout `<Training|Test>/<Label>/<name>.jpg`, 100x100 RGB on white.
 
-Taken from a real Fruits-360 folder or archive when `data.source` points to one (`download` fetches the
-public archive), otherwise drawn deterministically and offline: each label has its own shape, colour
-and texture; rotation, size, position and lighting vary within a label.
+Taken from a real Fruits-360 folder or archive when `data.source` points to one (the recipe
+conf/data/sources/download.yaml fetches the public archive); with the recipe generate.yaml, drawn
+deterministically and offline: each label has its own shape, colour and texture; rotation, size,
+position and lighting vary within a label. data.source is always a path, which DVC watches.
 """
 
 from __future__ import annotations
@@ -19,14 +20,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import yaml
 from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFilter
 
 from fruits.core.config import stage_config
+from fruits.core.errors import ConfigError
 from fruits.core.images import SPLITS
 from fruits.core.storage import atomic_output, write_json
 
 log = logging.getLogger(__name__)
+
+RECIPES = ("generate", "download")  # what a recipe file of conf/data/sources may say
 
 
 @dataclass(frozen=True)
@@ -188,20 +193,33 @@ def copy_subset(source: Path, root: Path, labels: list[str] | None, per_split: d
     return count
 
 
-def extract(cfg: DictConfig) -> Path | None:
-    """The real Fruits-360 folder data.source names (downloaded and unpacked if needed); None: generate."""
+def source_kind(source: str) -> str:
+    """What data.source names: a recipe of conf/data/sources (generate, download), a .zip or a folder.
+    Always a path, so that DVC watches it (a keyword would leave DVC nothing to hash)."""
+    path = Path(source)
+    if not path.exists():
+        raise ConfigError(f"data.source={source} not found: name a Fruits-360 folder, a .zip, or a recipe of "
+                          "conf/data/sources (generate.yaml draws the sample, download.yaml fetches data.url)")
+    if path.suffix in (".yaml", ".yml"):
+        recipe = (yaml.safe_load(path.read_text()) or {}).get("recipe")
+        if recipe not in RECIPES:
+            raise ConfigError(f"data.source={source}: recipe {recipe!r} is not one of {', '.join(RECIPES)}")
+        return recipe
+    return "zip" if path.suffix == ".zip" else "folder"
+
+
+def extract(cfg: DictConfig, scratch: Path) -> Path | None:
+    """The real Fruits-360 folder data.source names (downloaded, and unpacked under scratch, as needed);
+    None: generate. An archive is unpacked afresh each run: a changed .zip gives its new images."""
     data = cfg.data
-    if data.source == "generate":
+    kind = source_kind(data.source)
+    if kind == "generate":
         return None
-    source = Path(data.source)
-    if data.source == "download":
-        source = download(data.url, Path(data.root).parent / "downloads")
+    source = download(data.url, Path(data.root).parent / "downloads") if kind == "download" else Path(data.source)
     if source.suffix == ".zip":
-        extracted = source.with_suffix("")
-        if not extracted.exists():
-            with zipfile.ZipFile(source) as archive:
-                archive.extractall(extracted)
-        source = extracted
+        with zipfile.ZipFile(source) as archive:
+            archive.extractall(scratch)
+        source = scratch
     return find_fruits360_root(source)
 
 
@@ -233,7 +251,8 @@ def run(cfg: DictConfig) -> dict:
     # Build beside the target, then swap: an interrupted run never leaves a half sample.
     staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=root.parent))
     try:
-        manifest = transform(cfg, extract(cfg), staging)
+        with tempfile.TemporaryDirectory(prefix=f".{root.name}-source-", dir=root.parent) as scratch:
+            manifest = transform(cfg, extract(cfg, Path(scratch)), staging)
         load(staging, root)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

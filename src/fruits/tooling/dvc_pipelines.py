@@ -19,7 +19,6 @@ from fruits.core.config import PROJECT_ROOT, compose
 from fruits.core.registry import (
     EMR_PARAMS,
     EMR_PIPELINE,
-    SOURCE_KEYWORDS,
     STAGES,
     Stage,
     enabled,
@@ -75,8 +74,6 @@ def dvc_stage(stage: Stage, cfg: DictConfig, emr: bool, made_by: dict[str, Stage
         modules, extra = [stage.module], []
     data_deps = []
     for key in stage.inputs:
-        if str(value(cfg, key)) in SOURCE_KEYWORDS:
-            continue
         if not is_s3(str(value(cfg, key))):
             data_deps.append(f"${{{key}}}")
         else:  # in S3 (not versioned by DVC): depend on the metrics of the stage that wrote it
