@@ -40,6 +40,7 @@ def test_report_from_a_real_run(spark, tiny_cfg):
     assert "RANDOM WEIGHTS - NOT PRETRAINED" in markdown and 'class="banner"' in html
     assert f"k = {pca_metrics['k']} (pca.k) keeps {pca_metrics['explained_variance_at_k']:.1%}" in markdown
     assert "No file was rejected." in markdown
+    assert "32 source files = 32 featurized + 0 rejected + 0 ignored + 0 left out of the subset" in markdown
     assert "## The app: which fruit is this?" in markdown
     assert f"On the {index_metrics['test_rows']} Test images, that answer is right for {index_metrics['knn_accuracy']:.1%}" in markdown
     assert "fewer than the 1280 dimensions" in markdown  # 24 Training rows: the critique says so
@@ -165,3 +166,34 @@ def test_s3_read_arithmetic_for_both_layouts():
     # 3e8 bytes in 128 MiB shards: 3 shards, a footer each, 3 columns of 391 row groups of 256 images.
     assert (shards["list_requests"], shards["get_requests"]) == (1, 3 + 3 * 391)
     assert shards["latency_ms_per_image"] == pytest.approx(s3.first_byte_ms * 1176 / 100_000)
+
+
+def test_every_file_of_a_messy_source_is_accounted_for_from_the_source_to_the_report(spark, tiny_cfg, tmp_path):
+    """A Fruits-360 folder with a stray image at its root, a .DS_Store and a text file: the stray image is
+    a reject with its reason, the other two are listed as ignored, and the counts agree from the source
+    to the tables: source files = featurized + rejected + ignored."""
+    from fruits.stages import sample
+
+    source = tmp_path / "fruits-360"
+    sample.generate(source, ["Kiwi", "Banana"], {"Training": 4, "Test": 2}, 100, 3)
+    sample.draw_fruit("Kiwi", 50).save(source / "stray.jpg")
+    (source / "Training" / "Kiwi" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (source / "README.txt").write_text("where these photos come from")
+    tiny_cfg.data.source, tiny_cfg.data.root = str(source), str(tmp_path / "images")
+    tiny_cfg.env.paths.images = tiny_cfg.data.root
+    tiny_cfg.data.labels = tiny_cfg.data.train_per_label = tiny_cfg.data.test_per_label = None
+
+    manifest = sample.run(tiny_cfg)
+    assert (manifest["source_files"], manifest["images"], manifest["not_selected"]) == (15, 13, 0)
+    assert manifest["ignored"] == {"Training/Kiwi/.DS_Store": "system file",
+                                   "README.txt": "not an image file (data.extensions: jpg, jpeg, png)"}
+    assert ingest.run(tiny_cfg)["outside_layout"] == ["stray.jpg"]
+    featurized = featurize.run(tiny_cfg, spark)
+    assert (featurized["featurized"], featurized["rejected"]) == (12, 1)
+    [(reason, count)] = featurized["reject_reasons"].items()
+    assert count == 1 and "stray.jpg" in reason and "is not <Training|Test>/<label>/<file>" in reason
+    pca.run(tiny_cfg, spark)
+    index.run(tiny_cfg, spark)
+    markdown = report.run(tiny_cfg, spark)[1].read_text()
+    assert "15 source files = 12 featurized + 1 rejected + 2 ignored + 0 left out of the subset" in markdown
+    assert "| Training/Kiwi/.DS_Store | system file |" in markdown

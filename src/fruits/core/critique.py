@@ -136,3 +136,19 @@ def answered_test_images(index_m: dict) -> str:
     error = index_m.get("knn_accuracy_standard_error")
     return (f"{answered} Test images of {rows} (a fixed sample by path hash, identify.accuracy_queries"
             + (f"; standard error {error:.1%})" if error is not None else ")"))
+
+
+def source_accounting(manifest: dict, featurize_m: dict) -> str | None:
+    """Whether every file of the source is accounted for, from the source to the tables: source files =
+    featurized + rejected + ignored + left out of the subset. None when the images had no sample manifest."""
+    if "source_files" not in manifest:
+        return None
+    featurized, rejected, ignored, left = (featurize_m["featurized"], featurize_m["rejected"], manifest["ignored"],
+                                           manifest["not_selected"])
+    accounted = featurized + rejected + ignored + left
+    terms = (f"{featurized} featurized + {rejected} rejected + {ignored} ignored + {left} left out of the subset "
+             "(data.labels, data.train_per_label, data.test_per_label)")
+    if accounted == manifest["source_files"]:
+        return f"Every file of the source is accounted for: {manifest['source_files']} source files = {terms}."
+    return (f"FILES UNACCOUNTED FOR: the source held {manifest['source_files']} files, but {terms} = {accounted}: "
+            "the features were made from other images than the source's (re-run dvc repro).")

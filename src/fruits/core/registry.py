@@ -50,7 +50,7 @@ class Stage:
 SAMPLE = Stage(
     "sample",
     params=("data.source", "data.root", "data.url", "data.labels", "data.train_per_label", "data.test_per_label",
-            "data.image_size", "data.seed"),
+            "data.image_size", "data.seed", "data.extensions"),
     inputs=("data.source",),  # always a path (a folder, a .zip or a recipe): DVC watches it however it was set
     outputs=("data.root",),
     in_emr_pipeline=False,

@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 # What compares experiments (the DVC metrics file): the per-label counts go to the diagnostics file. The
 # listing checksums are what featurize's DVC dependency on this file sees change when images do.
-COMPARED = ("origin", "images", "bytes", "labels", "listing_sha256", "destination", "remote_images",
-            "remote_listing_sha256")
+COMPARED = ("origin", "source_files", "ignored", "not_selected", "images", "bytes", "labels", "listing_sha256",
+            "destination", "remote_images", "remote_listing_sha256")
 
 UPLOAD_THREADS = 8  # small objects: latency-bound, so a few requests in flight
 MD5_METADATA = "fruits-md5"  # object metadata: the MD5 of the content ingest uploaded
@@ -259,9 +259,21 @@ def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict[str, str], dict]:
     if not local:
         raise ConfigError(f"data.root={cfg.data.root} is missing or holds no {'/'.join(cfg.data.extensions)} "
                           "image: run the sample stage (make sample) or set data.root")
-    origin_file = Path(cfg.data.root) / "MANIFEST.json"
-    origin = json.loads(origin_file.read_text()).get("origin") if origin_file.exists() else None
-    return local, content_md5s(local), {"origin": origin or f"images found in {cfg.data.root}"}
+    return local, content_md5s(local), source_accounting(cfg)
+
+
+def source_accounting(cfg: DictConfig) -> dict:
+    """Where the images come from and what their source held (the sample stage's manifest): every file
+    of the source is an image here, an ignored file (listed with its reason) or left out of the subset."""
+    manifest_file = Path(cfg.data.root) / "MANIFEST.json"
+    if not manifest_file.exists():
+        return {"origin": f"images found in {cfg.data.root}"}
+    manifest = json.loads(manifest_file.read_text())
+    accounting = {"origin": manifest.get("origin") or f"images found in {cfg.data.root}"}
+    if "source_files" in manifest:
+        accounting.update(source_files=manifest["source_files"], ignored=len(manifest["ignored"]),
+                          ignored_files=manifest["ignored"], not_selected=manifest["not_selected"])
+    return accounting
 
 
 def transform(local: list[ListedFile], md5s: dict[str, str], origin: dict) -> dict:

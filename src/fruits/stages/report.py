@@ -19,13 +19,15 @@ from omegaconf import DictConfig
 from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.costs import alternatives, emr_estimate, s3_reads
-from fruits.core.critique import answered_test_images, critique, right_share, scale_predictions
+from fruits.core.critique import answered_test_images, critique, right_share, scale_predictions, source_accounting
 from fruits.core.registry import params_of
 from fruits.core.rendering import Section, plot_scatter, plot_variance, render_html, render_markdown
 from fruits.core.spark import get_session
 from fruits.core.storage import write_text
 
 log = logging.getLogger(__name__)
+
+IGNORED_SHOWN = 50  # ignored source files listed in the report (all of them are in the ingest diagnostics)
 
 
 def read_json(path: str | Path) -> dict:
@@ -84,6 +86,8 @@ def summary_sections(facts: dict, cfg: DictConfig) -> list[Section]:
     if provenance.get("warning"):
         header.blocks.append(("banner", f"{provenance['warning']} (source: {provenance.get('source')})"))
     header.blocks.append(("p", f"Data: {cfg.data.name} - {facts['manifest'].get('origin', 'origin unknown')}."))
+    if accounted := source_accounting(facts["manifest"], featurize_m):
+        header.blocks.append(("p", accounted))
     header.blocks.append(("table", ["images", "featurized", "rejected", "img/s", "k", "variance kept"],
                           [[featurize_m["images"], featurize_m["featurized"], featurize_m["rejected"],
                             featurize_m["images_per_second"], pca_m["k"], f"{pca_m['explained_variance_at_k']:.1%}"]]))
@@ -96,6 +100,8 @@ def summary_sections(facts: dict, cfg: DictConfig) -> list[Section]:
                 [label, c.get("Training", 0), c.get("Test", 0)] for label, c in sorted(per_label.items())])]),
             Section("Rejects", [("table", ["reason", "files"], sorted(facts["rejects"]))] if facts["rejects"]
                     else [("p", "No file was rejected.")]),
+            *([Section("Ignored source files", [("table", ["file", "reason"], sorted(ignored.items())[:IGNORED_SHOWN])])]
+              if (ignored := facts["manifest"].get("ignored_files")) else []),
             Section("Model and weights", [("table", ["key", "value"], [
                 [k, provenance[k]] for k in ("architecture", "input_size", "alpha", "feature_dim", "source",
                                              "pretrained", "imagenet", "sha256") if k in provenance])]),

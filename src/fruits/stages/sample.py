@@ -175,21 +175,57 @@ def download(url: str, destination: Path) -> Path:
     return archive
 
 
-def copy_subset(source: Path, root: Path, labels: list[str] | None, per_split: dict[str, int | None]) -> int:
-    """Copy the first n images per label and split (sorted, so deterministic) from a real folder."""
+# Files that operating systems and archivers leave beside images: never data, listed as ignored.
+SYSTEM_FILES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini", ".directory"})
+
+
+def ignored_reason(relative: Path, extensions) -> str | None:
+    """Why a source file is not copied (None: it is an image, copied or left out of the subset)."""
+    if relative.name in SYSTEM_FILES or relative.name.startswith("._") or "__MACOSX" in relative.parts:
+        return "system file"
+    if relative.suffix.lower().lstrip(".") not in {e.lower() for e in extensions}:
+        return f"not an image file (data.extensions: {', '.join(extensions)})"
+    return None
+
+
+def copy_subset(source: Path, root: Path, labels: list[str] | None, per_split: dict[str, int | None],
+                extensions) -> dict:
+    """Copy from a real folder: the first n images per label and split (sorted, so deterministic), and
+    every image outside <split>/<label>/ as it is (featurize rejects it with its reason). Every file of
+    the source is accounted for: source_files = images + ignored (listed with the reason) + not_selected."""
+    in_layout: dict[tuple[str, str], list[Path]] = {}
+    outside, ignored, files = [], {}, sorted(p for p in source.rglob("*") if p.is_file())
+    for path in files:
+        relative = path.relative_to(source)
+        if reason := ignored_reason(relative, extensions):
+            ignored[relative.as_posix()] = reason
+        elif len(relative.parts) == 3 and relative.parts[0] in SPLITS:
+            in_layout.setdefault(relative.parts[:2], []).append(path)
+        else:
+            outside.append(path)
+    chosen = [copy_layout(source, root, split, labels, n, in_layout) for split, n in per_split.items()]
+    for path in outside:
+        (root / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, root / path.relative_to(source))
+    images = sum(chosen) + len(outside)
+    return {"images": images, "source_files": len(files), "ignored": ignored,
+            "not_selected": len(files) - len(ignored) - images, "outside_layout": len(outside)}
+
+
+def copy_layout(source: Path, root: Path, split: str, labels: list[str] | None, n: int | None,
+                in_layout: dict[tuple[str, str], list[Path]]) -> int:
+    """The first n images (all: None) of each chosen label of one split; how many were copied."""
+    available = sorted(p.name for p in (source / split).iterdir() if p.is_dir())
+    chosen = labels or available
+    missing = [label for label in chosen if label not in available]
+    if missing:
+        raise FileNotFoundError(f"data.labels {missing} not found in {source / split}")
     count = 0
-    for split, n in per_split.items():
-        available = sorted(p.name for p in (source / split).iterdir() if p.is_dir())
-        chosen = labels or available
-        missing = [label for label in chosen if label not in available]
-        if missing:
-            raise FileNotFoundError(f"data.labels {missing} not found in {source / split}")
-        for label in chosen:
-            files = sorted(p for p in (source / split / label).iterdir() if p.is_file())[:n]
-            (root / split / label).mkdir(parents=True, exist_ok=True)
-            for file in files:
-                shutil.copy2(file, root / split / label / file.name)
-                count += 1
+    for label in chosen:
+        (root / split / label).mkdir(parents=True, exist_ok=True)
+        for file in in_layout.get((split, label), [])[:n]:
+            shutil.copy2(file, root / split / label / file.name)
+            count += 1
     return count
 
 
@@ -230,10 +266,12 @@ def transform(cfg: DictConfig, source: Path | None, staging: Path) -> dict:
     if source is None:
         count = generate(staging, list(data.labels), per_split, data.image_size, data.seed)
         origin = f"generated offline (seed {data.seed}): synthetic fruit-like images, not photos"
+        accounting = {"images": count, "source_files": count, "ignored": {}, "not_selected": 0, "outside_layout": 0}
     else:
-        count = copy_subset(source, staging, data.labels and list(data.labels), per_split)
+        accounting = copy_subset(source, staging, data.labels and list(data.labels), per_split, data.extensions)
         origin = f"Fruits-360 images from {data.source}"
-    manifest = {"origin": origin, "images": count, "labels": sorted(p.name for p in (staging / "Training").iterdir())}
+    manifest = {"origin": origin, **accounting,
+                "labels": sorted(p.name for p in (staging / "Training").iterdir() if p.is_dir())}
     write_json(staging / "MANIFEST.json", manifest)
     return manifest
 
