@@ -17,8 +17,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from fruits.core.images import MAX_PIXELS, RejectedImage, parse_image_path, prepare
+from fruits.core.listing import walk
 from fruits.core.storage import ListedFile
-from fruits.stages.featurize import featurize_batch, walk
+from fruits.stages.featurize import featurize_batch
 
 SIZE = 32
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "RGBa",
