@@ -127,8 +127,8 @@ secrets: $(STAMP) ## Scan every tracked file for secrets (detect-secrets; known 
 test: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the secret scan, then the whole test suite (slow tests included)
 	$(PY) -m pytest
 
-test-fast: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the tests not marked slow
-	$(PY) -m pytest -m "not slow"
+test-fast: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the tests that are neither slow nor reach a registry
+	$(PY) -m pytest -m "not slow and not network"
 
 bench: $(STAMP) jvm-archive ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
 	$(PY) benchmarks/featurize_bench.py

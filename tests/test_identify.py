@@ -136,7 +136,8 @@ def split_rows(spark, cfg) -> tuple[list, list]:
 
 @pytest.mark.network
 def test_the_index_stage_measures_the_app_s_accuracy_like_a_direct_computation(spark, app_cfg):
-    metrics = json.loads(Path(app_cfg.env.paths.index_metrics).read_text())
+    metrics = json.loads(Path(app_cfg.env.paths.index_diagnostics).read_text())  # the whole record: the curve too
+    assert json.loads(Path(app_cfg.env.paths.index_metrics).read_text())["knn_accuracy"] == metrics["knn_accuracy"]
     saved = NeighbourIndex.load(app_cfg.env.paths.knn_index)
     train, test = split_rows(spark, app_cfg)
     assert len(saved.vectors) == len(train) == metrics["training_vectors"]
