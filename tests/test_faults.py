@@ -29,6 +29,7 @@ def uncommitted(uri: str, cfg) -> list[str]:
     return [p.name for p in Path(uri).glob("v-*") if p.name != committed] if Path(uri).exists() else []
 
 
+@pytest.mark.slow
 def test_a_pca_run_killed_while_it_writes_leaves_the_previous_outputs_and_the_next_run_completes(spark, tmp_path):
     cfg = make_cfg(tmp_path / "run", "pca.k=3")
     features = synthetic_features(400, 64, 1.0)
@@ -75,6 +76,7 @@ def test_the_index_refuses_a_projection_that_is_not_the_one_of_the_committed_vec
         index.run(cfg, spark)
 
 
+@pytest.mark.slow
 def test_a_worker_that_crashes_midway_is_retried_without_duplicate_or_missing_rows(tiny_cfg, tmp_path, spark):
     """local[2,2]: two cores, a task may fail twice. A Python worker exits (os._exit) in partition 1's
     first attempt after sending its first batch (injected by tests/crashing_featurize.py, not by the

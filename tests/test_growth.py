@@ -190,6 +190,7 @@ def uncommitted_versions(cfg) -> list[str]:
     return [p.name for p in table.glob("v-*") if p.name != committed] if table.exists() else []
 
 
+@pytest.mark.slow
 def test_a_run_killed_while_it_writes_leaves_the_previous_tables_and_the_next_run_completes(spark, growing, tmp_path):
     """SIGKILL of a real featurize process (driver and its JVM) while it writes its new version: readers
     still see the previous complete tables; the next run cleans up and equals an uninterrupted run."""

@@ -104,6 +104,7 @@ def recorded_reads():
         DictConfig._get_impl = original
 
 
+@pytest.mark.slow
 def test_a_real_run_reads_only_listed_params_and_writes_exactly_its_registered_outputs(spark, tmp_path):
     """The whole tiny pipeline, stage by stage, in registry order: each stage's reads are covered by
     its params; what it writes is what the registry says (nothing else appears under the root)."""

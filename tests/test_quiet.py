@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 from omegaconf import OmegaConf
 
 from conftest import make_cfg
@@ -23,6 +24,7 @@ def stage(name: str, cfg, tmp_path, *flags: str) -> str:
     return done.stdout + done.stderr
 
 
+@pytest.mark.slow
 def test_stages_print_their_results_not_the_libraries_chatter(tiny_cfg, tmp_path):
     weights_cfg = make_cfg(tmp_path / "weights")
     weights_cfg.data.root = tiny_cfg.data.root  # seeded weights calibrate on the sample's Training images

@@ -65,6 +65,7 @@ def table_keys(endpoint, cfg, uri: str) -> set[str]:
     return {o["Key"][len(prefix):].split("/", 1)[0] for o in listed}
 
 
+@pytest.mark.slow
 def test_incremental_featurize_and_pca_on_s3_equal_a_run_from_scratch(spark, tmp_path, s3_endpoint, tiny_cfg):
     cfg = s3_project(tmp_path, s3_endpoint, tiny_cfg)
     ingest.run(cfg)
