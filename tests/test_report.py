@@ -168,6 +168,7 @@ def test_s3_read_arithmetic_for_both_layouts():
     assert shards["latency_ms_per_image"] == pytest.approx(s3.first_byte_ms * 1176 / 100_000)
 
 
+@pytest.mark.slow  # the whole pipeline, sample to report
 def test_every_file_of_a_messy_source_is_accounted_for_from_the_source_to_the_report(spark, tiny_cfg, tmp_path):
     """A Fruits-360 folder with a stray image at its root, a .DS_Store and a text file: the stray image is
     a reject with its reason, the other two are listed as ignored, and the counts agree from the source
