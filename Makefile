@@ -95,13 +95,18 @@ bench-serve: $(STAMP) ## The service under load on loopback: requests/s, p50/p99
 	$(PY) benchmarks/serve_bench.py
 
 bucket: $(STAMP) ## Create/check the S3 bucket (eu-west-3, private, encrypted, TLS-only, versioned) + DVC remote
-	$(PY) -m fruits.cloud.bucket --params emr/params.yaml $(ARGS)
+	@$(WITH_CLUSTER_ENV) $(PY) -m fruits.cloud.bucket --params emr/params.yaml $(ARGS)
 
 ingest-s3: $(STAMP) ## Upload the sample to s3://<bucket>/<prefix>/raw (skips what is already there)
-	$(PY) -m fruits.stages.ingest --params emr/params.yaml $(ARGS)
+	@$(WITH_CLUSTER_ENV) $(PY) -m fruits.stages.ingest --params emr/params.yaml $(ARGS)
 
-cluster: $(STAMP) ## Bucket, bootstrap + code to S3, EMR cluster (or reuse the running one); waits until ready
-	@if [ -n "$(DRY_RUN)" ]; then $(PY) -m fruits.cloud.cluster plan $(ARGS); else $(PY) -m fruits.cloud.cluster create $(ARGS); fi
+# CLUSTER=standalone: a Spark standalone cluster on this machine instead of EMR (conf/cluster/standalone.yaml).
+CLUSTER_OPTION := $(if $(CLUSTER),cluster=$(CLUSTER))
+# The standalone cluster's S3 stand-in, when it runs one: its endpoint for the pipeline's own processes.
+WITH_CLUSTER_ENV := set -a; if [ -f .cluster-env ]; then . ./.cluster-env; echo "S3: $$AWS_ENDPOINT_URL_S3 (from .cluster-env)"; fi; set +a;
+
+cluster: $(STAMP) ## Bucket, bootstrap + code to S3, EMR cluster (or reuse the running one); waits until ready. CLUSTER=standalone: on this machine
+	@if [ -n "$(DRY_RUN)" ]; then $(PY) -m fruits.cloud.cluster plan $(CLUSTER_OPTION) $(ARGS); else $(PY) -m fruits.cloud.cluster create $(CLUSTER_OPTION) $(ARGS); fi
 
 cluster-plan: $(STAMP) ## Print the exact RunJobFlow request, without calling AWS
 	$(PY) -m fruits.cloud.cluster plan $(ARGS)
@@ -115,8 +120,8 @@ cluster-down: $(STAMP) ## Terminate the cluster and wait (safe to run twice)
 exps: $(STAMP) ## Compare the experiments on one screen: dvc exp show --only-changed (what differs between them)
 	dvc exp show --only-changed --no-pager
 
-emr-repro: $(STAMP) ## Run the pipeline on the cluster: dvc repro emr/dvc.yaml
-	dvc repro emr/dvc.yaml
+emr-repro: $(STAMP) ## Run the pipeline on the cluster that is up (EMR or standalone): dvc repro emr/dvc.yaml
+	@$(WITH_CLUSTER_ENV) dvc repro emr/dvc.yaml
 
 lint-imports: $(STAMP) ## Check the layer contracts (core < stages < cloud; app on core) in pyproject.toml
 	$(VENV)/bin/lint-imports

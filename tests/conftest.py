@@ -36,7 +36,7 @@ def make_cfg(tmp: Path, *overrides: str):
     return compose([*shrink, *overrides])
 
 
-S3A_JARS = Path(__file__).resolve().parents[1] / ".cache" / "s3a-jars"
+from fruits.cloud.standalone import S3A_JARS  # noqa: E402  (`make s3a-jars`)
 
 
 def s3a_settings(endpoint: str, certificate: Path, workdir: Path) -> dict[str, str]:
@@ -118,28 +118,6 @@ def reference_features(weights, contents: list[bytes], size: int = TINY_SIZE) ->
     return backbone.extract_in_batches(extract, np.stack([prepare(c, size) for c in contents]), 8)
 
 
-def tls_aware_bucket_policies() -> None:
-    """moto ignores policy conditions, so it applies a deny-non-TLS statement to every request. Every
-    request to this endpoint is TLS: such statements do not apply, as on AWS."""
-    import json
-
-    from moto.iam.access_control import IAMPolicy, PermissionResult
-    from moto.s3.models import FakeBucket
-
-    non_tls = {"Bool": {"aws:SecureTransport": "false"}}
-
-    def get_permission(bucket, action, resource):
-        if bucket.policy is None:
-            return PermissionResult.NEUTRAL
-        policy = json.loads(bucket.policy)
-        statements = [s for s in policy["Statement"] if s.get("Condition") != non_tls]
-        if not statements:
-            return PermissionResult.NEUTRAL
-        return IAMPolicy(json.dumps({**policy, "Statement": statements})).is_action_permitted(action, resource)
-
-    FakeBucket.get_permission = get_permission
-
-
 class S3Address(NamedTuple):
     endpoint: str
     port: int
@@ -153,13 +131,10 @@ def s3_address(tmp_path_factory):
     trusted via AWS_CA_BUNDLE (so the bucket's deny-non-TLS policy is exercised), throw-away credentials
     in the environment (set before the Spark JVM starts: S3A reads them from its environment)."""
     import socket
-    import subprocess
 
-    tls = tmp_path_factory.mktemp("tls")
-    cert, key = tls / "cert.pem", tls / "key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
-                    "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
+    from fruits.cloud.s3_standin import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path_factory.mktemp("tls"))
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -178,21 +153,9 @@ def s3_address(tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_endpoint(s3_address):
     """A real S3 HTTPS endpoint on 127.0.0.1 (moto's server mode) at the suite's S3 address."""
-    from moto.moto_server.threaded_moto_server import MotoRequestHandler, ThreadedMotoServer
-    from moto.server import DomainDispatcherApplication, create_backend_app
-    from werkzeug.serving import make_server
+    from fruits.cloud.s3_standin import TlsS3Server
 
-    class TlsMotoServer(ThreadedMotoServer):
-        def _server_entry(self) -> None:
-            app = DomainDispatcherApplication(create_backend_app)
-            self._server = make_server(self._ip_address, self._port, app, True, request_handler=MotoRequestHandler,
-                                       ssl_context=(str(s3_address.certificate), str(s3_address.key)))
-            self._server_ready_event.set()
-            self._server.serve_forever()
-
-    server = TlsMotoServer(ip_address="127.0.0.1", port=s3_address.port, verbose=False)
-    server.start()
-    tls_aware_bucket_policies()
+    server = TlsS3Server(s3_address.port, s3_address.certificate, s3_address.key).start()
     yield s3_address.endpoint
     server.stop()
 

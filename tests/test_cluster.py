@@ -142,7 +142,8 @@ def test_plan_prints_the_request_without_calling_aws(capsys, monkeypatch):
 def test_packaged_code_holds_the_package():
     names = zipfile.ZipFile(io.BytesIO(cluster.package_code())).namelist()
     assert {"fruits/stages/featurize.py", "fruits/cloud/steps.py", "fruits/core/config.py"} <= set(names)
-    assert not [n for n in names if not n.startswith("fruits/")]
+    assert {"fruits/core/templates/report.html.j2", "fruits/core/templates/report.md.j2"} <= set(names)  # read by the report step
+    assert not [n for n in names if not n.startswith("fruits/") or n.endswith(".pyc")]
 
 
 def test_bootstrap_script_is_shellcheck_clean():
@@ -156,7 +157,7 @@ def fake_node(tmp_path, aws_fails: bool = False) -> tuple[dict, Path]:
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     scripts = {
-        "aws": "exit 1" if aws_fails else 'cp "$4" "$5"',  # aws s3 cp --only-show-errors <src> <dst>
+        "aws": "exit 1" if aws_fails else 'cp "${4#s3://node}" "$5"',  # aws s3 cp --only-show-errors <src> <dst>
         "sudo": 'exec "$@"',
         "dnf": f'echo "dnf $*" >> {calls}',
         "python": f'echo "python $*" >> {calls}; cat > /dev/null',
@@ -172,7 +173,7 @@ def test_bootstrap_installs_the_pins_once_and_stops_on_failure(tmp_path):
     script = PROJECT_ROOT / "bootstrap" / "install-deps.sh"
     runtime, lock = PROJECT_ROOT / "requirements" / "runtime.txt", PROJECT_ROOT / "requirements" / "lock.txt"
     env, calls = fake_node(tmp_path)
-    args = ["bash", str(script), str(runtime), str(lock), str(tmp_path / "bin" / "python")]
+    args = ["bash", str(script), f"s3://node{runtime}", f"s3://node{lock}", str(tmp_path / "bin" / "python")]
     first = subprocess.run(args, env=env, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout + first.stderr
     pip = [line for line in calls.read_text().splitlines() if "pip install" in line]
@@ -185,7 +186,7 @@ def test_bootstrap_installs_the_pins_once_and_stops_on_failure(tmp_path):
     failing = tmp_path / "failing"
     failing.mkdir()
     env, calls = fake_node(failing, aws_fails=True)
-    done = subprocess.run(["bash", str(script), str(runtime), str(lock), str(failing / "bin" / "python")],
+    done = subprocess.run(["bash", str(script), f"s3://node{runtime}", f"s3://node{lock}", str(failing / "bin" / "python")],
                           env=env, capture_output=True, text=True)
     assert done.returncode != 0 and not calls.exists()  # stopped at the failed download: nothing installed
     assert not list(failing.glob("fruits-deps-*"))

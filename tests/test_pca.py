@@ -103,11 +103,23 @@ def test_the_projection_artifact_gives_spark_mls_own_vectors(spark, tmp_path, st
     rows = model.transform(table).select("path", "features", vector_to_array("p").alias("p")).orderBy("path").collect()
     spark_vectors = np.array([r["p"] for r in rows])
     numpy_vectors = projection.project(np.array([r["features"] for r in rows]))
-    np.testing.assert_allclose(numpy_vectors, spark_vectors, rtol=1e-6, atol=1e-6 * np.abs(spark_vectors).max())
+    signs = np.sign(model.pc.toArray()[np.abs(projection.components).argmax(axis=0), np.arange(expected_k)])
+    np.testing.assert_allclose(numpy_vectors, spark_vectors * signs, rtol=1e-6, atol=1e-6 * np.abs(spark_vectors).max())
     # And the pipeline's own vectors are those.
     written = {r["path"]: r["pca"] for r in tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()}
     np.testing.assert_allclose(np.array([written[r["path"]] for r in rows]), numpy_vectors, rtol=1e-9, atol=1e-9)
     assert json.loads(Path(cfg.env.paths.pca_metrics).read_text())["k"] == expected_k
+
+
+def test_component_signs_do_not_depend_on_the_eigen_solver():
+    """Spark on another cluster (another summation order) may return any component negated: the
+    projection is the same whichever signs it gets, and each component's largest loading is positive."""
+    components = np.linalg.qr(np.random.default_rng(7).normal(size=(12, 5)))[0]
+    flipped = components * np.array([1, -1, -1, 1, -1])
+    fixed = pca.with_fixed_signs(components)
+    np.testing.assert_array_equal(fixed, pca.with_fixed_signs(flipped))
+    assert (fixed[np.abs(fixed).argmax(axis=0), np.arange(5)] > 0).all()
+    np.testing.assert_array_equal(np.abs(fixed), np.abs(components))
 
 
 def test_a_projection_refuses_features_of_another_dimension(tmp_path):

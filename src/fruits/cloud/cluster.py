@@ -12,14 +12,16 @@ import argparse
 import io
 import json
 import logging
+import os
 import sys
 import time
 import zipfile
 from datetime import datetime, timezone
-from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fruits.cloud import standalone
+from fruits.cloud import state as cluster_state
 from fruits.cloud.bucket import ensure_bucket
 from fruits.core import logs
 from fruits.core.aws import client
@@ -133,10 +135,12 @@ def security_configuration() -> dict:
 
 
 def package_code() -> bytes:
-    """The fruits package as a zip for spark-submit --py-files (code only, no data)."""
+    """The fruits package as a zip for spark-submit --py-files: its modules and the files they read
+    (the report's templates), no bytecode."""
     buffer = io.BytesIO()
+    package = PROJECT_ROOT / "src" / "fruits"
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        for path in sorted((PROJECT_ROOT / "src" / "fruits").rglob("*.py")):  # every layer: the runner imports stages
+        for path in sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
             archive.write(path, path.relative_to(PROJECT_ROOT / "src").as_posix())
     return buffer.getvalue()
 
@@ -210,13 +214,16 @@ def wait_until(emr, cluster_id: str, wanted: tuple[str, ...], poll_seconds: floa
     return wait_for(describe, cluster_id, wanted, ended, failure, poll_seconds, out)
 
 
-def state_path(cfg: DictConfig) -> Path:
-    return Path(cfg.cluster.state_file)
-
-
 def create(cfg: DictConfig) -> str:
-    """Bucket, artifacts, cluster (or the running one), state file. Returns the cluster id."""
+    """Bucket, artifacts, cluster (or the running one), state file. Returns the cluster id (EMR) or the
+    master's URL (standalone)."""
     check_definition(cfg)
+    if cfg.cluster.kind == "standalone":
+        running = standalone.start(cfg)
+        os.environ.update(running["s3"]["environment"])  # this process's own S3 calls: the bucket, the code
+        ensure_bucket(cfg)
+        upload_artifacts(cfg, client("s3", cfg))
+        return running["master"]
     emr, s3 = client("emr", cfg, "cluster.region"), client("s3", cfg)
     ensure_bucket(cfg)
     upload_artifacts(cfg, s3)
@@ -228,17 +235,25 @@ def create(cfg: DictConfig) -> str:
         cluster_id = emr.run_job_flow(**run_job_flow_request(cfg))["JobFlowId"]
         log.info("created cluster %s in %s", cluster_id, cfg.cluster.region)
     wait_until(emr, cluster_id, READY_STATES, cfg.cluster.poll_seconds)
-    state_path(cfg).write_text(json.dumps({"cluster_id": cluster_id, "region": cfg.cluster.region}) + "\n")
+    cluster_state.write(cfg, {"kind": "emr", "cluster_id": cluster_id, "region": cfg.cluster.region})
     return cluster_id
 
 
 def current_cluster_id(cfg: DictConfig) -> str | None:
-    path = state_path(cfg)
-    return json.loads(path.read_text())["cluster_id"] if path.exists() else None
+    running = cluster_state.read(cfg)
+    return running.get("cluster_id") if running else None
+
+
+def running_kind(cfg: DictConfig) -> str:
+    """The backend of the cluster that is up (its record says), else the config's cluster.kind."""
+    running = cluster_state.read(cfg)
+    return running.get("kind", "emr") if running else str(cfg.cluster.kind)
 
 
 def status(cfg: DictConfig, now: datetime | None = None) -> dict:
     """State, age, nodes, idle time left before auto-termination, estimated cost so far."""
+    if running_kind(cfg) == "standalone":
+        return standalone.status(cfg)
     cluster_id = current_cluster_id(cfg)
     if cluster_id is None:
         return {"cluster_id": None, "state": "NONE", "message": "no cluster recorded: `make cluster` creates one"}
@@ -269,6 +284,8 @@ def status(cfg: DictConfig, now: datetime | None = None) -> dict:
 
 def down(cfg: DictConfig) -> str:
     """Terminate and wait; safe to run twice."""
+    if running_kind(cfg) == "standalone":
+        return standalone.down(cfg)
     cluster_id = current_cluster_id(cfg)
     if cluster_id is None:
         return "no cluster recorded: nothing to terminate"
@@ -280,7 +297,7 @@ def down(cfg: DictConfig) -> str:
             wait_until(emr, cluster_id, ("TERMINATED",), cfg.cluster.poll_seconds)
         except RuntimeError:
             pass  # TERMINATED_WITH_ERRORS is terminated too
-    state_path(cfg).unlink(missing_ok=True)
+    cluster_state.remove(cfg)
     return f"cluster {cluster_id} terminated"
 
 

@@ -1,5 +1,6 @@
 """The EMR runner: `python -m fruits.cloud.steps <stage> --params emr/params.yaml` runs a Spark stage as
-an EMR step. The stages themselves do not know EMR exists.
+an EMR step, or with the same spark-submit command on the standalone cluster when that is the one up
+(fruits.cloud.standalone). The stages themselves do not know either exists.
 
 The client writes the composed config and the stage's small local inputs (from the stage registry)
 under a run folder in S3, adds a `spark-submit` step (command-runner.jar, the packaged code on
@@ -16,9 +17,12 @@ import importlib
 import logging
 import os
 import sys
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from fruits.cloud import standalone
+from fruits.cloud import state as cluster_state
 from fruits.cloud.cluster import artifact_uris, current_cluster_id, wait_for
 from fruits.core import logs, registry
 from fruits.core.aws import client
@@ -40,17 +44,19 @@ def stage_files(cfg: DictConfig, name: str) -> tuple[list[str], list[str]]:
     return registry.small_files(cfg, stage.inputs), registry.small_files(cfg, stage.written())
 
 
+def spark_submit_command(cfg: DictConfig, stage: str, run_uri: str, master: str = "yarn") -> list[str]:
+    """The step's command line, whichever cluster manager runs it (YARN on EMR, spark:// standalone)."""
+    uris = artifact_uris(cfg)
+    return ["spark-submit", "--master", master, "--deploy-mode", "client",
+            "--py-files", uris["code"], uris["entry"], stage, run_uri]
+
+
 def step_request(cfg: DictConfig, stage: str, run_uri: str) -> dict:
     """The AddJobFlowSteps step: spark-submit through command-runner.jar."""
-    uris = artifact_uris(cfg)
     return {
         "Name": f"fruits {stage}",
         "ActionOnFailure": "CONTINUE",  # a failed stage must not kill the cluster: fix and re-run
-        "HadoopJarStep": {
-            "Jar": "command-runner.jar",
-            "Args": ["spark-submit", "--master", "yarn", "--deploy-mode", "client",
-                     "--py-files", uris["code"], uris["entry"], stage, run_uri],
-        },
+        "HadoopJarStep": {"Jar": "command-runner.jar", "Args": spark_submit_command(cfg, stage, run_uri)},
     }
 
 
@@ -110,16 +116,29 @@ def wait_for_step(emr, cluster_id: str, step_id: str, poll_seconds: float, out=s
 
 
 def submit(cfg: DictConfig, stage: str) -> None:
-    cluster_id = current_cluster_id(cfg)
-    if cluster_id is None:
+    """Run the stage on the cluster that `make cluster` recorded (EMR or standalone), then fetch its
+    small outputs."""
+    running = cluster_state.read(cfg)
+    if running is None:
         raise RuntimeError("no cluster is recorded: run `make cluster` first")
-    run_uri = f"{cfg.storage.uris.runs}/{stage}-{stamped_id()}"
+    run_id = f"{stage}-{stamped_id()}"
+    run_uri = f"{cfg.storage.uris.runs}/{run_id}"
     prepare_run(cfg, stage, run_uri)
+    if running.get("kind") == "standalone":
+        log_file = Path(running["run_dir"]) / "logs" / f"step-{run_id}.log"
+        log.info("running %s on %s (spark-submit in client mode; log %s)", stage, running["master"], log_file)
+        standalone.run_step(running, spark_submit_command(cfg, stage, run_uri, running["master"]), log_file)
+    else:
+        submit_to_emr(cfg, stage, run_uri)
+    fetch_outputs(cfg, stage, run_uri)
+
+
+def submit_to_emr(cfg: DictConfig, stage: str, run_uri: str) -> None:
+    cluster_id = current_cluster_id(cfg)
     emr = client("emr", cfg, "cluster.region")
     step_id = emr.add_job_flow_steps(JobFlowId=cluster_id, Steps=[step_request(cfg, stage, run_uri)])["StepIds"][0]
     log.info("submitted %s as step %s on %s", stage, step_id, cluster_id)
     wait_for_step(emr, cluster_id, step_id, cfg.cluster.poll_seconds)
-    fetch_outputs(cfg, stage, run_uri)
 
 
 def main(argv: list[str] | None = None) -> None:

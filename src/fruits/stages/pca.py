@@ -70,9 +70,18 @@ def fit_full_spectrum(train, standardize: bool):
     return scaler, pca
 
 
+def with_fixed_signs(components: np.ndarray) -> np.ndarray:
+    """Each component (a column) turned so that its largest loading is positive. An eigenvector's sign
+    is arbitrary: the same features summed in another order (other partitions, another cluster) can
+    flip it, and with it that coordinate of every PCA vector."""
+    largest = np.abs(components).argmax(axis=0)
+    signs = np.sign(components[largest, np.arange(components.shape[1])])
+    return components * np.where(signs == 0, 1.0, signs)
+
+
 def projection_for(scaler, full_model, k: int) -> Projection:
     """The first k components of the fitted models, as the engine-free artifact."""
-    components = full_model.pc.toArray()[:, :k]
+    components = with_fixed_signs(full_model.pc.toArray()[:, :k])
     dimension = components.shape[0]
     if scaler is None:
         shift, factor = np.zeros(dimension), np.ones(dimension)
