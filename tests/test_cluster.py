@@ -3,10 +3,8 @@ moto's EMR on a local endpoint, the bootstrap script, the IAM policy, and the st
 
 import io
 import json
-import os
 import shutil
 import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -244,29 +242,6 @@ def test_local_state_and_secrets_are_git_ignored():
     tracked = subprocess.run(["git", "ls-files", "-ci", "--exclude-standard"], cwd=PROJECT_ROOT,
                              capture_output=True, text=True, check=True).stdout.split()
     assert tracked == [], f"tracked files that the ignore rules cover: {tracked}"
-
-
-@pytest.mark.slow
-def test_the_step_command_line_runs_the_stage_locally(spark, tmp_path):
-    """The step's own arguments (entry point, stage, run folder) with a local run folder and local[2]."""
-    from test_pca import synthetic_features, write_features
-
-    cfg = make_cfg(tmp_path / "work", "pca.k=3")
-    write_features(spark, cfg, synthetic_features(30, 20, 1.0), train_rows=20)
-    run_dir = tmp_path / "run"
-    steps.prepare_run(cfg, "pca", str(run_dir))
-    zip_path = tmp_path / "fruits.zip"
-    zip_path.write_bytes(cluster.package_code())
-    args = steps.step_request(cfg, "pca", str(run_dir))["HadoopJarStep"]["Args"]
-    args[args.index("--master") + 1] = "local[2]"
-    args[args.index("--py-files") + 1] = str(zip_path)
-    args[args.index("--py-files") + 2] = str(PROJECT_ROOT / "bootstrap" / "run_stage.py")
-    spark_submit = Path(sys.executable).parent / "spark-submit"
-    env = {**os.environ, "PYSPARK_PYTHON": sys.executable}
-    done = subprocess.run([str(spark_submit), *args[1:]], capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    metrics = json.loads(Path(steps.in_run_folder(str(run_dir), "outputs", cfg.env.paths.pca_metrics)).read_text())
-    assert metrics["k"] == 3 and metrics["rows_fitted"] == 20
 
 
 def test_a_run_folder_in_s3_round_trips_config_inputs_and_outputs(spark, tmp_path, s3_endpoint, monkeypatch):
