@@ -25,7 +25,7 @@ import psutil
 import pytest
 from omegaconf import OmegaConf
 
-from fruits.cloud import cluster, standalone, steps
+from fruits.cloud import cluster, locations, standalone, steps
 from fruits.cloud import state as cluster_state
 from fruits.core import tables
 from fruits.core.config import PROJECT_ROOT, compose
@@ -212,8 +212,10 @@ def by_image(cfg, uri: str, column: str) -> dict:
 
 def test_the_cluster_runs_the_emr_pipeline_and_equals_the_local_pipeline(on_cluster, local_run):
     cfg, workdir = on_cluster["cfg"], on_cluster["workdir"]
+    keyed = locations.keyed(cfg)  # this run's own folders in S3 (what produced them)
     for key, column in (("features", "features"), ("pca_vectors", "pca")):
-        remote, local = by_image(cfg, cfg.env.paths[key], column), by_image(local_run, local_run.env.paths[key], column)
+        assert keyed.env.paths[key].startswith(f"{cfg.env.paths[key]}/k-")
+        remote, local = by_image(cfg, keyed.env.paths[key], column), by_image(local_run, local_run.env.paths[key], column)
         assert sorted(remote) == sorted(local) and len(remote) == 32  # each image once, none lost to the kills
         for image, vector in remote.items():
             np.testing.assert_allclose(vector, local[image], rtol=0, atol=1e-6)
@@ -292,13 +294,15 @@ def test_images_added_after_a_killed_driver_are_featurized_incrementally(on_clus
         s3.put_object(Bucket=bucket, Key=f"{prefix}/Training/Kiwi/added_{n}.jpg", Body=jpeg("Kiwi", 700 + n))
     params = workdir / "emr-params.yaml"
     OmegaConf.save(cfg, params)
-    before = tables.row_count(cfg.env.paths.features, cfg)
+    features = locations.keyed(cfg).env.paths.features  # images added: the same table grows
+    before = tables.row_count(features, cfg)
     user = cfg.cluster.standalone.user
     kill_midway([sys.executable, "-m", "fruits.cloud.steps", "featurize", "--params", str(params)],
                 lambda: python_worker_running(user))
-    assert tables.row_count(cfg.env.paths.features, cfg) == before == 32  # the last commit, whole
+    assert tables.row_count(features, cfg) == before == 32  # the last commit, whole
     steps.submit(cfg, "featurize")
     run = json.loads((workdir / cfg.env.paths.featurize_metrics).read_text())["run"]
     assert (run["computed"], run["reused"]) == (4, 32), run
-    paths = by_image(cfg, cfg.env.paths.features, "features")
+    assert locations.keyed(cfg).env.paths.features == features
+    paths = by_image(cfg, features, "features")
     assert len(paths) == 36 and sum("added_" in p for p in paths) == 4

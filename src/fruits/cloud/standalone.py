@@ -277,8 +277,14 @@ def down(cfg: DictConfig) -> str:
 
 
 def process_alive(pid: int) -> bool:
+    """The daemon (its group's leader) still runs; reaped first when this process started it."""
     try:
-        os.killpg(pid, 0)
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # started by an earlier `make cluster`: init reaps it
+    try:
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     return True

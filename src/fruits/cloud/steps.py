@@ -21,7 +21,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fruits.cloud import standalone
+from fruits.cloud import locations, standalone
 from fruits.cloud import state as cluster_state
 from fruits.cloud.cluster import artifact_uris, current_cluster_id, wait_for
 from fruits.core import logs, registry
@@ -121,6 +121,7 @@ def submit(cfg: DictConfig, stage: str) -> None:
     running = cluster_state.read(cfg)
     if running is None:
         raise RuntimeError("no cluster is recorded: run `make cluster` first")
+    cfg = locations.keyed(cfg)  # this experiment's own S3 tables
     run_id = f"{stage}-{stamped_id()}"
     run_uri = f"{cfg.storage.uris.runs}/{run_id}"
     prepare_run(cfg, stage, run_uri)
