@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout clean
+.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -152,6 +152,9 @@ bench-scale: $(STAMP) jvm-archive ## How time and memory grow: stages on 1k/5k/2
 
 profile: $(STAMP) ## Where featurize spends its time: py-spy over the driver and Spark's Python workers (after make bench)
 	$(PY) benchmarks/profile_featurize.py
+
+bench-cluster: $(STAMP) s3a-jars ## The standalone cluster: start, what it ships, featurize vs local[2] on 1,920 images, the EMR stages on it
+	$(PY) benchmarks/cluster_bench.py
 
 bench-layout: $(STAMP) ## Loose files vs Parquet shards: featurize's input stage on 20,000 images, S3 request arithmetic
 	$(PY) benchmarks/layout_bench.py
