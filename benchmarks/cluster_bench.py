@@ -53,9 +53,11 @@ def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
     for name in [n for n in os.environ if n.startswith("AWS_")]:
         os.environ.pop(name)
     workdir.mkdir(parents=True, exist_ok=True)
+    images = Path(local_cfg.data.root).resolve()
+    model_files = {key: Path(local_cfg.env.paths[key]).resolve() for key in ("weights", "onnx", "provenance")}
     previous = os.getcwd()
     os.chdir(workdir)
-    cfg = load_config(["cluster=standalone", "env.allow_offline_weights=true", f"data.root={Path(local_cfg.data.root).resolve()}",
+    cfg = load_config(["cluster=standalone", "env.allow_offline_weights=true", f"data.root={images}",
                        f"data.train_per_label={per_label}", "data.test_per_label=0"], PROJECT_ROOT / "emr" / "params.yaml")
     result: dict = {"stages_s": {}}
     try:
@@ -64,8 +66,8 @@ def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
         result["s3"] = running["s3"]["kind"]
         result["stages_s"]["ingest (local, upload to S3)"] = timed(lambda: ingest.run(cfg))
         Path(cfg.env.paths.weights).parent.mkdir(parents=True, exist_ok=True)
-        for key in ("weights", "onnx", "provenance"):  # the local run's weights: the same model on both sides
-            shutil.copy2(local_cfg.env.paths[key], cfg.env.paths[key])
+        for key, path in model_files.items():  # the local run's weights: the same model on both sides
+            shutil.copy2(path, cfg.env.paths[key])
         for stage in ("featurize", "pca", "index", "report"):
             result["stages_s"][f"{stage} (step)"] = timed(lambda: steps.submit(cfg, stage))
         result["featurized"] = tables.row_count(locations.keyed(cfg).env.paths.features, cfg)
