@@ -118,6 +118,6 @@ def node_environment(state: dict) -> dict[str, str]:
     }
     if os.environ.get("JAVA_HOME"):
         env["JAVA_HOME"] = os.environ["JAVA_HOME"]
-    if state["s3"]["kind"] == "aws":  # the workers' credentials, as an instance profile gives them on EMR
+    if state["s3"]["kind"] != "standin":  # the caller's credentials, as an instance profile gives them on EMR (never written to disk)
         env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_") and k != "AWS_CA_BUNDLE"})
     return env

@@ -147,7 +147,6 @@ def s3_settings(cfg: DictConfig, run_dir: Path) -> dict:
     else:
         endpoint = str(cfg.storage.endpoint_url)
         certificate = Path(os.environ["AWS_CA_BUNDLE"]) if os.environ.get("AWS_CA_BUNDLE") else None
-        s3["environment"] = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY") if k in os.environ}
     s3["endpoint"] = endpoint
     s3["environment"]["AWS_ENDPOINT_URL_S3"] = endpoint  # boto3, s3fs and the stages follow it
     if certificate is not None:
@@ -194,6 +193,9 @@ def start(cfg: DictConfig) -> dict:
     check_port_free(int(settings.ui_port), "ui_port")
     for n in range(int(settings.workers)):
         check_port_free(int(settings.ui_port) + 1 + n, f"ui_port (+{1 + n}, worker {n + 1}'s web UI)")
+    if os.geteuid() != 0:
+        raise ConfigError("cluster=standalone needs root: it creates the workers' system user "
+                          f"({settings.user}) and their mount namespaces (unshare, mount); run make cluster as root")
     nodes.ensure_user(settings.user)
     started = time.monotonic()
     python = nodes.ensure_node_env(cfg)
