@@ -220,9 +220,14 @@ def create(cfg: DictConfig) -> str:
     check_definition(cfg)
     if cfg.cluster.kind == "standalone":
         running = standalone.start(cfg)
-        os.environ.update(running["s3"]["environment"])  # this process's own S3 calls: the bucket, the code
-        ensure_bucket(cfg)
-        upload_artifacts(cfg, client("s3", cfg))
+        saved = dict(os.environ)
+        os.environ.update(running["s3"]["environment"])  # this call's own S3 requests: the bucket, the code
+        try:
+            ensure_bucket(cfg)
+            upload_artifacts(cfg, client("s3", cfg))
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
         return running["master"]
     emr, s3 = client("emr", cfg, "cluster.region"), client("s3", cfg)
     ensure_bucket(cfg)
