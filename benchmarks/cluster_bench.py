@@ -16,14 +16,14 @@ import subprocess
 import time
 from pathlib import Path
 
-from measure import run_stage
+from measure import bench_sample, run_stage
 from omegaconf import OmegaConf
 
 from fruits.cloud import cluster, locations, steps
 from fruits.cloud import state as cluster_state
 from fruits.core import tables
 from fruits.core.config import PROJECT_ROOT, load_config
-from fruits.stages import ingest, sample, weights
+from fruits.stages import ingest
 
 REPORTS = PROJECT_ROOT / "reports"
 
@@ -101,14 +101,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--per-label", type=int, default=192, help="generated Training images per label")
     args = parser.parse_args()
-    cfg = load_config(["data.root=bench/sample", f"data.train_per_label={args.per_label}", "data.test_per_label=0",
-                       "env.paths.root=bench"])  # the featurize bench's images and weights
-    files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
-    if len(files) != len(cfg.data.labels) * args.per_label:
-        sample.run(cfg)
-        files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
-    if not Path(cfg.env.paths.onnx).exists():
-        weights.run(cfg)
+    cfg, files = bench_sample(args.per_label)  # the featurize bench's images and weights
     found = {"setup": f"{len(files)} images at {cfg.model.input_size} px, engine {cfg.model.engine}, {os.cpu_count()} cores",
              "images": len(files), "workers": 2}
     found["local_featurize_s"] = local_featurize(cfg)

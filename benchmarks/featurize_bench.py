@@ -41,10 +41,9 @@ from omegaconf import OmegaConf
 
 from fruits.core import backbone as model
 from fruits.core import engines, listing
-from fruits.core.config import load_config
 from fruits.core.images import prepare_batch
-from fruits.stages import featurize, sample, weights
-from measure import run_stage
+from fruits.stages import featurize
+from measure import bench_sample, run_stage
 
 ENGINES = tuple(engines.ENGINES)
 
@@ -377,14 +376,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.input_size=160")
     args = parser.parse_args()
     # The bench's own data and outputs under bench/ (reports/bench.* excepted): one root moves them.
-    cfg = load_config(["data.root=bench/sample", f"data.train_per_label={args.per_label}", "data.test_per_label=0",
-                       "env.paths.root=bench", *args.overrides])
-    files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
-    if len(files) != len(cfg.data.labels) * args.per_label:
-        sample.run(cfg)
-        files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
-    if not Path(cfg.env.paths.onnx).exists():
-        weights.run(cfg)
+    cfg, files = bench_sample(args.per_label, *args.overrides)
     cores = os.cpu_count()
     header = (f"{len(files)} images at {cfg.model.input_size} px, batch {cfg.featurize.batch_size}, "
               f"master {cfg.env.spark.master}, {cores} cores, {platform.processor() or platform.machine()}")

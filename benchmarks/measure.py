@@ -69,3 +69,20 @@ def write_results(name: str, data, lines: list[str]) -> str:
     text = "\n".join(lines) + "\n"
     (out / f"{name}.md").write_text(text)
     return text
+
+
+def bench_sample(per_label: int, *overrides: str):
+    """The featurize bench's generated images (per_label Training images per label, under bench/) and
+    their weights, made once and shared by the benches: (config, image files)."""
+    from fruits.core.config import load_config
+    from fruits.stages import sample, weights
+
+    cfg = load_config(["data.root=bench/sample", f"data.train_per_label={per_label}", "data.test_per_label=0",
+                       "env.paths.root=bench", *overrides])
+    files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
+    if len(files) != len(cfg.data.labels) * per_label:
+        sample.run(cfg)
+        files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
+    if not Path(cfg.env.paths.onnx).exists():
+        weights.run(cfg)
+    return cfg, files

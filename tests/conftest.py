@@ -43,14 +43,12 @@ def s3a_settings(endpoint: str, certificate: Path, workdir: Path) -> dict[str, s
     """Spark settings so that local Spark reads and writes s3:// URIs on the test endpoint, as EMR does
     with EMRFS: Hadoop's S3A connector (jars from `make s3a-jars`) bound to the s3 scheme, the endpoint's
     self-signed certificate trusted by the JVM, the throw-away credentials from the environment."""
-    import subprocess
+    from fruits.cloud.standalone import truststore as make_truststore
 
     jars = sorted(S3A_JARS.glob("*.jar"))
     if len(jars) != 2:
         return {}  # the S3 Spark tests fail and say to run `make s3a-jars`
-    truststore = workdir / "truststore.jks"
-    subprocess.run(["keytool", "-importcert", "-noprompt", "-alias", "moto", "-file", str(certificate),
-                    "-keystore", str(truststore), "-storepass", "changeit"], check=True, capture_output=True)
+    truststore = make_truststore(workdir, certificate)
     return {
         "spark.jars": ",".join(str(j) for j in jars),
         "spark.driver.extraJavaOptions": f"-Djavax.net.ssl.trustStore={truststore} -Djavax.net.ssl.trustStorePassword=changeit",
