@@ -43,19 +43,15 @@ def s3a_settings(endpoint: str, certificate: Path, workdir: Path) -> dict[str, s
     """Spark settings so that local Spark reads and writes s3:// URIs on the test endpoint, as EMR does
     with EMRFS: Hadoop's S3A connector (jars from `make s3a-jars`) bound to the s3 scheme, the endpoint's
     self-signed certificate trusted by the JVM, the throw-away credentials from the environment."""
+    from fruits.cloud.nodes import s3a_connector
     from fruits.cloud.standalone import truststore as make_truststore
 
     jars = sorted(S3A_JARS.glob("*.jar"))
     if len(jars) != 2:
         return {}  # the S3 Spark tests fail and say to run `make s3a-jars`
-    truststore = make_truststore(workdir, certificate)
     return {
         "spark.jars": ",".join(str(j) for j in jars),
-        "spark.driver.extraJavaOptions": f"-Djavax.net.ssl.trustStore={truststore} -Djavax.net.ssl.trustStorePassword=changeit",
-        "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        "spark.hadoop.fs.s3a.endpoint": endpoint,
-        "spark.hadoop.fs.s3a.endpoint.region": "eu-west-3",
-        "spark.hadoop.fs.s3a.path.style.access": "true",
+        **s3a_connector("eu-west-3", endpoint, make_truststore(workdir, certificate)),
         "spark.hadoop.fs.s3a.aws.credentials.provider": "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
     }
 

@@ -82,27 +82,36 @@ def hidden_from_checkout(command: list[str], user: str) -> list[str]:
     return [tools["unshare"], "--mount", "--propagation", "private", "/bin/bash", "-c", script, str(PROJECT_ROOT), user, *command]
 
 
+def s3a_connector(region: str, endpoint: str | None = None, truststore: str | Path | None = None) -> dict[str, str]:
+    """Spark settings that bind s3:// to Hadoop's S3A connector, as EMRFS binds it on EMR: the region, and
+    for an endpoint other than AWS's (an S3-compatible server) its address and the JVM truststore that
+    holds its certificate."""
+    conf = {
+        "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
+        "spark.hadoop.fs.s3a.endpoint.region": region,
+    }
+    if endpoint:
+        conf.update({"spark.hadoop.fs.s3a.endpoint": endpoint, "spark.hadoop.fs.s3a.path.style.access": "true"})
+    if truststore:
+        trust = f"-Djavax.net.ssl.trustStore={truststore} -Djavax.net.ssl.trustStorePassword=changeit"
+        conf.update({"spark.driver.extraJavaOptions": trust, "spark.executor.extraJavaOptions": trust})
+    return conf
+
+
 def spark_defaults(python: Path, run_dir: Path, s3: dict) -> dict[str, str]:
     """What EMR's spark-defaults classification and EMRFS give a node, for this cluster."""
     jars = f"{run_dir / 'jars'}/*"
-    conf = {
+    return {
         "spark.pyspark.python": str(python),
         "spark.pyspark.driver.python": str(python),
         "spark.python.worker.reuse": "true",
         **{f"spark.executorEnv.{name}": value for name, value in TF_ENVIRONMENT.items()},
         "spark.driver.extraClassPath": jars,
         "spark.executor.extraClassPath": jars,
-        "spark.hadoop.fs.s3.impl": "org.apache.hadoop.fs.s3a.S3AFileSystem",
-        "spark.hadoop.fs.s3a.endpoint.region": s3["region"],
         # YARN has an external shuffle service; here executors keep their shuffle files while needed
         "spark.dynamicAllocation.shuffleTracking.enabled": "true",
+        **s3a_connector(s3["region"], s3.get("endpoint"), s3.get("truststore")),
     }
-    if s3.get("endpoint"):
-        conf.update({"spark.hadoop.fs.s3a.endpoint": s3["endpoint"], "spark.hadoop.fs.s3a.path.style.access": "true"})
-    if s3.get("truststore"):
-        trust = f"-Djavax.net.ssl.trustStore={s3['truststore']} -Djavax.net.ssl.trustStorePassword=changeit"
-        conf.update({"spark.driver.extraJavaOptions": trust, "spark.executor.extraJavaOptions": trust})
-    return conf
 
 
 def node_environment(state: dict) -> dict[str, str]:
