@@ -3,8 +3,10 @@ moto's EMR on a local endpoint, the bootstrap script, the IAM policy, and the st
 
 import io
 import json
+import os
 import shutil
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -12,12 +14,11 @@ import boto3
 import pyspark
 import pytest
 from botocore.stub import Stubber
+from conftest import make_cfg
 
 from fruits.cloud import cluster, steps
 from fruits.core.config import PROJECT_ROOT, compose
 from fruits.core.errors import EU_REGIONS, ConfigError
-
-from conftest import make_cfg
 
 
 def emr_cfg(tmp_path, *overrides, endpoint=None):
@@ -246,8 +247,9 @@ def test_local_state_and_secrets_are_git_ignored():
 
 def test_a_run_folder_in_s3_round_trips_config_inputs_and_outputs(spark, tmp_path, s3_endpoint, monkeypatch):
     """Client side prepare_run -> cluster side run_on_cluster (reads everything from S3) -> fetch_outputs."""
-    from fruits.cloud import bucket
     from test_pca import synthetic_features, write_features
+
+    from fruits.cloud import bucket
 
     cfg = make_cfg(tmp_path / "work", "storage=s3", f"storage.endpoint_url={s3_endpoint}", "pca.k=2",
                    f"storage.bucket=fruits-run-{tmp_path.name[-10:].lower().replace('_', '-')}")
@@ -270,3 +272,19 @@ def test_a_run_folder_in_s3_round_trips_config_inputs_and_outputs(spark, tmp_pat
     steps.fetch_outputs(cfg, "pca", run_uri)
     fetched = json.loads(Path(cfg.env.paths.pca_metrics).read_text())
     assert fetched["k"] == 2 and fetched["rows_fitted"] == 15
+
+
+def test_the_nodes_environments_of_other_pins_are_removed_only_when_unused(tmp_path):
+    from fruits.cloud.nodes import UNUSED_ENV_DAYS, prune_node_envs
+
+    current, shared, forgotten, stray = (tmp_path / name for name in ("current", "shared", "forgotten", "stray"))
+    for env in (current, shared, forgotten):
+        (env / "venv").mkdir(parents=True)
+        (env / "last-used").touch()
+    stray.mkdir()  # not an environment: never touched
+    old = time.time() - (UNUSED_ENV_DAYS + 1) * 86400
+    os.utime(forgotten / "last-used", (old, old))
+    os.utime(current / "last-used", (old, old))  # the one in use is kept whatever its stamp says
+
+    assert prune_node_envs(tmp_path, keep=current) == [forgotten]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "shared", "stray"]

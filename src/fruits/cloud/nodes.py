@@ -19,6 +19,7 @@ from fruits.core.config import PROJECT_ROOT
 from fruits.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
+UNUSED_ENV_DAYS = 14  # a nodes' environment of other pins is kept this long after a cluster last used it
 
 
 def node_requirements() -> str:
@@ -54,10 +55,23 @@ def ensure_node_env(cfg: DictConfig) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"the nodes' bootstrap (install-deps.sh) failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
     log.info("nodes' environment %s ready (%.0f s)", folder, time.monotonic() - started)
-    for stale in (p for p in folder.parent.iterdir() if p != folder and (p / "venv").is_dir()):
-        shutil.rmtree(stale)  # built for pins that are no longer the project's (2+ GB each)
-        log.info("removed the nodes' environment of older pins: %s", stale)
+    (folder / "last-used").touch()
+    prune_node_envs(folder.parent, keep=folder)
     return python
+
+
+def prune_node_envs(envs: Path, keep: Path, unused_days: float = UNUSED_ENV_DAYS) -> list[Path]:
+    """Remove the nodes' environments (2+ GB each) that no cluster started for `unused_days`. Another
+    checkout of the project with other pins shares the folder and keeps its own while it starts clusters."""
+    removed = []
+    cutoff = time.time() - unused_days * 86400
+    for other in (p for p in envs.iterdir() if p != keep and (p / "venv").is_dir()):
+        stamp = other / "last-used" if (other / "last-used").exists() else other
+        if stamp.stat().st_mtime < cutoff:
+            shutil.rmtree(other)
+            removed.append(other)
+            log.info("removed the nodes' environment %s: no cluster used it for %g days", other, unused_days)
+    return removed
 
 
 def spark_home(python: Path) -> Path:
