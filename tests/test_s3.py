@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -141,6 +142,16 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     again = ingest.run(cfg)
     assert again["remote_images"] == 33 and again["remote_listing_sha256"] != manifest["remote_listing_sha256"]
     assert again["listing_sha256"] == manifest["listing_sha256"]  # the local images did not change
+    assert ingest.run(cfg)["remote_listing_sha256"] == again["remote_listing_sha256"]  # nothing new: same signal
+    # The prefix emptied and filled again with the same bytes (a bucket recreated, a restarted stand-in):
+    # what was computed from it is gone too, so the signal changes and featurize runs again.
+    time.sleep(1.1)  # S3's LastModified has a resolution of one second
+    for key in keys(s3_endpoint, cfg):
+        s3.delete_object(Bucket=cfg.storage.bucket, Key=key)
+    s3.put_object(Bucket=cfg.storage.bucket, Key=f"{cfg.storage.prefix}/raw/Test/Kiwi/direct.jpg", Body=local[0].read_bytes())
+    refilled = ingest.run(cfg)
+    assert refilled["remote_images"] == 33 and refilled["listing_sha256"] == again["listing_sha256"]
+    assert refilled["remote_listing_sha256"] != again["remote_listing_sha256"]
 
     # Idempotent under either encryption, from the listing alone (no object's metadata read).
     listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])

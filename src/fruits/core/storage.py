@@ -70,6 +70,7 @@ class ListedFile(NamedTuple):
     relative: str  # below the listed root
     size: int
     etag: str | None = None  # S3 only; the MD5 of the content only for a single-part SSE-S3 object
+    modified: str | None = None  # S3 only: when the object was written (LastModified)
 
 
 def iter_files(uri: str, cfg: DictConfig, extensions):
@@ -85,8 +86,10 @@ def iter_files(uri: str, cfg: DictConfig, extensions):
         for name, info in sorted(files.items()):
             if name.rsplit(".", 1)[-1].lower() in wanted:
                 path = f"{folder}/{name}"
+                modified = info.get("LastModified")
                 yield ListedFile(scheme + path, path[len(root) + 1 :], int(info.get("size") or 0),
-                                 info["ETag"].strip('"') if info.get("ETag") else None)
+                                 info["ETag"].strip('"') if info.get("ETag") else None,
+                                 modified.isoformat() if modified is not None else None)
 
 
 def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:

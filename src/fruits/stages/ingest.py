@@ -150,11 +150,13 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
 
 
 def listing_checksum(remote: list[ListedFile]) -> str:
-    """A change signal for the S3 prefix from its LIST alone (key, size, ETag): images added, replaced or
-    deleted there by anyone change it, and no object is downloaded."""
+    """A change signal for the S3 prefix from its LIST alone (key, size, ETag, LastModified): images added,
+    replaced or deleted there by anyone change it, and so does a prefix written again from scratch (a
+    bucket emptied and refilled, a restarted S3 stand-in), whose tables downstream are gone with it.
+    No object is downloaded."""
     digest = hashlib.sha256()
     for file in sorted(remote, key=lambda f: f.relative):
-        digest.update(f"{file.relative}\t{file.size}\t{file.etag}\n".encode())
+        digest.update(f"{file.relative}\t{file.size}\t{file.etag}\t{file.modified}\n".encode())
     return digest.hexdigest()
 
 
