@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
+.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps exp-apply s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -119,6 +119,10 @@ cluster-down: $(STAMP) ## Terminate the cluster and wait (safe to run twice)
 
 s3-gc: $(STAMP) ## The EMR pipeline's S3 tables no commit or experiment names: listed (dry run); APPLY=1 deletes them
 	@$(WITH_CLUSTER_ENV) $(PY) -m fruits.cloud.locations gc --params emr/params.yaml $(if $(APPLY),--apply)
+
+exp-apply: $(STAMP) ## Bring an experiment into the workspace (EXP=name): dvc exp apply, which a never-run pipeline here does not fail
+	@test -n "$(EXP)" || { echo "make exp-apply needs EXP=<name> (the names: dvc exp show)"; exit 2; }
+	$(PY) -m fruits.tooling.experiments '$(EXP)'
 
 exps: $(STAMP) ## Compare the experiments on one screen: dvc exp show --only-changed (what differs between them)
 	dvc exp show --only-changed --no-pager

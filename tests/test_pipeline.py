@@ -184,7 +184,8 @@ def featurize_run(clone: Path) -> tuple[int, int, int]:
 def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
     """A Fruits-360 folder named with `dvc exp run -S` (the route DVC once missed): its images go through,
     images added there later are seen by DVC and featurized alone, and with params.yaml naming it, a
-    replaced image is seen too; new images never make new weights."""
+    replaced image is seen too, and a queued experiment featurizes only what was added (a deleted image
+    leaves the table); new images never make new weights."""
     from fruits.stages.sample import draw_fruit, generate
 
     generate(source, ["Apple Red", "Banana", "Kiwi"], {"Training": 5, "Test": 2}, 100, 7)
@@ -209,6 +210,19 @@ def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
     status = run(["dvc", "status", "sample"], clone, env)
     assert "changed deps" in status and str(source) in status, status
     replaced.write_bytes(original)
+
+    # A queued experiment starts from the last commit, so the workspace is committed first (params.yaml
+    # names the folder there). Three images added and one deleted: the queued run computes the three
+    # alone, and `make exp-apply` brings it back although the EMR pipeline never ran in this clone.
+    run(["git", "add", "-A"], clone, env)
+    run(["git", "commit", "-qm", "the source folder"], clone, env)
+    for number in range(3):
+        draw_fruit("Banana", 300 + number).save(source / "Training" / "Banana" / f"queued_{number}.jpg")
+    sorted((source / "Test" / "Kiwi").iterdir())[0].unlink()
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-growth"], clone, env)
+    run(["dvc", "exp", "run", "--run-all"], clone, env)
+    run([sys.executable, "-m", "fruits.tooling.experiments", "queued-growth"], clone, env)
+    assert featurize_run(clone) == (28, 25, 3)
 
 
 @pytest.mark.slow
