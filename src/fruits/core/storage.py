@@ -120,7 +120,7 @@ def atomic_output(destination: str | Path, cfg: DictConfig | None = None) -> Ite
             partial = Path(folder) / destination.rsplit("/", 1)[-1]
             yield partial
             fs, path = filesystem(destination, cfg)
-            fs.put_file(str(partial), path)
+            fs.put_file(str(partial), path, **object_encryption(cfg))
         return
     path = Path(local_path(destination))
     path.parent.mkdir(parents=True, exist_ok=True)

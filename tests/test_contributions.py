@@ -1,0 +1,163 @@
+"""Contributed photos without the service: metadata stripped, labels normalised, the quarantine, the
+review and the erasure, on local disk and in the S3 server (the service's endpoints: test_service.py)."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image, ImageCms
+from PIL.ExifTags import IFD
+
+from fruits.app.contributions import BadContribution, ContributionStore, clean_photo, normalise_label
+from fruits.core.config import PROJECT_ROOT
+
+from conftest import make_cfg
+
+KNOWN = ["Apple Red", "Banana", "Kiwi", "Pear"]
+ANSWER = {"label": "Kiwi", "confidence": 0.8}
+
+
+def phone_photo() -> bytes:
+    """A JPEG as a phone writes it: GPS position, maker, device, time, orientation, XMP, ICC, comment."""
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110], exif[0x0132] = "FruitPhone Inc", "FruitPhone 15 Pro", "2026:11:30 12:34:56"
+    exif[0x0112] = 6  # stored sideways: the viewer turns it 90 degrees clockwise
+    gps = exif.get_ifd(IFD.GPSInfo)
+    gps.update({1: "N", 2: (48.0, 51.0, 24.12), 3: "E", 4: (2.0, 21.0, 7.99)})  # Paris
+    exif.get_ifd(IFD.Exif)[0x927C] = b"MAKERNOTE-SERIAL-0042"
+    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description GPSLatitude="48,51.402N"/></x:xmpmeta>'
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    out = io.BytesIO()
+    Image.new("RGB", (120, 80), (120, 200, 60)).save(out, "JPEG", exif=exif, xmp=xmp, icc_profile=icc,
+                                                      comment=b"taken at 12 rue des Fruits")
+    return out.getvalue()
+
+
+def test_the_stored_photo_keeps_its_pixels_upright_and_nothing_else():
+    original = phone_photo()
+    with Image.open(io.BytesIO(original)) as sent:  # the test photo does carry all of it
+        assert sent.getexif().get_ifd(IFD.GPSInfo) and "xmp" in sent.info and "icc_profile" in sent.info
+    photo, thumbnail = clean_photo(original, max_side=1024, thumbnail_side=32)
+    for stored in (photo, thumbnail):
+        for trace in (b"Exif", b"FruitPhone", b"MAKERNOTE", b"48,51", b"xmpmeta", b"rue des Fruits", b"ICC_PROFILE"):
+            assert trace not in stored, trace
+        with Image.open(io.BytesIO(stored)) as image:
+            assert not image.getexif() and not {"exif", "xmp", "icc_profile", "comment"} & set(image.info)
+    with Image.open(io.BytesIO(photo)) as image:
+        assert image.size == (80, 120)  # turned upright as the orientation said, before the tag was dropped
+    with Image.open(io.BytesIO(thumbnail)) as image:
+        assert max(image.size) == 32
+
+
+def test_a_large_photo_is_stored_at_the_configured_size():
+    out = io.BytesIO()
+    Image.new("RGB", (3000, 1500), (10, 20, 30)).save(out, "JPEG")
+    with Image.open(io.BytesIO(clean_photo(out.getvalue(), 1024, 128)[0])) as image:
+        assert image.size == (1024, 512)
+
+
+@pytest.mark.parametrize(("given", "stored"), [
+    ("kiwi", "Kiwi"), ("  apple   RED ", "Apple Red"), ("granny smith", "Granny Smith"),
+    ("Pomme d'api", "Pomme D'api"), ("Physalis with husk", "Physalis With Husk"), ("Cherry-2", "Cherry-2"),
+])
+def test_a_label_is_a_known_one_whatever_its_case_or_a_checked_new_name(given, stored):
+    assert normalise_label(given, KNOWN) == stored
+
+
+@pytest.mark.parametrize("given", ["", " ", "x", "../etc/passwd", "Kiwi/../../x", "a" * 41, "<script>", "Kiwi_1",
+                                   "2 kiwis", "Kiwi  -", "Kiwi\x00"])
+def test_a_label_that_is_no_fruit_name_is_refused_with_the_reason(given):
+    with pytest.raises(BadContribution, match="not a fruit name"):
+        normalise_label(given, KNOWN)
+
+
+def test_quarantine_review_and_erasure_on_local_disk(tmp_path):
+    cfg = make_cfg(tmp_path)
+    store = ContributionStore(cfg)
+    record, token = store.add(phone_photo(), "Kiwi", ANSWER)
+    root = tmp_path / "data" / "contributions"
+    quarantined = root / "quarantine" / "Training" / "Kiwi" / f"{record['id']}.jpg"
+    assert record["status"] == "pending" and quarantined.is_file() and store.pending() == 1
+    saved = json.loads((root / "records" / f"{record['id']}.json").read_text())
+    assert token not in json.dumps(saved) and saved["token_sha256"] != token  # only its hash is kept
+    assert not (root / "approved").exists()  # not a pipeline input before review
+
+    listed = subprocess.run([sys.executable, "-m", "fruits.app.contributions", "list", "--params", str(params(cfg, tmp_path))],
+                            capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert record["id"] in listed.stdout and "Kiwi (80%)" in listed.stdout and f"thumbnails/{record['id']}.jpg" in listed.stdout
+
+    assert store.approve(record["id"])["status"] == "approved"
+    approved = root / "approved" / "Training" / "Kiwi" / f"{record['id']}.jpg"
+    assert approved.is_file() and not quarantined.exists() and store.pending() == 0
+    assert store.approve(record["id"])["status"] == "approved"  # twice: nothing changes
+
+    # Erasure: a wrong or missing token erases nothing; the right one erases photo, thumbnail and record.
+    assert not store.erase(record["id"], "not-the-token") and approved.is_file()
+    assert not store.erase("0" * 32, token) and not store.erase("../records/x", token)
+    assert store.erase(record["id"], token)
+    assert not [path for path in root.rglob("*") if path.is_file()]
+    assert not store.erase(record["id"], token)
+
+
+def test_an_approval_cut_short_is_finished_by_the_next_one(tmp_path):
+    store = ContributionStore(make_cfg(tmp_path))
+    record, _ = store.add(phone_photo(), "Kiwi", ANSWER)
+    real_remove = store.remove
+    store.remove = lambda relative: (_ for _ in ()).throw(OSError("killed"))  # dies before the quarantined copy goes
+    with pytest.raises(OSError):
+        store.approve(record["id"])
+    store.remove = real_remove
+    assert store.record(record["id"])["status"] == "approved"
+    store.approve(record["id"])
+    root = tmp_path / "data" / "contributions"
+    assert not list((root / "quarantine").rglob("*.jpg")) and len(list((root / "approved").rglob("*.jpg"))) == 1
+
+
+def test_the_auto_approve_rule_needs_the_model_to_agree_at_the_threshold(tmp_path):
+    store = ContributionStore(make_cfg(tmp_path, "contributions.auto_approve_at=0.9"))
+    assert store.add(phone_photo(), "Kiwi", {"label": "Kiwi", "confidence": 0.95})[0]["status"] == "approved"
+    assert store.add(phone_photo(), "Kiwi", {"label": "Kiwi", "confidence": 0.85})[0]["status"] == "pending"
+    assert store.add(phone_photo(), "Banana", {"label": "Kiwi", "confidence": 1.0})[0]["status"] == "pending"
+    approved = [record for record in store.records() if record["status"] == "approved"]
+    assert len(approved) == 1 and approved[0]["review"].startswith("auto: the model agrees")
+
+
+def test_reject_erases_and_an_unknown_id_is_named(tmp_path):
+    cfg = make_cfg(tmp_path)
+    store = ContributionStore(cfg)
+    record, _ = store.add(phone_photo(), "Kiwi", ANSWER)
+    command = [sys.executable, "-m", "fruits.app.contributions", "--params", str(params(cfg, tmp_path))]
+    done = subprocess.run([*command, "reject", record["id"], "f" * 32], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert done.returncode == 1 and f"rejected {record['id']}" in done.stdout and f"no contribution {'f' * 32!r}" in done.stderr
+    assert store.record(record["id"]) is None and not list((tmp_path / "data" / "contributions").rglob("*.jpg"))
+    done = subprocess.run([*command, "approve"], capture_output=True, text=True, cwd=PROJECT_ROOT)
+    assert done.returncode == 2 and "IDS=" in done.stderr
+
+
+def test_contributions_in_the_eu_bucket_are_encrypted_and_erased(tmp_path, s3_endpoint):
+    import boto3
+
+    from fruits.cloud import bucket
+
+    cfg = make_cfg(tmp_path, "storage=s3", f"storage.endpoint_url={s3_endpoint}", "storage.bucket=fruits-contrib-test",
+                   "env.paths.contributions=${storage.uris.root}/contributions")
+    bucket.run(cfg)
+    store = ContributionStore(cfg)
+    record, token = store.add(phone_photo(), "Kiwi", ANSWER)
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="eu-west-3")
+    key = f"{cfg.storage.prefix}/contributions/{record['photo']}"
+    assert s3.head_object(Bucket=cfg.storage.bucket, Key=key)["ServerSideEncryption"] == "AES256"
+    store.approve(record["id"])
+    assert store.erase(record["id"], token)
+    left = s3.list_objects_v2(Bucket=cfg.storage.bucket, Prefix=f"{cfg.storage.prefix}/contributions/").get("KeyCount")
+    assert left == 0
+
+
+def params(cfg, folder):
+    from omegaconf import OmegaConf
+
+    path = folder / "params.yaml"
+    OmegaConf.save(cfg, path)
+    return path
