@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps exp-apply s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
+.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve contributions approve reject bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps exp-apply s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -85,8 +85,17 @@ identify: $(STAMP) ## Which fruit is this? make identify IMG=photo.jpg (top labe
 	@test -n "$(IMG)" || { echo "usage: make identify IMG=path/to/photo.jpg" >&2; exit 2; }
 	$(PY) -m fruits.app.identify "$(IMG)" $(ARGS)
 
-serve: $(STAMP) ## The identify service on identify.host:port (uvicorn): POST /identify, GET / (web page), GET /health
+serve: $(STAMP) ## The identify service on identify.host:port (uvicorn): POST /identify, /contributions, GET / (web page), GET /health
 	$(PY) -m fruits.app.service $(ARGS)
+
+contributions: $(STAMP) ## The app's contributed photos waiting for review: id, label, the model's answer, thumbnail
+	$(PY) -m fruits.app.contributions list $(ARGS)
+
+approve: $(STAMP) ## Approve contributions (IDS="id …"): into the approved folder, a source of the pipeline
+	$(PY) -m fruits.app.contributions approve $(IDS) $(ARGS)
+
+reject: $(STAMP) ## Reject contributions (IDS="id …"): photo, thumbnail and record erased
+	$(PY) -m fruits.app.contributions reject $(IDS) $(ARGS)
 
 bench-index: $(STAMP) ## Exact vs HNSW (faiss) search on 100k synthetic vectors: recall@5, query latency
 	$(PY) benchmarks/index_bench.py

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from measure import bench_sample, run_stage
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from fruits.cloud import cluster, locations, steps
 from fruits.cloud import state as cluster_state
@@ -48,6 +48,29 @@ def local_featurize(cfg) -> float:
     return run_stage("featurize", params)["seconds"]
 
 
+def local_featurize_on_s3(cluster_cfg, local_cfg, running: dict) -> float:
+    """featurize as its own local[2] process (the local env's Spark settings), reading the images the
+    cluster read, from the same S3 through the same S3A connector, into tables of its own: the cluster's
+    overhead apart from what S3 itself costs."""
+    from fruits.cloud.nodes import s3a_connector
+    from fruits.cloud.standalone import S3A_JARS
+
+    cfg = cluster_cfg.copy()
+    s3 = running["s3"]
+    with open_dict(cfg):
+        cfg.env.spark = local_cfg.env.spark.copy()
+        cfg.env.spark.conf.update({
+            "spark.jars": ",".join(str(jar) for jar in sorted(S3A_JARS.glob("*.jar"))),
+            **s3a_connector(s3["region"], s3.get("endpoint"), s3.get("truststore")),
+            "spark.hadoop.fs.s3a.aws.credentials.provider": "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
+        })
+        for table in ("features", "rejects"):
+            cfg.env.paths[table] = f"{cluster_cfg.env.paths[table]}-bench-local"
+    params = Path("params-local-on-s3.yaml").resolve()
+    OmegaConf.save(cfg, params)
+    return run_stage("featurize", params)["seconds"]
+
+
 def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
     """make cluster (standalone), then the EMR pipeline's stages, in workdir, on the same images and weights."""
     for name in [n for n in os.environ if n.startswith("AWS_")]:
@@ -64,6 +87,7 @@ def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
         result["cluster_start_s"] = timed(lambda: cluster.create(cfg))
         running = cluster_state.read(cfg)
         result["s3"] = running["s3"]["kind"]
+        os.environ.update(running["s3"]["environment"])  # as `make emr-repro` reads .cluster-env
         result["stages_s"]["ingest (local, upload to S3)"] = timed(lambda: ingest.run(cfg))
         Path(cfg.env.paths.weights).parent.mkdir(parents=True, exist_ok=True)
         for key, path in model_files.items():  # the local run's weights: the same model on both sides
@@ -71,6 +95,7 @@ def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
         for stage in ("featurize", "pca", "index", "report"):
             result["stages_s"][f"{stage} (step)"] = timed(lambda: steps.submit(cfg, stage))
         result["featurized"] = tables.row_count(locations.keyed(cfg).env.paths.features, cfg)
+        result["local_on_s3_featurize_s"] = local_featurize_on_s3(cfg, local_cfg, running)
         result["node_env_mib"] = folder_mib(Path(running["python"]).parents[2])
         result["s3a_jars_mib"] = folder_mib(Path(running["run_dir"]) / "jars")
     finally:
@@ -88,8 +113,11 @@ def markdown(found: dict) -> str:
              f"| nodes' environment (bootstrap-built venv, once per pin set) | {found['node_env_mib']} MiB |",
              f"| S3A connector jars copied to the nodes | {found['s3a_jars_mib']} MiB |",
              f"| featurize, local[2], own process | {found['local_featurize_s']} s |",
+             f"| featurize, local[2], own process, images in the S3 stand-in through S3A | {found['local_on_s3_featurize_s']} s |",
              f"| featurize, standalone cluster, EMR step path | {found['stages_s']['featurize (step)']} s |",
-             f"| **cluster path / local[2]** | **{found['cluster_over_local']}** |", "",
+             f"| **cluster path / local[2]** | **{found['cluster_over_local']}** |",
+             f"| of which S3 (local[2] on S3 / local[2] on disk) | {found['s3_over_disk']} |",
+             f"| of which the cluster (cluster path / local[2] on S3) | {found['cluster_over_local_on_s3']} |", "",
              "EMR pipeline on the cluster, by stage (weights: the local run's, copied):", "",
              "| stage | seconds |", "|---|---:|"]
     lines += [f"| {stage} | {seconds} |" for stage, seconds in found["stages_s"].items()]
@@ -107,6 +135,8 @@ def main() -> None:
     found["local_featurize_s"] = local_featurize(cfg)
     found |= cluster_pipeline(cfg, args.per_label, Path("bench/cluster").resolve())
     found["cluster_over_local"] = round(found["stages_s"]["featurize (step)"] / found["local_featurize_s"], 2)
+    found["s3_over_disk"] = round(found["local_on_s3_featurize_s"] / found["local_featurize_s"], 2)
+    found["cluster_over_local_on_s3"] = round(found["stages_s"]["featurize (step)"] / found["local_on_s3_featurize_s"], 2)
     assert found["featurized"] == len(files), found
     (REPORTS / "cluster_bench.json").write_text(json.dumps(found, indent=2) + "\n")
     text = markdown(found)

@@ -261,11 +261,6 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     stray = [column for column in changed if column not in params | compared | written]  # outputs: as deps
     assert not stray, f"dvc exp show --only-changed names what does not differ between k=3 and k=4: {stray}"
 
-    target = run(["dvc", "exp", "run", "-S", "pca.variance=0.8"], clone, env)
-    assert re.findall(r"Running stage '(\w+)'", target) == ["pca", "index", "report"]
-    chosen = json.loads((clone / "metrics/pca.json").read_text())
-    assert chosen["explained_variance_at_k"] >= 0.8 and chosen["k_rule"].startswith("smallest k")
-
     shown = json.loads(subprocess.run(["dvc", "exp", "show", "--json"], cwd=clone, env=env,
                                       capture_output=True, text=True, check=True).stdout)
     ks, accuracies = set(), {}
@@ -277,16 +272,8 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
                 if "k" in found:
                     ks.add(found["k"])
                     accuracies[found["k"]] = found.get("knn_accuracy")  # what each experiment keeps for the app
-    assert {3, 4, chosen["k"]} <= ks, ks
+    assert {3, 4} <= ks, ks
     assert all(isinstance(accuracies[k], float) for k in (3, 4)), accuracies
-
-    # Growth: one more Test image per label. Only the new images go through the model (Training is
-    # unchanged, so even the seeded offline weights stay the same), and then nothing is left to run.
-    grown = run(["dvc", "exp", "run", "-S", "data.test_per_label=4"], clone, env)
-    assert {"sample", "ingest", "featurize", "pca", "index", "report"} <= set(re.findall(r"Running stage '(\w+)'", grown))
-    featurized = json.loads((clone / "metrics/featurize.json").read_text())
-    assert featurized["images"] == featurized["featurized"] == 36
-    assert (featurized["run"]["new"], featurized["run"]["reused"], featurized["run"]["computed"]) == (3, 33, 3)
 
     source_folder_grows(clone, env, tmp_path / "fruits-360")
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone, env)

@@ -88,6 +88,62 @@ def test_cors_allows_the_app_s_origins_only(client, app_cfg):  # noqa: F811
     assert "access-control-allow-origin" not in other.headers
 
 
+@pytest.fixture
+def contributing(app_cfg, tmp_path_factory):  # noqa: F811
+    """The service with a contributions folder of its own, 6 contributions an hour per client and room
+    for 2 waiting for review."""
+    cfg = app_cfg.copy()
+    cfg.env.paths.contributions = str(tmp_path_factory.mktemp("contributions"))
+    cfg.contributions.rate_limit, cfg.contributions.max_pending = "6/hour", 2
+    with TestClient(create_app(cfg)) as test_client:
+        yield test_client, Path(cfg.env.paths.contributions)
+
+
+def contribute(client, label="Kiwi", consent="true", content=None):
+    from test_contributions import phone_photo
+
+    return client.post("/contributions", files={"photo": ("IMG_0042.jpg", content or phone_photo(), "image/jpeg")},
+                       data={"label": label, **({"consent": consent} if consent is not None else {})})
+
+
+def test_a_contribution_is_stored_without_metadata_and_erased_with_its_token_alone(contributing):
+    client, root = contributing
+    response = contribute(client, label="  kiwi ")
+    assert response.status_code == 201, response.text
+    given = response.json()
+    assert given["label"] == "Kiwi" and given["status"] == "pending" and len(given["deletion_token"]) >= 32
+    assert set(given["model_answer"]) == {"label", "confidence"}
+    stored = root / "quarantine" / "Training" / "Kiwi" / f"{given['id']}.jpg"
+    assert b"Exif" not in stored.read_bytes() and b"FruitPhone" not in stored.read_bytes()
+    assert "Contribution" in client.get("/openapi.json").json()["components"]["schemas"]
+
+    unknown = client.delete(f"/contributions/{'0' * 32}", headers={"X-Deletion-Token": given["deletion_token"]})
+    wrong = client.delete(f"/contributions/{given['id']}", headers={"X-Deletion-Token": "guess"})
+    missing = client.delete(f"/contributions/{given['id']}")
+    assert unknown.status_code == wrong.status_code == missing.status_code == 404
+    assert unknown.json() == wrong.json() == missing.json()  # which ids exist is not told
+    assert stored.is_file()
+    erased = client.delete(f"/contributions/{given['id']}", headers={"X-Deletion-Token": given["deletion_token"]})
+    assert erased.status_code == 204 and not [p for p in root.rglob("*") if p.is_file()]
+
+
+def test_no_consent_no_storage_and_the_limits_answer_429_and_507_while_identify_serves(contributing, app_cfg):  # noqa: F811
+    client, root = contributing
+    refused = [contribute(client, consent="false"), contribute(client, consent=None)]
+    assert [r.status_code for r in refused] == [400, 400] and "consent" in refused[0].json()["detail"]
+    assert not [p for p in root.rglob("*") if p.is_file()]
+    bad_label = contribute(client, label="../../etc")
+    assert bad_label.status_code == 422 and "not a fruit name" in bad_label.json()["detail"]
+    assert [contribute(client).status_code for _ in range(2)] == [201, 201]
+    full = contribute(client)
+    assert full.status_code == 507 and "contributions.max_pending" in full.json()["detail"]
+    limited = contribute(client)  # the 7th in the hour from this client
+    assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
+    assert len(list(root.rglob("records/*.json"))) == 2
+    good = client.post("/identify", files={"photo": ("ok.jpg", photo(app_cfg).read_bytes(), "image/jpeg")})
+    assert good.status_code == 200
+
+
 @pytest.fixture(scope="module")
 def server(app_cfg, tmp_path_factory):  # noqa: F811
     """`python -m fruits.app.service` (uvicorn, one worker) on a free loopback port."""

@@ -3,7 +3,11 @@ and index once, at start-up).
 
 - `POST /identify` (multipart field `photo`): the answer as JSON (schema `Answer`, in /openapi.json);
 - `GET /`: a one-page web UI to pick or drop a photo and see the top answers with the fruit's card;
-- `GET /health`: ready, with the model identity and the index size.
+- `GET /health`: ready, with the model identity and the index size;
+- `POST /contributions` (multipart: `photo`, `label`, `consent`): a photo its author names, stored
+  without metadata in quarantine (fruits.app.contributions); the answer carries its id and a deletion
+  token, shown once. `DELETE /contributions/{id}` with that token in `X-Deletion-Token` erases it.
+  Per-client rate limit (429) and a cap on photos waiting for review (507).
 
 Bad uploads get a 4xx whose `detail` says why, and the service keeps serving: wrong content type (415),
 empty (400), larger than identify.max_upload_mb (413), not an image, truncated or a decompression bomb
@@ -16,16 +20,21 @@ import argparse
 import json
 import os
 import socket
+import time
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import FastAPI, File, HTTPException, Request, UploadFile
+from fastapi import FastAPI, File, Form, Header, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
+from limits import parse as parse_rate
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
 from omegaconf import DictConfig
 from pydantic import BaseModel
 
+from fruits.app.contributions import BadContribution, ContributionStore, normalise_label
 from fruits.app.identify import BadPhoto, Identifier
 from fruits.core.config import load_config
 
@@ -68,6 +77,19 @@ class Answer(BaseModel):
     model: str
 
 
+class ModelAnswer(BaseModel):
+    label: str
+    confidence: float
+
+
+class Contribution(BaseModel):
+    id: str
+    deletion_token: str  # shown once: the only way to erase the photo later (only its sha256 is kept)
+    label: str  # as the collection spells it
+    status: str  # pending (quarantine, waiting for review) | approved
+    model_answer: ModelAnswer
+
+
 class Health(BaseModel):
     status: str
     model: str
@@ -89,7 +111,7 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
 
     app = FastAPI(title="Fruits! identify", version="1", lifespan=lifespan,
                   description="Which fruit is this? Nearest neighbours of the photo in the pipeline's PCA space.")
-    app.add_middleware(CORSMiddleware, allow_origins=list(cfg.identify.cors_origins), allow_methods=["GET", "POST"],
+    app.add_middleware(CORSMiddleware, allow_origins=list(cfg.identify.cors_origins), allow_methods=["GET", "POST", "DELETE"],
                        allow_headers=["*"])
 
     @app.middleware("http")
@@ -110,6 +132,13 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
         400: {"description": "empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
         415: {"description": "not an image content type"}, 422: {"description": "not a readable image"}})
     async def identify(request: Request, photo: UploadFile = File(..., description="a photo of one fruit")) -> Answer:
+        content = await read_photo(photo)
+        try:
+            return Answer(**await run_in_threadpool(request.app.state.identifier.identify, content))
+        except BadPhoto as err:
+            raise HTTPException(422, f"cannot read the photo: {err}") from err
+
+    async def read_photo(photo: UploadFile) -> bytes:
         content_type = (photo.content_type or "").split(";")[0].strip().lower()
         if content_type not in ACCEPTED_TYPES:
             raise HTTPException(415, f"content type {content_type or 'missing'} is not an image type; send one of "
@@ -119,10 +148,51 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
             raise HTTPException(400, "the photo is empty (0 bytes)")
         if len(content) > limit:
             raise HTTPException(413, f"the photo is larger than {cfg.identify.max_upload_mb} MB")
+        return content
+
+    store = ContributionStore(cfg)
+    rate = parse_rate(cfg.contributions.rate_limit)
+    limiter = MovingWindowRateLimiter(MemoryStorage())  # per worker process: no shared store to run
+
+    @app.post("/contributions", status_code=201, response_model=Contribution, responses={
+        400: {"description": "no consent, or an empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
+        415: {"description": "not an image content type"}, 422: {"description": "not a readable image, or not a fruit name"},
+        429: {"description": "this client sent contributions.rate_limit already"},
+        507: {"description": "contributions.max_pending photos wait for review already"}})
+    async def contribute(request: Request, photo: UploadFile = File(..., description="a photo of one fruit"),
+                         label: str = Form(..., description="the fruit, as its author names it: a known label or a new name"),
+                         consent: bool = Form(False, description="the author agrees that the photo joins the collection")
+                         ) -> Contribution:
+        client = request.client.host if request.client else "unknown"
+        if not limiter.hit(rate, "contributions", client):
+            reset = limiter.get_window_stats(rate, "contributions", client).reset_time
+            raise HTTPException(429, f"at most {cfg.contributions.rate_limit} contributions per client: try again later",
+                                headers={"Retry-After": str(max(1, int(reset - time.time())))})
+        if not consent:
+            raise HTTPException(400, "consent=true is required to contribute a photo: without it nothing is stored")
+        content = await read_photo(photo)
+        identifier: Identifier = request.app.state.identifier
         try:
-            return Answer(**await run_in_threadpool(request.app.state.identifier.identify, content))
-        except BadPhoto as err:
+            label = normalise_label(label, sorted(set(identifier.index.labels.tolist())))
+        except BadContribution as err:
+            raise HTTPException(422, str(err)) from err
+        if await run_in_threadpool(store.pending) >= cfg.contributions.max_pending:
+            raise HTTPException(507, f"{cfg.contributions.max_pending} contributions wait for review already "
+                                     "(contributions.max_pending): try again later")
+        try:
+            answer = await run_in_threadpool(identifier.identify, content)
+            record, token = await run_in_threadpool(store.add, content, label, answer)
+        except (BadPhoto, BadContribution) as err:
             raise HTTPException(422, f"cannot read the photo: {err}") from err
+        return Contribution(id=record["id"], deletion_token=token, label=record["label"], status=record["status"],
+                            model_answer=ModelAnswer(**record["model_answer"]))
+
+    @app.delete("/contributions/{contribution_id}", status_code=204, responses={
+        404: {"description": "no contribution with this id and deletion token (which of the two is not said)"}})
+    def erase(contribution_id: str, x_deletion_token: str | None = Header(None)) -> Response:
+        if not x_deletion_token or not store.erase(contribution_id, x_deletion_token):
+            raise HTTPException(404, "no contribution with this id and deletion token")
+        return Response(status_code=204)
 
     page = resources.files("fruits.app").joinpath("static/index.html").read_text(encoding="utf-8")
 
