@@ -120,7 +120,10 @@ class ContributionStore:
         return sorted(found, key=lambda record: (record["created"], record["id"]))
 
     def pending(self) -> int:
-        return sum(record["status"] == "pending" for record in self.records())
+        """Photos waiting in quarantine, from one listing (paginated on S3), not one read per record."""
+        self.fs.invalidate_cache()
+        quarantine = self.path("quarantine")
+        return sum(path.endswith(".jpg") for path in self.fs.find(quarantine)) if self.fs.exists(quarantine) else 0
 
     def add(self, content: bytes, label: str, answer: dict) -> tuple[dict, str]:
         """Store a consented photo in quarantine (or approved at once by the auto-approve rule):
