@@ -90,11 +90,11 @@ def test_cors_allows_the_app_s_origins_only(client, app_cfg):  # noqa: F811
 
 @pytest.fixture
 def contributing(app_cfg, tmp_path_factory):  # noqa: F811
-    """The service with a contributions folder of its own, 6 contributions an hour per client and room
+    """The service with a contributions folder of its own, 7 contributions an hour per client and room
     for 2 waiting for review."""
     cfg = app_cfg.copy()
     cfg.env.paths.contributions = str(tmp_path_factory.mktemp("contributions"))
-    cfg.contributions.rate_limit, cfg.contributions.max_pending = "6/hour", 2
+    cfg.contributions.rate_limit, cfg.contributions.max_pending = "7/hour", 2
     with TestClient(create_app(cfg)) as test_client:
         yield test_client, Path(cfg.env.paths.contributions)
 
@@ -134,10 +134,12 @@ def test_no_consent_no_storage_and_the_limits_answer_429_and_507_while_identify_
     assert not [p for p in root.rglob("*") if p.is_file()]
     bad_label = contribute(client, label="../../etc")
     assert bad_label.status_code == 422 and "not a fruit name" in bad_label.json()["detail"]
+    garbage = contribute(client, content=os.urandom(2000))
+    assert garbage.status_code == 422 and "cannot read the photo" in garbage.json()["detail"]
     assert [contribute(client).status_code for _ in range(2)] == [201, 201]
     full = contribute(client)
     assert full.status_code == 507 and "contributions.max_pending" in full.json()["detail"]
-    limited = contribute(client)  # the 7th in the hour from this client
+    limited = contribute(client)  # the 8th in the hour from this client
     assert limited.status_code == 429 and int(limited.headers["Retry-After"]) > 0
     assert len(list(root.rglob("records/*.json"))) == 2
     good = client.post("/identify", files={"photo": ("ok.jpg", photo(app_cfg).read_bytes(), "image/jpeg")})

@@ -181,9 +181,12 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
                                      "(contributions.max_pending): try again later")
         try:
             answer = await run_in_threadpool(identifier.identify, content)
-            record, token = await run_in_threadpool(store.add, content, label, answer)
-        except (BadPhoto, BadContribution) as err:
+        except BadPhoto as err:
             raise HTTPException(422, f"cannot read the photo: {err}") from err
+        try:
+            record, token = await run_in_threadpool(store.add, content, label, answer)
+        except BadContribution as err:
+            raise HTTPException(422, str(err)) from err
         return Contribution(id=record["id"], deletion_token=token, label=record["label"], status=record["status"],
                             model_answer=ModelAnswer(**record["model_answer"]))
 
