@@ -24,7 +24,7 @@ import time
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import FastAPI, File, Form, Header, HTTPException, Request, Response, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, Header, HTTPException, Request, Response, UploadFile
 from fastapi.concurrency import run_in_threadpool
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -132,29 +132,46 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
         400: {"description": "empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
         415: {"description": "not an image content type"}, 422: {"description": "not a readable image"}})
     async def identify(request: Request, photo: UploadFile = File(..., description="a photo of one fruit")) -> Answer:
-        content = await read_photo(photo)
+        content = await read_photo(photo, cfg.identify.max_upload_mb)
         try:
             return Answer(**await run_in_threadpool(request.app.state.identifier.identify, content))
         except BadPhoto as err:
             raise HTTPException(422, f"cannot read the photo: {err}") from err
 
-    async def read_photo(photo: UploadFile) -> bytes:
-        content_type = (photo.content_type or "").split(";")[0].strip().lower()
-        if content_type not in ACCEPTED_TYPES:
-            raise HTTPException(415, f"content type {content_type or 'missing'} is not an image type; send one of "
-                                     f"{', '.join(ACCEPTED_TYPES)}")
-        content = await photo.read(limit + 1)
-        if not content:
-            raise HTTPException(400, "the photo is empty (0 bytes)")
-        if len(content) > limit:
-            raise HTTPException(413, f"the photo is larger than {cfg.identify.max_upload_mb} MB")
-        return content
+    app.include_router(contribution_routes(cfg))
 
+    page = resources.files("fruits.app").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def home() -> str:
+        return page
+
+    return app
+
+
+async def read_photo(photo: UploadFile, max_upload_mb: float) -> bytes:
+    """The uploaded photo's bytes, or the 4xx that says why not (415, 400, 413)."""
+    limit = int(max_upload_mb * 2**20)
+    content_type = (photo.content_type or "").split(";")[0].strip().lower()
+    if content_type not in ACCEPTED_TYPES:
+        raise HTTPException(415, f"content type {content_type or 'missing'} is not an image type; send one of "
+                                 f"{', '.join(ACCEPTED_TYPES)}")
+    content = await photo.read(limit + 1)
+    if not content:
+        raise HTTPException(400, "the photo is empty (0 bytes)")
+    if len(content) > limit:
+        raise HTTPException(413, f"the photo is larger than {max_upload_mb} MB")
+    return content
+
+
+def contribution_routes(cfg: DictConfig) -> APIRouter:
+    """POST /contributions and DELETE /contributions/{id} (fruits.app.contributions holds the store)."""
+    router = APIRouter()
     store = ContributionStore(cfg)
     rate = parse_rate(cfg.contributions.rate_limit)
     limiter = MovingWindowRateLimiter(MemoryStorage())  # per worker process: no shared store to run
 
-    @app.post("/contributions", status_code=201, response_model=Contribution, responses={
+    @router.post("/contributions", status_code=201, response_model=Contribution, responses={
         400: {"description": "no consent, or an empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
         415: {"description": "not an image content type"}, 422: {"description": "not a readable image, or not a fruit name"},
         429: {"description": "this client sent contributions.rate_limit already"},
@@ -170,7 +187,7 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
                                 headers={"Retry-After": str(max(1, int(reset - time.time())))})
         if not consent:
             raise HTTPException(400, "consent=true is required to contribute a photo: without it nothing is stored")
-        content = await read_photo(photo)
+        content = await read_photo(photo, cfg.identify.max_upload_mb)
         identifier: Identifier = request.app.state.identifier
         try:
             label = normalise_label(label, sorted(set(identifier.index.labels.tolist())))
@@ -190,20 +207,14 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
         return Contribution(id=record["id"], deletion_token=token, label=record["label"], status=record["status"],
                             model_answer=ModelAnswer(**record["model_answer"]))
 
-    @app.delete("/contributions/{contribution_id}", status_code=204, responses={
+    @router.delete("/contributions/{contribution_id}", status_code=204, responses={
         404: {"description": "no contribution with this id and deletion token (which of the two is not said)"}})
     def erase(contribution_id: str, x_deletion_token: str | None = Header(None)) -> Response:
         if not x_deletion_token or not store.erase(contribution_id, x_deletion_token):
             raise HTTPException(404, "no contribution with this id and deletion token")
         return Response(status_code=204)
 
-    page = resources.files("fruits.app").joinpath("static/index.html").read_text(encoding="utf-8")
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home() -> str:
-        return page
-
-    return app
+    return router
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
