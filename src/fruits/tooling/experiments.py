@@ -5,7 +5,8 @@ and emr/dvc.yaml (the cluster). A pipeline never run in this workspace (the EMR 
 local one on a machine that only drives the cluster) has outputs with no hash yet; DVC applies the
 experiment, then reports those as failed checkouts and exits 255 without recording the apply. DVC's own
 queue prepares its temporary workspaces with `allow_missing=True` for that reason; this applies with it
-too, so only outputs that were recorded and are missing from the cache are an error.
+too. DVC still warns about every output it could not create, and with this flag that includes recorded
+outputs missing from the cache (fetch them with `dvc pull`): they are warnings here, not an error.
 """
 
 from __future__ import annotations
