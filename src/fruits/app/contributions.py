@@ -98,6 +98,11 @@ class ContributionStore:
     def path(self, relative: str) -> str:
         return f"{self.base}/{relative}"
 
+    @staticmethod
+    def photo(area: str, label: str, contribution_id: str) -> str:
+        """Where a photo lives in an area (quarantine, approved): the Fruits-360 layout."""
+        return f"{area}/{SPLIT}/{label}/{contribution_id}.jpg"
+
     def write(self, relative: str, data: bytes) -> None:
         with atomic_output(f"{self.root}/{relative}", self.cfg) as partial:
             partial.write_bytes(data)
@@ -132,7 +137,7 @@ class ContributionStore:
         photo, thumbnail = clean_photo(content, settings.max_side_px, settings.thumbnail_px)
         contribution_id, token = uuid.uuid4().hex, secrets.token_urlsafe(32)
         record = {"id": contribution_id, "label": label, "status": "pending", "created": now(),
-                  "photo": f"quarantine/{SPLIT}/{label}/{contribution_id}.jpg",
+                  "photo": self.photo("quarantine", label, contribution_id),
                   "thumbnail": f"thumbnails/{contribution_id}.jpg",
                   "sha256": hashlib.sha256(photo).hexdigest(), "bytes": len(photo),
                   "token_sha256": token_digest(token),
@@ -150,9 +155,9 @@ class ContributionStore:
         """Move the photo into approved/ (a pipeline source); idempotent, and it finishes a move cut short
         (copy, record, then the quarantined copy removed)."""
         record = self.require(contribution_id)
-        quarantined = f"quarantine/{SPLIT}/{record['label']}/{contribution_id}.jpg"
+        quarantined = self.photo("quarantine", record["label"], contribution_id)
         if self.fs.exists(self.path(quarantined)):
-            target = f"approved/{SPLIT}/{record['label']}/{contribution_id}.jpg"
+            target = self.photo("approved", record["label"], contribution_id)
             self.write(target, self.fs.cat_file(self.path(quarantined)))
             if record["status"] == "pending":
                 record.update(status="approved", photo=target, reviewed=now(), review=review)
@@ -170,7 +175,7 @@ class ContributionStore:
             return False
         if token is not None and not hmac.compare_digest(record["token_sha256"], token_digest(token)):
             return False
-        for relative in (record["photo"], f"quarantine/{SPLIT}/{record['label']}/{contribution_id}.jpg",
+        for relative in (record["photo"], self.photo("quarantine", record["label"], contribution_id),
                          record["thumbnail"]):
             self.remove(relative)
         self.remove(f"records/{contribution_id}.json")  # last: a retry with the token still finds it
@@ -216,8 +221,8 @@ def main(argv: list[str] | None = None) -> int:
                 record = store.approve(contribution_id)
                 print(f"approved {contribution_id}: {store.root}/{record['photo']}")
             else:
-                store.require(contribution_id)
-                store.erase(contribution_id)
+                if not store.erase(contribution_id):
+                    raise BadContribution(f"no contribution {contribution_id!r} in {store.root}")
                 print(f"rejected {contribution_id}: its photo, thumbnail and record are erased")
         except BadContribution as err:
             print(f"{args.action}: {err}", file=sys.stderr)

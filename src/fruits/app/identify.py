@@ -90,6 +90,7 @@ class Identifier:
             raise ValueError(f"{cfg.env.paths.knn_index} holds {self.index.vectors.shape[1]}-d vectors but the "
                              f"projection gives {self.projection.components.shape[1]}: re-run the index stage (dvc repro)")
         self.search = build_search(self.index.vectors, cfg.identify.index_kind)
+        self.labels = sorted(set(self.index.labels.tolist()))  # what the index can answer, once
         self.cards = Cards.load(cfg.identify.cards)
         self.neighbours, self.top = cfg.identify.neighbours, cfg.identify.top
 

@@ -126,7 +126,7 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
     def health(request: Request) -> Health:
         identifier: Identifier = request.app.state.identifier
         return Health(status="ok", model=identifier.model, index_vectors=len(identifier.index.vectors),
-                      labels=len(set(identifier.index.labels.tolist())))
+                      labels=len(identifier.labels))
 
     @app.post("/identify", response_model=Answer, responses={
         400: {"description": "empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
@@ -190,7 +190,7 @@ def contribution_routes(cfg: DictConfig) -> APIRouter:
         content = await read_photo(photo, cfg.identify.max_upload_mb)
         identifier: Identifier = request.app.state.identifier
         try:
-            label = normalise_label(label, sorted(set(identifier.index.labels.tolist())))
+            label = normalise_label(label, identifier.labels)
         except BadContribution as err:
             raise HTTPException(422, str(err)) from err
         if await run_in_threadpool(store.pending) >= cfg.contributions.max_pending:
