@@ -140,36 +140,49 @@ def run(cmd: list[str], cwd: Path, env: dict) -> str:
     return done.stdout + done.stderr
 
 
+def stop_queue_workers(clone: Path) -> None:
+    """SIGTERM the clone's DVC queue workers still up (their pid files, checked against the command line
+    so that a reused pid is left alone)."""
+    for pid_file in (clone / ".dvc/tmp/exps/celery").glob("*.pid"):
+        try:
+            pid = int(pid_file.read_text().split()[0])
+            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError, IndexError):
+            pass
+
+
 def run_queue(clone: Path, env: dict, jobs: int) -> None:
     """`dvc exp run --run-all --jobs N`, and every queued experiment succeeded. DVC's celery workers
     sometimes stay up after their last task succeeded (treeverse/dvc#10398, seen here with --jobs 2: the
     worker's monitor fired while its task ran): a worker still up 60 s after every task ended is
-    stopped, which lets --run-all return. What this tests is the experiments, not DVC's workers."""
-    process = subprocess.Popen(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=clone, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:  # the usual case: it ends by itself, and nothing polls DVC beside the experiments
-        process.wait(timeout=240)
-    except subprocess.TimeoutExpired:
-        pass
-    deadline, ended = time.monotonic() + 660, None
-    while process.poll() is None:
-        assert time.monotonic() < deadline, "dvc exp run --run-all did not end within 900 s"
-        time.sleep(10)
-        if process.poll() is not None:
-            break
-        if not re.search(r"\b(Queued|Running)\b", run(["dvc", "queue", "status"], clone, env)):
-            ended = ended or time.monotonic()
-            if time.monotonic() - ended > 60:
-                for pid_file in (clone / ".dvc/tmp/exps/celery").glob("*.pid"):
-                    try:
-                        pid = int(pid_file.read_text().split()[0])
-                        if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():  # not a reused pid
-                            os.kill(pid, signal.SIGTERM)
-                    except (OSError, ValueError, IndexError):
-                        pass
-    output = process.communicate()[0]
+    stopped, which lets --run-all return. The output goes to a file, not a pipe: a worker that outlives
+    --run-all holds what it inherited open, and reading a pipe to its end would wait for that worker.
+    What this tests is the experiments, not DVC's workers."""
+    log = clone.parent / "queue.log"
+    with log.open("w") as output:
+        process = subprocess.Popen(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=clone, env=env,
+                                   stdout=output, stderr=subprocess.STDOUT)
+    try:
+        try:  # the usual case: it ends by itself, and nothing polls DVC beside the experiments
+            process.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            pass
+        deadline, ended = time.monotonic() + 660, None
+        while process.poll() is None:
+            assert time.monotonic() < deadline, f"dvc exp run --run-all did not end within 900 s:\n{log.read_text()[-3000:]}"
+            time.sleep(10)
+            if process.poll() is None and not re.search(r"\b(Queued|Running)\b", run(["dvc", "queue", "status"], clone, env)):
+                ended = ended or time.monotonic()
+                if time.monotonic() - ended > 60:
+                    stop_queue_workers(clone)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        stop_queue_workers(clone)  # none outlives the test
     status = run(["dvc", "queue", "status"], clone, env)
-    assert "Failed" not in status and "Success" in status, f"{output[-3000:]}\n{status}"
+    assert "Failed" not in status and "Success" in status, f"{log.read_text()[-3000:]}\n{status}"
 
 
 def shrink(clone: Path, env: dict) -> None:
