@@ -136,8 +136,9 @@ def read_features(spark, cfg):
     return {row["path"]: row for row in rows}
 
 
-def local_path(uri: str) -> Path:
-    return Path(uri.removeprefix("file:"))
+def image_file(cfg, path: str) -> Path:
+    """The file of a row's path (rows are keyed inside env.paths.images)."""
+    return Path(cfg.env.paths.images) / path
 
 
 def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny_weights):
@@ -146,12 +147,12 @@ def test_spark_features_equal_a_direct_single_process_call(spark, tiny_cfg, tiny
     rows = read_features(spark, tiny_cfg)
     assert metrics["images"] == metrics["featurized"] == len(rows) == 32 and metrics["rejected"] == 0
     paths = sorted(rows)
-    expected = reference_features(tiny_weights, [local_path(p).read_bytes() for p in paths])
+    expected = reference_features(tiny_weights, [image_file(tiny_cfg, p).read_bytes() for p in paths])
     actual = np.array([rows[p]["features"] for p in paths], dtype=np.float32)
     assert actual.shape == (32, backbone.FEATURE_DIM)
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
     for path in paths:
-        assert (rows[path]["split"], rows[path]["label"]) == (local_path(path).parts[-3], local_path(path).parts[-2])
+        assert (rows[path]["split"], rows[path]["label"]) == Path(path).parts[:2]
     written = json.loads((Path(tiny_cfg.env.paths.metrics) / "featurize.json").read_text())
     assert written["featurized"] == 32 and written["weights_pretrained"] is False
     # The DVC metrics file holds what compares experiments; timings and per-worker counts are diagnostics.
@@ -170,7 +171,7 @@ def test_the_onnxruntime_engine_gives_the_tensorflow_features_built_once_per_wor
     # At most once per process over 8+ partitions (0 where an earlier test left this model in the worker).
     assert metrics["partitions"] >= 8 > len(builds) and set(builds.values()) <= {0, 1}, builds
     rows = read_features(spark, tiny_cfg)
-    expected = reference_features(tiny_weights, [local_path(p).read_bytes() for p in sorted(rows)])
+    expected = reference_features(tiny_weights, [image_file(tiny_cfg, p).read_bytes() for p in sorted(rows)])
     actual = np.array([rows[p]["features"] for p in sorted(rows)])
     np.testing.assert_allclose(actual, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
 
@@ -192,7 +193,7 @@ def test_model_is_built_once_per_worker_process_not_per_partition(spark, tiny_cf
     assert set(builds.values()) == {1}, builds
     # And the workers used these weights, not a model cached for earlier ones.
     rows = read_features(spark, tiny_cfg)
-    expected = reference_features(other.get_weights(), [local_path(p).read_bytes() for p in sorted(rows)])
+    expected = reference_features(other.get_weights(), [image_file(tiny_cfg, p).read_bytes() for p in sorted(rows)])
     np.testing.assert_allclose(np.array([rows[p]["features"] for p in sorted(rows)]), expected, atol=1e-5, rtol=1e-5)
 
 
@@ -222,15 +223,15 @@ def test_bad_files_are_rejected_with_a_reason_and_nothing_is_lost(spark, tiny_cf
 
     metrics = featurize.run(tiny_cfg, spark)
     rows = read_features(spark, tiny_cfg)
-    rejects = {local_path(r["path"]).name: r["reject_reason"] for r in tables.read(spark, tiny_cfg.env.paths.rejects, tiny_cfg).collect()}
+    rejects = {Path(r["path"]).name: r["reject_reason"] for r in tables.read(spark, tiny_cfg.env.paths.rejects, tiny_cfg).collect()}
     assert metrics["images"] == 11 == metrics["featurized"] + metrics["rejected"]
-    assert {local_path(p).name for p in rows} == {"é 1.jpg", "cmyk.jpg", "gray.jpg", "alpha.png", "palette.png", "UPPER.JPG"}
+    assert {Path(p).name for p in rows} == {"é 1.jpg", "cmyk.jpg", "gray.jpg", "alpha.png", "palette.png", "UPPER.JPG"}
     assert rejects["empty.jpg"] == "empty file"
     assert rejects["text.jpg"].startswith("not an image")
     assert rejects["truncated.jpg"].startswith("corrupt image")
     assert "is not <Training|Test>/<label>/<file>" in rejects["loose.jpg"]
     assert rejects["_hidden.jpg"].startswith("hidden name")
-    accented = next(r for p, r in rows.items() if local_path(p).name == "é 1.jpg")
+    accented = next(r for p, r in rows.items() if Path(p).name == "é 1.jpg")
     assert (accented["split"], accented["label"]) == ("Training", "Pêche plate")
     assert metrics["reject_reasons"]["empty file"] == 1
 
@@ -286,6 +287,7 @@ def test_odd_names_are_read_literally(spark, tmp_path):
     for name in names:
         write_image(tmp_path / "Training" / "Kiwi" / name, draw_fruit("Kiwi", 1), "JPEG")
     (tmp_path / "Training" / "Kiwi" / "a1.jpg").write_bytes(b"decoy: a[1] as a pattern would match me")
-    uris = [f"file:{tmp_path}/Training/Kiwi/{name}" for name in names]
-    read = {row["path"]: row["checksum"] for row in listing.read_contents(spark, uris).collect()}
-    assert set(read) == set(uris)
+    cfg = make_cfg(tmp_path / "out", f"data.root={tmp_path}")
+    paths = [f"Training/Kiwi/{name}" for name in names]
+    read = {row["path"]: row["checksum"] for row in listing.read_contents(spark, cfg, paths).collect()}
+    assert set(read) == set(paths)

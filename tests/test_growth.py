@@ -83,7 +83,8 @@ def test_add_ten_change_one_delete_one_then_fix_a_reject(spark, growing, tmp_pat
                             "model_changed_or_first_run": False}
     assert grown["images"] == 42 == grown["featurized"] + grown["rejected"]
     features, rejects = read_tables(spark, growing)
-    assert f"file:{deleted}" not in features and rejects == {f"file:{broken}": "not an image (format not recognised)"}
+    deleted_key, broken_key = (str(path.relative_to(root)) for path in (deleted, broken))  # rows' keys
+    assert deleted_key not in features and rejects == {broken_key: "not an image (format not recognised)"}
     assert rejects_files(growing) != [tables.EMPTY_FILE]
     assert_same_as_full_run(spark, growing, tmp_path / "full-1")
 
@@ -148,8 +149,7 @@ def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, gro
     """data.layout=parquet: ingest packs the images into shards; growth adds a shard, never rewrites one;
     featurize reads only new or changed content and gives the features of the loose-files layout."""
     loose = featurize.run(growing, spark)
-    loose_features, _ = read_tables(spark, growing)
-    by_relative = {path.split("/images/", 1)[1]: row for path, row in loose_features.items()}
+    by_relative, _ = read_tables(spark, growing)  # both layouts key rows by the path inside the images folder
 
     sharded = same_model(make_cfg(tmp_path / "sharded", f"data.root={growing.data.root}", "data.layout=parquet",
                                   "data.shard_mb=0"), growing)

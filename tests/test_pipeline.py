@@ -260,9 +260,9 @@ def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
 
     # A queued experiment starts from the last commit, so the workspace is committed first; it composes
     # params.yaml from conf/ again, so the folder is named with -S as before. Three images added and one
-    # deleted: the queued run holds the 28 images, and `make exp-apply` brings it back although the EMR
-    # pipeline never ran in this clone. (It recomputes all 28: feature rows are keyed by absolute path,
-    # and DVC runs a queued experiment in a folder of its own; issue 23 stays open on that.)
+    # deleted: the queued run holds the 28 images, only the 3 new ones through the model (rows are keyed
+    # by the path inside the images folder, and DVC runs a queued experiment in a folder of its own),
+    # and `make exp-apply` brings it back although the EMR pipeline never ran in this clone.
     run(["git", "add", "-A"], clone, env)
     run(["git", "commit", "-qm", "the source folder"], clone, env)
     for number in range(3):
@@ -271,7 +271,7 @@ def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
     run([*named, "--queue", "-n", "queued-growth"], clone, env)  # DVC composes params.yaml from conf/ again
     run_queue(clone, env, jobs=1)
     run([sys.executable, "-m", "fruits.tooling.experiments", "queued-growth"], clone, env)
-    assert featurize_run(clone)[0] == 28
+    assert featurize_run(clone) == (28, 25, 3)
 
 
 @pytest.mark.slow

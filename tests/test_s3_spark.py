@@ -44,10 +44,10 @@ def jpeg(label: str, seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def features_by_image(spark, cfg, root: str) -> dict:
-    """relative path -> (label, split, checksum, features) of the committed features table."""
-    rows = tables.read(spark, cfg.env.paths.features, cfg).collect()
-    return {r["path"].split(root.rstrip("/") + "/", 1)[-1]: r for r in rows}
+def features_by_image(spark, cfg) -> dict:
+    """path (inside the images folder, local or S3 alike) -> (label, split, checksum, features) of the
+    committed features table."""
+    return {r["path"]: r for r in tables.read(spark, cfg.env.paths.features, cfg).collect()}
 
 
 def assert_same_features(got: dict, expected: dict) -> None:
@@ -76,8 +76,8 @@ def test_incremental_featurize_and_pca_on_s3_equal_a_run_from_scratch(spark, tmp
     for key in ("weights", "onnx", "provenance"):
         local.env.paths[key] = tiny_cfg.env.paths[key]
     featurize.run(local, spark)
-    assert_same_features(features_by_image(spark, cfg, cfg.storage.uris.raw),
-                         features_by_image(spark, local, f"file:{tiny_cfg.data.root}"))
+    assert_same_features(features_by_image(spark, cfg),
+                         features_by_image(spark, local))
 
     # The raw prefix grows in S3 itself (as the app's uploads will): 3 new, 1 changed, 1 deleted.
     s3 = boto3.client("s3", region_name="eu-west-3", endpoint_url=s3_endpoint)
@@ -98,8 +98,8 @@ def test_incremental_featurize_and_pca_on_s3_equal_a_run_from_scratch(spark, tmp
     scratch = s3_project(tmp_path / "scratch", s3_endpoint, tiny_cfg)
     scratch.env.paths.images = cfg.env.paths.images
     assert featurize.run(scratch, spark)["run"]["reused"] == 0
-    assert_same_features(features_by_image(spark, cfg, cfg.storage.uris.raw),
-                         features_by_image(spark, scratch, cfg.storage.uris.raw))
+    assert_same_features(features_by_image(spark, cfg),
+                         features_by_image(spark, scratch))
 
     metrics = pca.run(cfg, spark)
     assert metrics["rows_projected"] == 34

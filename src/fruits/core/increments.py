@@ -1,7 +1,8 @@
 """The incremental update of a keyed, versioned table pair (fruits.core.tables): which rows of the last
 run are reused, which inputs are computed again, and the merged result.
 
-Every row carries its key (the path) and its identity: the content checksum, the size and modification
+Every row carries its key (the path, relative to the images folder: the same wherever the folder is
+read from) and its identity: the content checksum, the size and modification
 time the listing gave, and the identity of what computed it (the model). An input whose size and date
 are those of its row is kept without being read; the others are read and checksummed, and only those
 whose content is new or changed are computed. Rows of deleted inputs are dropped; another identity
@@ -50,7 +51,9 @@ def read_previous(spark, cfg: DictConfig, pair: TablePair, identity: str):
         previous.append(table)
     results, rejects = previous
     rows = results.select("path", *ROW_IDENTITY).unionByName(rejects.select("path", *ROW_IDENTITY))
-    if rows.where(F.col("model") != identity).limit(1).count() or not rows.limit(1).count():
+    # Another model, or rows keyed by absolute path (written before paths were relative): start afresh.
+    absolute = F.col("path").rlike("^[A-Za-z][A-Za-z0-9+.-]*:/")
+    if rows.where((F.col("model") != identity) | absolute).limit(1).count() or not rows.limit(1).count():
         return None
     # Rows without a checksum are the walk's rejects (files Spark never lists): found again every run,
     # so they take no part in the plan (else they would count as deleted each time).
@@ -103,12 +106,12 @@ def plan_run(spark, cfg: DictConfig, images, listing, listed: int, previous) -> 
                        fresh.join(before, "path", "left_semi").count(), None, fresh.count())
     kept, candidates, deleted = plan(listing, previous)
     # Only what changed by size or date is read and checksummed: for a growth run, a short list.
-    hashed = (read_contents(spark, [row["path"] for row in candidates.select("path").collect()])
+    hashed = (read_contents(spark, cfg, [row["path"] for row in candidates.select("path").collect()])
               .select("path", "checksum").join(candidates, "path").persist(StorageLevel.MEMORY_AND_DISK))
     touched = hashed.where(F.col("checksum") == F.col("previous_checksum")).select("path")  # same content
     fresh = hashed.where(F.col("previous_checksum").isNull() | (F.col("checksum") != F.col("previous_checksum")))
     fresh_paths = [row["path"] for row in fresh.select("path").collect()]
-    return RunPlan(kept.unionByName(touched), read_contents(spark, fresh_paths), deleted.count(),
+    return RunPlan(kept.unionByName(touched), read_contents(spark, cfg, fresh_paths), deleted.count(),
                    fresh.where(F.col("previous_checksum").isNotNull()).count(), hashed, len(fresh_paths))
 
 

@@ -2,7 +2,9 @@
 will skip.
 
 Spark lists a folder (local or S3) once; the listing (path, size, modified) and the contents both come
-from that frame, the contents read only when a plan uses them. Spark's file source skips empty files
+from that frame, the contents read only when a plan uses them. A `path` here is relative to
+env.paths.images (`<split>/<label>/<file>`), as in ingest's shard index: a row keeps its key when the
+same images are read from another folder (DVC runs a queued experiment in a workspace of its own). Spark's file source skips empty files
 and hidden names: `walk` finds those in one streaming pass, so that a stage can reject them with a
 reason instead of losing them. The partition settings make the model's tasks equal in image count.
 """
@@ -33,10 +35,29 @@ def image_reader(spark, cfg: DictConfig):
 
 
 def image_files(spark, cfg: DictConfig):
-    """Every image file under env.paths.images (recursively), as Spark's binaryFile source finds them.
-    Spark lists the folder here, once (on S3, one LIST per 1,000 objects): the listing and a full read
-    both come from this frame; the contents are read only when a plan uses them."""
-    return image_reader(spark, cfg).load(cfg.env.paths.images)
+    """Every image file under env.paths.images (recursively), as Spark's binaryFile source finds them,
+    each path relative to that folder. Spark lists the folder here, once (on S3, one LIST per 1,000
+    objects): the listing and a full read both come from this frame; the contents are read only when a
+    plan uses them."""
+    return relative_paths(image_reader(spark, cfg).load(cfg.env.paths.images), qualified_root(spark, cfg))
+
+
+def qualified_root(spark, cfg: DictConfig) -> str:
+    """env.paths.images as Hadoop writes it at the start of each listed path (file:/a/b, s3a://bucket/key)."""
+    jvm, hadoop_conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
+    root = jvm.org.apache.hadoop.fs.Path(cfg.env.paths.images)
+    return root.getFileSystem(hadoop_conf).makeQualified(root).toString().rstrip("/")
+
+
+def relative_paths(files, root: str):
+    """files with each `path` made relative to root; a path outside it fails the job, naming it."""
+    from pyspark.sql import functions as F
+
+    prefix = f"{root}/"
+    inside = F.col("path").startswith(prefix)
+    relative = F.col("path").substr(len(prefix) + 1, 2**31 - 1)
+    outside = F.raise_error(F.concat(F.lit(f"listed outside {root}: "), F.col("path")))
+    return files.withColumn("path", F.when(inside, relative).otherwise(outside))
 
 
 def listing(images):
@@ -70,11 +91,13 @@ def contents(images):
                          F.col("length").alias("size"), F.col("modificationTime").alias("modified"))
 
 
-def read_contents(spark, paths: list[str]):
-    """contents() of the given image files."""
+def read_contents(spark, cfg: DictConfig, paths: list[str]):
+    """contents() of the given image files (paths relative to env.paths.images)."""
     if not paths:
         return spark.createDataFrame([], "path string, content binary, checksum string, size long, modified timestamp")
-    return contents(spark.read.format("binaryFile").load([escape_glob(p) for p in paths]))
+    root = qualified_root(spark, cfg)
+    files = spark.read.format("binaryFile").load([escape_glob(f"{root}/{path}") for path in paths])
+    return contents(relative_paths(files, root))
 
 
 def escape_glob(uri: str) -> str:
@@ -116,7 +139,7 @@ def files_per_partition(files: int, largest_bytes: int) -> dict[str, str]:
 
 class Walk(NamedTuple):
     """One streaming pass over the image files (only the skipped ones are kept in memory)."""
-    unreadable: list[tuple[str, str]]  # (uri, reject_reason) of the files Spark's file source never returns
+    unreadable: list[tuple[str, str]]  # (path, reject_reason) of the files Spark's file source never returns
     readable: int  # the others: how many, their bytes, the largest
     readable_bytes: int
     largest: int
@@ -128,9 +151,9 @@ def walk(files) -> Walk:
     unreadable, readable, total, largest = [], 0, 0, 0
     for file in files:
         if any(part.startswith((".", "_")) for part in file.relative.split("/")):
-            unreadable.append((file.uri, "hidden name (a part starts with '.' or '_'): Spark skips it, rename it"))
+            unreadable.append((file.relative, "hidden name (a part starts with '.' or '_'): Spark skips it, rename it"))
         elif file.size == 0:
-            unreadable.append((file.uri, "empty file"))
+            unreadable.append((file.relative, "empty file"))
         else:
             readable, total, largest = readable + 1, total + file.size, max(largest, file.size)
     return Walk(unreadable, readable, total, largest)

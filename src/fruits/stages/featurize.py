@@ -258,7 +258,7 @@ def compute_and_commit(spark, cfg: DictConfig, work: increments.RunPlan, compute
     features, rejects = increments.merge(table_pair(cfg), previous and previous[:2], work.reused, computed,
                                          listed_rows, identity)
     unreadable_rows = spark.createDataFrame(
-        [(uri, reason, None, None, None, identity) for uri, reason in unreadable],
+        [(path, reason, None, None, None, identity) for path, reason in unreadable],
         "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
     # No rejects now and none to keep: the rejects table is written without a Spark job.
     no_rejects = rejected_now == 0 and (previous is None or tables.row_count(cfg.env.paths.rejects, cfg) == 0)
