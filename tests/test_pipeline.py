@@ -229,9 +229,10 @@ def featurize_run(clone: Path) -> tuple[int, int, int]:
 
 
 def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
-    """A Fruits-360 folder named with `dvc exp run -S` (the route DVC once missed): its images go through,
-    images added there later are seen by DVC and featurized alone, and with params.yaml naming it, a
-    replaced image is seen too, and a queued experiment sees images added and deleted there; new images
+    """A Fruits-360 folder named each way: with `dvc exp run -S` (the route DVC once missed), its images go
+    through, and images added there later are seen by DVC and featurized alone; with params.yaml naming
+    it, a replaced image is recomputed alone by `dvc repro`; named in conf/ and run as a queued
+    experiment, images added and deleted there are seen, and only the new ones computed. New images
     never make new weights."""
     from fruits.stages.sample import draw_fruit, generate
 
@@ -249,26 +250,33 @@ def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
     assert featurize_run(clone) == (26, 21, 5)  # only the five new images went through the model
     assert "Running stage" not in run(named, clone, env)  # nothing changed: nothing runs
 
-    # params.yaml now names the folder (as if edited by hand): DVC sees an image replaced there, and the
-    # same bytes put back leave nothing to run (DVC compares contents, not dates).
+    # params.yaml now names the folder (as if edited by hand): `dvc repro` sees an image replaced there
+    # and computes it alone; a file touched with the same bytes is no change (DVC compares contents).
     replaced = source / "Test" / "Banana" / sorted(p.name for p in (source / "Test" / "Banana").iterdir())[0]
-    original = replaced.read_bytes()
     draw_fruit("Banana", 200).save(replaced)
     status = run(["dvc", "status", "sample"], clone, env)
     assert "changed deps" in status and str(source) in status, status
-    replaced.write_bytes(original)
+    assert "Running stage 'sample'" in run(["dvc", "repro"], clone, env)
+    assert featurize_run(clone) == (26, 25, 1)
+    os.utime(replaced, (time.time() + 60, time.time() + 60))
 
-    # A queued experiment starts from the last commit, so the workspace is committed first; it composes
-    # params.yaml from conf/ again, so the folder is named with -S as before. Three images added and one
-    # deleted: the queued run holds the 28 images, only the 3 new ones through the model (rows are keyed
-    # by the path inside the images folder, and DVC runs a queued experiment in a folder of its own),
-    # and `make exp-apply` brings it back although the EMR pipeline never ran in this clone.
+    # conf/ names the folder, then `make params` (its commands): committed, since a queued experiment
+    # starts from the last commit and composes params.yaml from conf/ again. Three images added and one
+    # deleted, then queued: only the 3 new ones go through the model (rows are keyed by the path inside
+    # the images folder, and DVC runs a queued experiment in a folder of its own), and `make exp-apply`
+    # brings the run back although the EMR pipeline never ran in this clone.
+    sample_yaml = clone / "conf/data/sample.yaml"
+    text = re.sub(r"(?m)^source: .*$", f"source: {source}", sample_yaml.read_text())
+    sample_yaml.write_text(re.sub(r"(?m)^(labels|train_per_label|test_per_label): .*$", r"\1: null", text))
+    (clone / "params.yaml").write_text(run([sys.executable, "-m", "fruits.core.config"], clone, env))
+    run([sys.executable, "-m", "fruits.tooling.dvc_pipelines"], clone, env)
+    assert "Running stage" not in run(["dvc", "repro"], clone, env)  # the same values, the touched file
     run(["git", "add", "-A"], clone, env)
-    run(["git", "commit", "-qm", "the source folder"], clone, env)
+    run(["git", "commit", "-qm", "conf/ names the source folder"], clone, env)
     for number in range(3):
         draw_fruit("Banana", 300 + number).save(source / "Training" / "Banana" / f"queued_{number}.jpg")
     sorted((source / "Test" / "Kiwi").iterdir())[0].unlink()
-    run([*named, "--queue", "-n", "queued-growth"], clone, env)  # DVC composes params.yaml from conf/ again
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-growth"], clone, env)
     run_queue(clone, env, jobs=1)
     run([sys.executable, "-m", "fruits.tooling.experiments", "queued-growth"], clone, env)
     assert featurize_run(clone) == (28, 25, 3)
