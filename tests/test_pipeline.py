@@ -3,10 +3,7 @@
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 from contextlib import contextmanager
@@ -19,6 +16,7 @@ from fruits.core import registry
 from fruits.tooling import dvc_pipelines
 from fruits.core.config import PROJECT_ROOT, compose
 
+from clones import exp_show_columns, flat_keys, fresh_clone, run, run_queue
 from conftest import make_cfg
 
 
@@ -134,162 +132,9 @@ def test_a_real_run_reads_only_listed_params_and_writes_exactly_its_registered_o
         before = after
 
 
-def run(cmd: list[str], cwd: Path, env: dict) -> str:
-    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    return done.stdout + done.stderr
-
-
-def stop_queue_workers(clone: Path) -> None:
-    """SIGTERM the clone's DVC queue workers still up (their pid files, checked against the command line
-    so that a reused pid is left alone)."""
-    for pid_file in (clone / ".dvc/tmp/exps/celery").glob("*.pid"):
-        try:
-            pid = int(pid_file.read_text().split()[0])
-            if b"queue-worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                os.kill(pid, signal.SIGTERM)
-        except (OSError, ValueError, IndexError):
-            pass
-
-
-def run_queue(clone: Path, env: dict, jobs: int) -> None:
-    """`dvc exp run --run-all --jobs N`, and every queued experiment succeeded. DVC's celery workers
-    sometimes stay up after their last task succeeded (treeverse/dvc#10398, seen here with --jobs 2: the
-    worker's monitor fired while its task ran): a worker still up 60 s after every task ended is
-    stopped, which lets --run-all return. The output goes to a file, not a pipe: a worker that outlives
-    --run-all holds what it inherited open, and reading a pipe to its end would wait for that worker.
-    What this tests is the experiments, not DVC's workers."""
-    log = clone.parent / "queue.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(["dvc", "exp", "run", "--run-all", "--jobs", str(jobs)], cwd=clone, env=env,
-                                   stdout=output, stderr=subprocess.STDOUT)
-    try:
-        try:  # the usual case: it ends by itself, and nothing polls DVC beside the experiments
-            process.wait(timeout=240)
-        except subprocess.TimeoutExpired:
-            pass
-        deadline, ended = time.monotonic() + 660, None
-        while process.poll() is None:
-            assert time.monotonic() < deadline, f"dvc exp run --run-all did not end within 900 s:\n{log.read_text()[-3000:]}"
-            time.sleep(10)
-            if process.poll() is None and not re.search(r"\b(Queued|Running)\b", run(["dvc", "queue", "status"], clone, env)):
-                ended = ended or time.monotonic()
-                if time.monotonic() - ended > 60:
-                    stop_queue_workers(clone)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        stop_queue_workers(clone)  # none outlives the test
-    status = run(["dvc", "queue", "status"], clone, env)
-    assert "Failed" not in status and "Success" in status, f"{log.read_text()[-3000:]}\n{status}"
-
-
-def shrink(clone: Path, env: dict) -> None:
-    """Make the clone's own conf/ tiny (3 labels, 96 px, offline weights) and commit it."""
-    sample_yaml = clone / "conf/data/sample.yaml"
-    text = sample_yaml.read_text()
-    text = re.sub(r"labels: \[.*\]", "labels: [Apple Red, Banana, Kiwi]", text)
-    text = re.sub(r"train_per_label: \d+", "train_per_label: 8", text)
-    text = re.sub(r"test_per_label: \d+", "test_per_label: 3", text)
-    sample_yaml.write_text(text)
-    model_yaml = clone / "conf/model/mobilenetv2.yaml"
-    text = model_yaml.read_text().replace("weights: imagenet", "weights: random")
-    text = re.sub(r"input_size: \d+", "input_size: 96", text)
-    model_yaml.write_text(re.sub(r"calibration_images: \d+", "calibration_images: 16", text))
-    params = run([sys.executable, "-m", "fruits.core.config"], clone, env)
-    (clone / "params.yaml").write_text(params)
-    run(["git", "commit", "-qam", "tiny pipeline"], clone, env)
-
-
-def flat_keys(tree: dict, prefix: str = "") -> set[str]:
-    """Dotted keys of a nested mapping's leaves, as dvc exp show names its columns."""
-    keys: set[str] = set()
-    for key, value in tree.items():
-        keys |= flat_keys(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}"}
-    return keys
-
-
-def exp_show_columns(clone: Path, env: dict) -> list[str]:
-    """The param, metric and dep columns of `dvc exp show --only-changed --csv` (a file prefix, which
-    DVC adds to a name that two files share, dropped)."""
-    import csv
-
-    text = subprocess.run(["dvc", "exp", "show", "--only-changed", "--csv"], cwd=clone, env=env,
-                          capture_output=True, text=True, check=True).stdout
-    header = next(csv.reader(text.splitlines()))
-    fixed = {"Experiment", "rev", "typ", "Created", "parent", "State", "Executor"}
-    return [column.rsplit(":", 1)[-1] for column in header if column not in fixed]
-
-
-def featurize_run(clone: Path) -> tuple[int, int, int]:
-    """(rows in the features, images reused, images through the model) of the last featurize run."""
-    metrics = json.loads((clone / "metrics/featurize.json").read_text())
-    return metrics["featurized"], metrics["run"]["reused"], metrics["run"]["computed"]
-
-
-def source_folder_grows(clone: Path, env: dict, source: Path) -> None:
-    """A Fruits-360 folder named each way: with `dvc exp run -S` (the route DVC once missed), its images go
-    through, and images added there later are seen by DVC and featurized alone; with params.yaml naming
-    it, a replaced image is recomputed alone by `dvc repro`; named in conf/ and run as a queued
-    experiment, images added and deleted there are seen, and only the new ones computed. New images
-    never make new weights."""
-    from fruits.stages.sample import draw_fruit, generate
-
-    generate(source, ["Apple Red", "Banana", "Kiwi"], {"Training": 5, "Test": 2}, 100, 7)
-    named = ["dvc", "exp", "run", "-S", f"data.source={source}", "-S", "data.labels=null",
-             "-S", "data.train_per_label=null", "-S", "data.test_per_label=null"]
-    first = run(named, clone, env)
-    assert "Running stage 'sample'" in first and "Running stage 'weights'" not in first
-    assert featurize_run(clone)[0] == 21
-
-    for number in range(5):  # added to the folder: the same command sees them
-        draw_fruit("Kiwi", 100 + number).save(source / "Training" / "Kiwi" / f"added_{number}.jpg")
-    grown = run(named, clone, env)
-    assert "Running stage 'sample'" in grown and "Running stage 'weights'" not in grown
-    assert featurize_run(clone) == (26, 21, 5)  # only the five new images went through the model
-    assert "Running stage" not in run(named, clone, env)  # nothing changed: nothing runs
-
-    # params.yaml now names the folder (as if edited by hand): `dvc repro` sees an image replaced there
-    # and computes it alone; a file touched with the same bytes is no change (DVC compares contents).
-    replaced = source / "Test" / "Banana" / sorted(p.name for p in (source / "Test" / "Banana").iterdir())[0]
-    draw_fruit("Banana", 200).save(replaced)
-    status = run(["dvc", "status", "sample"], clone, env)
-    assert "changed deps" in status and str(source) in status, status
-    assert "Running stage 'sample'" in run(["dvc", "repro"], clone, env)
-    assert featurize_run(clone) == (26, 25, 1)
-    os.utime(replaced, (time.time() + 60, time.time() + 60))
-
-    # conf/ names the folder, then `make params` (its commands): committed, since a queued experiment
-    # starts from the last commit and composes params.yaml from conf/ again. Three images added and one
-    # deleted, then queued: only the 3 new ones go through the model (rows are keyed by the path inside
-    # the images folder, and DVC runs a queued experiment in a folder of its own), and `make exp-apply`
-    # brings the run back although the EMR pipeline never ran in this clone.
-    sample_yaml = clone / "conf/data/sample.yaml"
-    text = re.sub(r"(?m)^source: .*$", f"source: {source}", sample_yaml.read_text())
-    sample_yaml.write_text(re.sub(r"(?m)^(labels|train_per_label|test_per_label): .*$", r"\1: null", text))
-    (clone / "params.yaml").write_text(run([sys.executable, "-m", "fruits.core.config"], clone, env))
-    run([sys.executable, "-m", "fruits.tooling.dvc_pipelines"], clone, env)
-    assert "Running stage" not in run(["dvc", "repro"], clone, env)  # the same values, the touched file
-    run(["git", "add", "-A"], clone, env)
-    run(["git", "commit", "-qm", "conf/ names the source folder"], clone, env)
-    for number in range(3):
-        draw_fruit("Banana", 300 + number).save(source / "Training" / "Banana" / f"queued_{number}.jpg")
-    sorted((source / "Test" / "Kiwi").iterdir())[0].unlink()
-    run(["dvc", "exp", "run", "--queue", "-n", "queued-growth"], clone, env)
-    run_queue(clone, env, jobs=1)
-    run([sys.executable, "-m", "fruits.tooling.experiments", "queued-growth"], clone, env)
-    assert featurize_run(clone) == (28, 25, 3)
-
-
 @pytest.mark.slow
 def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
-    clone = tmp_path / "clone"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "PYSPARK_PYTHON": sys.executable}
-    run(["git", "clone", "-q", str(PROJECT_ROOT), str(clone)], tmp_path, env)
-    shrink(clone, env)
+    clone, env = fresh_clone(tmp_path)
 
     first = run(["dvc", "repro"], clone, env)
     for stage in dvc_stages():
@@ -332,7 +177,6 @@ def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     assert {3, 4} <= ks, ks
     assert all(isinstance(accuracies[k], float) for k in (3, 4)), accuracies
 
-    source_folder_grows(clone, env, tmp_path / "fruits-360")
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], clone, env)
 
     metrics = run(["dvc", "metrics", "show", "--json"], clone, env)
