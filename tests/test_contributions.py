@@ -12,6 +12,7 @@ from PIL.ExifTags import IFD
 
 from fruits.app.contributions import BadContribution, ContributionStore, clean_photo, normalise_label
 from fruits.core.config import PROJECT_ROOT
+from fruits.core.errors import ConfigError
 
 from conftest import make_cfg
 
@@ -153,6 +154,50 @@ def test_contributions_in_the_eu_bucket_are_encrypted_and_erased(tmp_path, s3_en
     assert store.erase(record["id"], token)
     left = s3.list_objects_v2(Bucket=cfg.storage.bucket, Prefix=f"{cfg.storage.prefix}/contributions/").get("KeyCount")
     assert left == 0
+
+
+def test_approved_photos_must_be_where_the_store_writes_them(tmp_path):
+    with pytest.raises(ConfigError, match="env.paths.approved=.* is not inside env.paths.contributions"):
+        ContributionStore(make_cfg(tmp_path, f"env.paths.approved={tmp_path / 'elsewhere'}"))
+
+
+@pytest.mark.slow
+def test_an_approved_photo_is_featurized_alone_answered_with_its_label_then_erased(spark, tiny_cfg, tmp_path):
+    """The loop: a photo with a new label contributed and approved; the next sample and featurize runs
+    compute it alone, the index counts it and the app answers it with its label; erased, the next runs
+    drop its row."""
+    from fruits.app.identify import Identifier
+    from fruits.core import tables
+    from fruits.stages import featurize, index, pca, sample
+    from fruits.stages.sample import draw_fruit
+
+    cfg = tiny_cfg
+    cfg.data.root = cfg.env.paths.images = str(tmp_path / "images")  # a sample of its own, with the tiny weights
+    assert sample.run(cfg)["contributed"] == 0
+    assert featurize.run(cfg, spark)["run"]["computed"] == 32
+
+    photo = io.BytesIO()
+    draw_fruit("Lemon", 4242).rotate(30, fillcolor="white").save(photo, "JPEG")
+    store = ContributionStore(cfg)
+    record, token = store.add(photo.getvalue(), "Yuzu", ANSWER)
+    assert sample.run(cfg)["contributed"] == 0  # in quarantine: not an input
+    record = store.approve(record["id"])
+    manifest = sample.run(cfg)
+    assert (manifest["contributed"], manifest["images"]) == (1, 33) and "Yuzu" in manifest["labels"]
+    run = featurize.run(cfg, spark)["run"]
+    assert (run["computed"], run["reused"]) == (1, 32), run
+    pca.run(cfg, spark)
+    metrics = index.run(cfg, spark)
+    assert (metrics["training_vectors"], metrics["contributed_vectors"]) == (25, 1)
+    stored = (tmp_path / "data" / "contributions" / record["photo"]).read_bytes()
+    assert Identifier(cfg).identify(stored)["label"] == "Yuzu"
+
+    assert store.erase(record["id"], token)
+    assert sample.run(cfg)["contributed"] == 0
+    run = featurize.run(cfg, spark)["run"]
+    assert (run["deleted"], run["computed"]) == (1, 0), run
+    paths = [row["path"] for row in tables.read(spark, cfg.env.paths.features, cfg).select("path").collect()]
+    assert len(paths) == 32 and not [path for path in paths if record["id"] in path]
 
 
 def params(cfg, folder):

@@ -93,3 +93,17 @@ def test_a_zip_that_grew_gives_its_new_images(tmp_path):
     assert archive_and_sample() == 3
     sample.draw_fruit("Fig", 9).save(real / "Training" / "Fig" / "added.jpg")
     assert archive_and_sample() == 4
+
+
+def test_approved_contributions_join_the_subset_whatever_data_labels_selects(tmp_path):
+    cfg = make_cfg(tmp_path, "data.labels=[Kiwi]")
+    approved = tmp_path / "data" / "contributions" / "approved"
+    for label, name in (("Kiwi", "a" * 32), ("Yuzu", "b" * 32)):
+        (approved / "Training" / label).mkdir(parents=True, exist_ok=True)
+        sample.draw_fruit("Kiwi", 5).save(approved / "Training" / label / f"{name}.jpg")
+    (approved / "Training" / "Yuzu" / ".DS_Store").write_bytes(b"\0")  # not an image: left where it is
+    manifest = sample.run(cfg)
+    root = tmp_path / "images"
+    assert manifest["contributed"] == 2 and manifest["images"] == 8 + 2 == len(list(root.rglob("*.jpg")))
+    assert (root / "Training" / "Yuzu" / f"contributed_{'b' * 32}.jpg").is_file() and manifest["labels"] == ["Kiwi", "Yuzu"]
+    assert manifest["source_files"] == manifest["images"] + len(manifest["ignored"]) + manifest["not_selected"]

@@ -94,6 +94,7 @@ def contributing(app_cfg, tmp_path_factory):  # noqa: F811
     for 2 waiting for review."""
     cfg = app_cfg.copy()
     cfg.env.paths.contributions = str(tmp_path_factory.mktemp("contributions"))
+    cfg.env.paths.approved = f"{cfg.env.paths.contributions}/approved"  # app_cfg is resolved: moved with it
     cfg.contributions.rate_limit, cfg.contributions.max_pending = "7/hour", 2
     with TestClient(create_app(cfg)) as test_client:
         yield test_client, Path(cfg.env.paths.contributions)

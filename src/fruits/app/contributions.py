@@ -8,7 +8,7 @@ the author is stored (no address, no device, no time finer than the second).
 Under env.paths.contributions (a local folder, or the project's EU bucket with its encryption):
 
     quarantine/Training/<label>/<id>.jpg   waiting for review: not a pipeline input
-    approved/Training/<label>/<id>.jpg     reviewed: a Fruits-360 folder the pipeline can read
+    approved/Training/<label>/<id>.jpg     reviewed (env.paths.approved): the sample stage copies them in
     thumbnails/<id>.jpg                    for the reviewer
     records/<id>.json                      label, status, the model's answer, the photo's sha256, the token's
 
@@ -35,6 +35,7 @@ from omegaconf import DictConfig
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fruits.core.config import load_config
+from fruits.core.errors import ConfigError
 from fruits.core.storage import atomic_output, filesystem
 
 SPLIT = "Training"  # contributed photos enlarge what the index answers from
@@ -94,6 +95,10 @@ class ContributionStore:
         self.root = str(cfg.env.paths.contributions).rstrip("/")
         self.fs, self.base = filesystem(self.root, cfg)
         self.base = self.base.rstrip("/")
+        approved = str(cfg.env.paths.approved).rstrip("/")  # what the sample stage reads
+        if not approved.startswith(f"{self.root}/"):
+            raise ConfigError(f"env.paths.approved={approved} is not inside env.paths.contributions={self.root}")
+        self.approved = approved[len(self.root) + 1:]
 
     def path(self, relative: str) -> str:
         return f"{self.base}/{relative}"
@@ -157,7 +162,7 @@ class ContributionStore:
         record = self.require(contribution_id)
         quarantined = self.photo("quarantine", record["label"], contribution_id)
         if self.fs.exists(self.path(quarantined)):
-            target = self.photo("approved", record["label"], contribution_id)
+            target = self.photo(self.approved, record["label"], contribution_id)
             self.write(target, self.fs.cat_file(self.path(quarantined)))
             if record["status"] == "pending":
                 record.update(status="approved", photo=target, reviewed=now(), review=review)

@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 SPLITS = ("Training", "Test")
+CONTRIBUTED_PREFIX = "contributed_"  # the file name of an app user's approved photo in the images folder
 WHITE = (255, 255, 255)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 # 40 megapixels (~120 MB decoded): above any phone photo or dataset image; below, memory stays bounded.

@@ -50,8 +50,10 @@ class Stage:
 SAMPLE = Stage(
     "sample",
     params=("data.source", "data.root", "data.url", "data.labels", "data.train_per_label", "data.test_per_label",
-            "data.image_size", "data.seed", "data.extensions"),
-    inputs=("data.source",),  # always a path (a folder, a .zip or a recipe): DVC watches it however it was set
+            "data.image_size", "data.seed", "data.extensions", "env.paths.approved"),
+    # data.source is always a path (a folder, a .zip or a recipe): DVC watches it however it was set;
+    # env.paths.approved holds the app's reviewed contributions (a folder kept in git, empty but for .gitkeep).
+    inputs=("data.source", "env.paths.approved"),
     outputs=("data.root",),
     in_emr_pipeline=False,
 )

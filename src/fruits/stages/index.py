@@ -21,6 +21,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from pathlib import PurePosixPath
 
 import numpy as np
 import pandas as pd
@@ -28,6 +29,7 @@ from omegaconf import DictConfig
 
 from fruits.core import tables
 from fruits.core.config import stage_config
+from fruits.core.images import CONTRIBUTED_PREFIX
 from fruits.core.neighbours import ExactIndex, NeighbourIndex, vote
 from fruits.core.projection import checked_projection_sha256
 from fruits.core.spark import get_session
@@ -36,7 +38,7 @@ from fruits.core.storage import atomic_output, write_record
 log = logging.getLogger(__name__)
 
 # What compares experiments (the DVC metrics file); the curve is a DVC plot, timings are diagnostics.
-COMPARED = ("training_vectors", "components", "test_rows", "test_rows_answered", "knn_accuracy",
+COMPARED = ("training_vectors", "contributed_vectors", "components", "test_rows", "test_rows_answered", "knn_accuracy",
             "knn_accuracy_standard_error", "knn_accuracy_interval_95")
 
 HASH_DIGITS = 8  # a Test row's place in the accuracy sample: the first 8 hex digits of sha256(path)
@@ -66,6 +68,11 @@ def answers(index: NeighbourIndex, search: ExactIndex, queries: np.ndarray, neig
     """The app's first answer for each query, searched with `search` (the index on its first j components)."""
     found = search.search(queries[:, : search.vectors.shape[1]], neighbours)
     return [vote(index.labels, index.paths, d, i).labels[0] for d, i in zip(found.distances, found.indices, strict=True)]
+
+
+def contributed(paths) -> int:
+    """How many of the index's images are app users' approved photos (their file name says so)."""
+    return sum(PurePosixPath(str(path)).name.startswith(CONTRIBUTED_PREFIX) for path in paths)
 
 
 def path_hash(path: str) -> int:
@@ -155,6 +162,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         broadcast_index.unpersist()
     metrics = {
         "training_vectors": len(index.vectors),
+        "contributed_vectors": contributed(index.paths),  # the app users' approved photos among them
         "components": k,
         "labels": len(set(index.labels.tolist())),
         "neighbours": neighbours,

@@ -4,6 +4,10 @@ Taken from a real Fruits-360 folder or archive when `data.source` points to one 
 conf/data/sources/download.yaml fetches the public archive); with the recipe generate.yaml, drawn
 deterministically and offline: each label has its own shape, colour and texture; rotation, size,
 position and lighting vary within a label. data.source is always a path, which DVC watches.
+
+The app users' approved photos (env.paths.approved, `<split>/<label>/<id>.jpg`, written by `make
+approve`) join the subset as `<split>/<label>/contributed_<id>.jpg`, whatever data.labels selects: they
+are how the collection grows, new labels included.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
-from fruits.core.images import SPLITS
+from fruits.core.images import CONTRIBUTED_PREFIX, SPLITS
 from fruits.core.storage import atomic_output, write_json
 
 log = logging.getLogger(__name__)
@@ -229,6 +233,18 @@ def copy_layout(source: Path, root: Path, split: str, labels: list[str] | None, 
     return count
 
 
+def add_contributions(approved: Path, root: Path, extensions) -> int:
+    """Copy the approved contributions into the subset; how many (none when the folder is absent)."""
+    count = 0
+    for photo in sorted(approved.glob("*/*/*")) if approved.is_dir() else []:
+        split, label = photo.parent.parent.name, photo.parent.name
+        if split in SPLITS and photo.is_file() and ignored_reason(photo.relative_to(approved), extensions) is None:
+            (root / split / label).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(photo, root / split / label / f"{CONTRIBUTED_PREFIX}{photo.name}")
+            count += 1
+    return count
+
+
 def source_kind(source: str) -> str:
     """What data.source names: a recipe of conf/data/sources (generate, download), a .zip or a folder.
     Always a path, so that DVC watches it (a keyword would leave DVC nothing to hash)."""
@@ -270,7 +286,10 @@ def transform(cfg: DictConfig, source: Path | None, staging: Path) -> dict:
     else:
         accounting = copy_subset(source, staging, data.labels and list(data.labels), per_split, data.extensions)
         origin = f"Fruits-360 images from {data.source}"
-    manifest = {"origin": origin, **accounting,
+    contributed = add_contributions(Path(cfg.env.paths.approved), staging, data.extensions)
+    accounting.update(images=accounting["images"] + contributed,
+                      source_files=accounting["source_files"] + contributed)
+    manifest = {"origin": origin, **accounting, "contributed": contributed,
                 "labels": sorted(p.name for p in (staging / "Training").iterdir() if p.is_dir())}
     write_json(staging / "MANIFEST.json", manifest)
     return manifest
