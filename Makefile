@@ -177,5 +177,6 @@ bench-layout: $(STAMP) ## Loose files vs Parquet shards: featurize's input stage
 docs: $(STAMP) ## Refresh the code excerpts in docs/*.md from the source
 	$(PY) docs/excerpts.py
 
-clean: ## Remove generated data and outputs (not the virtual environment)
-	rm -rf data models bench spark-warehouse
+clean: ## Remove generated data and outputs (not the virtual environment, not the app users' contributions)
+	find data -mindepth 1 -maxdepth 1 ! -name contributions -exec rm -rf {} + 2>/dev/null || true
+	rm -rf models bench spark-warehouse
