@@ -145,10 +145,8 @@ lint-imports: $(STAMP) ## Check the layer contracts (core < stages < cloud; app 
 secrets: $(STAMP) ## Scan every tracked file for secrets (detect-secrets; known non-secrets in .secrets.baseline)
 	git ls-files -z | xargs -0 $(VENV)/bin/detect-secrets-hook --baseline .secrets.baseline
 
-# Two pytest workers, a test file each at a time (a file's module fixtures, such as the standalone
-# cluster, start once): measured 1.3x over one worker on 2 cores, the fresh-clone DVC tests being long.
 test: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the secret scan, then the whole test suite (slow tests included)
-	$(PY) -m pytest -n 2 --dist loadfile --durations=25
+	$(PY) -m pytest --durations=25
 
 test-fast: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the tests that are neither slow nor reach a registry
 	$(PY) -m pytest -m "not slow and not network"
