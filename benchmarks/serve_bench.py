@@ -2,51 +2,81 @@
 
 Starts `python -m fruits.app.service` (uvicorn, identify.workers processes) on a free port, then sends
 the sample's Test photos as POST /identify from 1 and from 8 concurrent clients (each a thread with its
-own keep-alive connection), bounded in count and time: requests/s, p50 / p99 / max latency, errors.
-Writes reports/serve_bench.json and .md. A benchmark: nothing is asserted.
+own keep-alive connection), bounded in count and time: requests/s, p50 / p99 / max latency, errors;
+for each, before, during and after a swap to a newly committed index (one more image: the service
+serves a copy of the index, the pipeline's own is never touched). Writes reports/serve_bench.json and .md. A benchmark: nothing is asserted.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import http.client
 import os
 import platform
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
 import uuid
+from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 
+from fruits.app.identify import Identifier
 from fruits.core.config import load_config
+from fruits.core.neighbours import NeighbourIndex
 from measure import write_results
 
 
-def multipart(photo: Path) -> tuple[bytes, str]:
+def multipart_body(name: str, content: bytes) -> tuple[bytes, str]:
+    """(body, content type) of a POST /identify with this photo."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"{photo.name}\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode() + photo.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"photo\"; filename=\"{name}\"\r\n"
+            "Content-Type: image/jpeg\r\n\r\n").encode() + content + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 
+def commit_grown_index(cfg, identifier: Identifier, content: bytes, label: str, base: NeighbourIndex | None = None) -> str:
+    """Commit, as the index stage does (a whole file renamed into place), the index at
+    env.paths.knn_index (or base) plus this photo as a Training image of label; its version."""
+    index = base or NeighbourIndex.load(cfg.env.paths.knn_index)
+    vector = identifier.vector(content).astype(np.float32)
+    name = f"Training/{label}/contributed_{uuid.uuid4().hex}.jpg"
+    replace(index, vectors=np.vstack([index.vectors, vector]), labels=np.append(index.labels, label),
+            paths=np.append(index.paths, name)).save(cfg.env.paths.knn_index)
+    return hashlib.sha256(Path(cfg.env.paths.knn_index).read_bytes()).hexdigest()[:12]
+
+
 def client(port: int, bodies: list[tuple[bytes, str]], count: int, deadline: float, latencies: list, errors: list) -> None:
+    """One client with a keep-alive connection: a failed request (a status other than 200, or a broken
+    connection) is counted, said, and the client goes on with a new connection."""
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     for i in range(count):
         if time.monotonic() > deadline:
             break
         body, content_type = bodies[i % len(bodies)]
         started = time.perf_counter()
-        connection.request("POST", "/identify", body, {"Content-Type": content_type})
-        response = connection.getresponse()
-        response.read()
+        try:
+            connection.request("POST", "/identify", body, {"Content-Type": content_type})
+            response = connection.getresponse()
+            answer = response.read()
+        except (OSError, http.client.HTTPException) as err:
+            errors.append(repr(err))
+            print(f"  request failed: {err!r}", flush=True)
+            connection.close()
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            continue
         latencies.append(time.perf_counter() - started)
         if response.status != 200:
             errors.append(response.status)
+            print(f"  HTTP {response.status}: {answer[:300]!r}", flush=True)
     connection.close()
 
 
@@ -61,13 +91,25 @@ def load(port: int, bodies, clients: int, requests: int, seconds: float) -> dict
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    ms = np.array(latencies) * 1000
+    ms = np.array(latencies or [float("nan")]) * 1000  # nan: every request failed
     row = {"clients": clients, "requests": len(latencies), "errors": len(errors), "seconds": round(wall, 2),
            "requests_per_second": round(len(latencies) / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
            "p99_ms": round(float(np.percentile(ms, 99)), 1), "max_ms": round(float(ms.max()), 1)}
     print(f"  {clients} client(s): {row['requests']} requests, {row['requests_per_second']} req/s, "
           f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, {row['errors']} errors", flush=True)
     return row
+
+
+def swap_rows(port: int, bodies, clients: int, requests: int, seconds: float, commit) -> list[dict]:
+    """The load before, during and after a swap: the middle window has `commit` called 1 s into it."""
+    before = {"phase": "before", **load(port, bodies, clients, requests, seconds)}
+    during = {}
+    loader = threading.Thread(target=lambda: during.update(load(port, bodies, clients, requests, seconds)))
+    loader.start()
+    time.sleep(1)
+    commit()
+    loader.join()
+    return [before, {"phase": "during a swap", **during}, {"phase": "after", **load(port, bodies, clients, requests, seconds)}]
 
 
 def main() -> None:
@@ -80,11 +122,16 @@ def main() -> None:
     photos = sorted(Path(cfg.data.root).glob("Test/*/*.jpg"))
     if not photos:
         raise SystemExit(f"no Test photos under {cfg.data.root}: run `make demo` first")
-    bodies = [multipart(p) for p in photos]
+    bodies = [multipart_body(p.name, p.read_bytes()) for p in photos]
+    served = Path(tempfile.mkdtemp(prefix="serve-bench-")) / "knn_index.npz"  # the swaps never touch the pipeline's
+    shutil.copy(cfg.env.paths.knn_index, served)
+    overrides = [*args.overrides, f"env.paths.knn_index={served}", "identify.index_poll_seconds=0.5"]
+    cfg = load_config(overrides)
+    identifier = Identifier(cfg)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "fruits.app.service", f"identify.port={port}", *args.overrides],
+    server = subprocess.Popen([sys.executable, "-m", "fruits.app.service", f"identify.port={port}", *overrides],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(600):
@@ -94,15 +141,21 @@ def main() -> None:
             except OSError:
                 time.sleep(0.2)
         load(port, bodies, 1, 20, 30)  # warm-up: every worker's first calls
-        rows = [load(port, bodies, clients, args.requests, args.seconds) for clients in (1, 8)]
+        rows = []
+        for clients in (1, 8):  # each swap adds one image (a Test photo as a new label), as the index stage would
+            commit = partial(commit_grown_index, cfg, identifier, photos[clients].read_bytes(), f"Bench {clients}")
+            rows += [{"clients": clients, **row} for row in swap_rows(port, bodies, clients, args.requests, args.seconds, commit)]
     finally:
         server.terminate()
         server.wait(timeout=30)
+        shutil.rmtree(served.parent)
     setup = (f"{os.cpu_count()} cores ({platform.processor() or platform.machine()}), {cfg.identify.workers} uvicorn "
-             f"workers, engine {cfg.model.engine}, {cfg.model.input_size} px, {len(photos)} distinct Test photos")
-    lines = [setup, "", "| clients | requests | req/s | p50 (ms) | p99 (ms) | max (ms) | errors |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['clients']} | {r['requests']} | {r['requests_per_second']} | {r['p50_ms']} | {r['p99_ms']} | "
-              f"{r['max_ms']} | {r['errors']} |" for r in rows]
+             f"workers, engine {cfg.model.engine}, {cfg.model.input_size} px, {len(photos)} distinct Test photos; "
+             f"{len(identifier.current.index.vectors)} index vectors, each worker polling every 0.5 s")
+    lines = [setup, "", "| clients | phase | requests | req/s | p50 (ms) | p99 (ms) | max (ms) | errors |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['clients']} | {r['phase']} | {r['requests']} | {r['requests_per_second']} | {r['p50_ms']} | "
+              f"{r['p99_ms']} | {r['max_ms']} | {r['errors']} |" for r in rows]
     print(write_results("serve_bench", {"setup": setup, "rows": rows}, lines))
 
 

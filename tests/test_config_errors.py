@@ -49,6 +49,8 @@ SETTINGS = [
     ("input size", ["model.input_size=100"], r"model.input_size=100 is not supported"),
     ("empty bucket name", ["storage=s3", "storage.bucket=''"], r"storage.bucket is empty"),
     ("no accuracy query", ["identify.accuracy_queries=0"], r"identify.accuracy_queries=0 must be at least 1"),
+    ("abstain quantile above 1", ["identify.abstain_quantile=1.5"], r"identify.abstain_quantile=1.5 must be a share in \(0, 1\]"),
+    ("no index poll", ["identify.index_poll_seconds=0"], r"identify.index_poll_seconds=0 must be a positive number"),
 ]
 
 

@@ -7,6 +7,7 @@ tests answer Test photos little better than chance."""
 import copy
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from fruits.app import identify
 from fruits.core import tables
 from fruits.core.config import compose
-from fruits.core.neighbours import ExactIndex, HnswIndex, NeighbourIndex, recall_at, vote
+from fruits.core.neighbours import ExactIndex, HnswIndex, NeighbourIndex, abstain_distance, nearest_outside, recall_at, vote
 from fruits.stages import featurize, index, ingest, pca, weights
 
 from conftest import TINY_LABELS
@@ -190,3 +191,54 @@ def test_above_accuracy_queries_the_index_stage_answers_its_fixed_sample_of_test
 ])
 def test_the_accuracy_interval_is_wilsons(share, rows, expected):
     assert index.wilson_interval(share, rows) == pytest.approx(expected, abs=1e-4)
+
+
+def test_nearest_outside_leaves_out_each_query_s_own_group():
+    rng = np.random.default_rng(1)
+    vectors, labels = rng.standard_normal((300, 6)), rng.choice(["a", "b", "c"], 300)
+    queries, query_labels = rng.standard_normal((40, 6)), rng.choice(["a", "b", "c", "d"], 40)
+    brute = np.sqrt(((queries[:, None, :] - vectors[None]) ** 2).sum(-1))
+    brute[query_labels[:, None] == labels[None, :]] = np.inf
+    found = nearest_outside(vectors, labels, queries, query_labels, block=7)
+    np.testing.assert_allclose(found, brute.min(1), rtol=1e-9)
+    rows = np.arange(len(vectors))  # rows as groups: each vector's nearest other vector, never itself
+    itself = nearest_outside(vectors, rows, vectors, rows)
+    assert (itself > 0).all() and nearest_outside(vectors[:1], rows[:1], vectors[:1], rows[:1])[0] == np.inf
+    assert abstain_distance(vectors, 1.0) == pytest.approx(itself.max())
+    assert abstain_distance(vectors, 0.5) == pytest.approx(np.quantile(itself, 0.5))
+
+
+@pytest.mark.network
+def test_the_app_is_not_sure_of_a_fruit_the_index_lacks_as_often_as_the_index_stage_measured(app_cfg, tmp_path):
+    """The index stage's two abstention shares, computed again through the app: every Test photo against
+    the whole index (known), then against the index without its label (held back, swapped in as the
+    pipeline would commit it)."""
+    metrics = json.loads(Path(app_cfg.env.paths.index_diagnostics).read_text())  # the whole record
+    full = NeighbourIndex.load(app_cfg.env.paths.knn_index)
+    rows = np.arange(len(full.vectors))
+    calibrated = np.quantile(nearest_outside(full.vectors, rows, full.vectors, rows),
+                             app_cfg.identify.abstain_quantile)
+    assert full.abstain_distance == pytest.approx(calibrated) and metrics["abstain_distance"] == pytest.approx(calibrated, abs=1e-5)
+
+    cfg = copy.deepcopy(app_cfg)
+    cfg.env.paths.knn_index = str(tmp_path / "knn_index.npz")
+    full.save(cfg.env.paths.knn_index)
+    identifier = identify.Identifier(cfg)
+    photos = sorted(Path(cfg.data.root).glob("Test/*/*.jpg"))
+    unsure_known = [not identifier.identify(p.read_bytes())["sure"] for p in photos]
+    unsure_held_back = []
+    for label in sorted({p.parent.name for p in photos}):
+        kept = full.labels != label
+        replace(full, vectors=full.vectors[kept], labels=full.labels[kept], paths=full.paths[kept]).save(cfg.env.paths.knn_index)
+        assert identifier.refresh() and label not in identifier.labels
+        answers = [identifier.identify(p.read_bytes()) for p in photos if p.parent.name == label]
+        unsure_held_back += [not a["sure"] for a in answers]
+        assert all(identify.render(a).startswith("Not sure: this fruit may not be in our collection yet") for a in answers
+                   if not a["sure"])
+        assert all(a["label"] != label for a in answers)  # answered wrongly when the app is sure
+    assert metrics["test_rows_answered"] == len(photos)
+    assert metrics["abstained_known"] == pytest.approx(np.mean(unsure_known), abs=1e-6)
+    assert metrics["abstained_held_back"] == pytest.approx(np.mean(unsure_held_back), abs=1e-6)
+    assert metrics["abstained_held_back"] > metrics["abstained_known"], metrics  # the threshold tells them apart
+    print(f"not sure: {metrics['abstained_known']:.0%} of known Test photos, "
+          f"{metrics['abstained_held_back']:.0%} of held-back ones")

@@ -1,7 +1,12 @@
 """The identify service: its JSON answer, the bad-upload table, CORS, and a real browser on a real server."""
 
 import io
+import json
 import os
+import shutil
+import threading
+from contextlib import contextmanager
+from dataclasses import replace
 import socket
 import subprocess
 import sys
@@ -34,11 +39,13 @@ def photo(cfg, split="Test", label="Kiwi") -> Path:
 def test_health_and_a_good_photo(client, app_cfg):  # noqa: F811
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["index_vectors"] == 24 and health["labels"] == 4
+    assert len(health["index_version"]) == 12
     response = client.post("/identify", files={"photo": ("kiwi.jpg", photo(app_cfg).read_bytes(), "image/jpeg")})
     assert response.status_code == 200
     answer = response.json()
     assert answer["label"] == "Kiwi" and answer["card"]["name"]["en"] == "Kiwifruit"
-    assert set(answer) == {"label", "confidence", "top", "neighbours", "card", "model"}
+    assert set(answer) == {"sure", "label", "confidence", "top", "neighbours", "card", "model", "index_version"}
+    assert answer["index_version"] == health["index_version"]
     assert "Answer" in client.get("/openapi.json").json()["components"]["schemas"]
 
 
@@ -147,36 +154,47 @@ def test_no_consent_no_storage_and_the_limits_answer_429_and_507_while_identify_
     assert good.status_code == 200
 
 
-@pytest.fixture(scope="module")
-def server(app_cfg, tmp_path_factory):  # noqa: F811
-    """`python -m fruits.app.service` (uvicorn, one worker) on a free loopback port."""
+@contextmanager
+def serving(cfg, folder: Path):
+    """`python -m fruits.app.service` (uvicorn, cfg.identify.workers processes) on a free loopback port:
+    yields (url, port)."""
     from omegaconf import OmegaConf
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    params = tmp_path_factory.mktemp("serve") / "params.yaml"
-    served = app_cfg.copy()
-    served.identify.port, served.identify.workers = port, 1
+    params = folder / "params.yaml"
+    served = cfg.copy()
+    served.identify.port = port
     OmegaConf.save(served, params)
     process = subprocess.Popen([sys.executable, "-m", "fruits.app.service", "--params", str(params)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.DEVNULL, stderr=open(folder / "service.log", "w"))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            assert process.poll() is None, f"the service died: {process.stderr.read()[-2000:]}"
-            time.sleep(0.3)
-    else:
-        process.kill()
-        pytest.fail("the service did not answer /health within 120 s")
-    yield url
-    process.terminate()
-    process.wait(timeout=30)
+    try:
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                assert process.poll() is None, f"the service died: {(folder / 'service.log').read_text()[-2000:]}"
+                time.sleep(0.3)
+        else:
+            pytest.fail("the service did not answer /health within 120 s")
+        yield url, port
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(app_cfg, tmp_path_factory):  # noqa: F811
+    """The service with one worker."""
+    cfg = app_cfg.copy()
+    cfg.identify.workers = 1
+    with serving(cfg, tmp_path_factory.mktemp("serve")) as (url, _):
+        yield url
 
 
 def test_a_real_browser_uploads_a_photo_and_reads_the_answer(server, app_cfg):  # noqa: F811
@@ -229,3 +247,78 @@ def test_connections_accepted_on_the_workers_listener_get_tcp_nodelay():
 
     asyncio.run(main())
     assert listener.proto == socket.IPPROTO_TCP and seen["nodelay"] != 0
+
+
+def get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def post_photo(url: str, content: bytes) -> dict:
+    from serve_bench import multipart_body
+
+    body, content_type = multipart_body("photo.jpg", content)
+    request = urllib.request.Request(f"{url}/identify", body, {"Content-Type": content_type})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_two_workers_swap_to_each_committed_index_under_load_with_no_failed_request(app_cfg, tmp_path):  # noqa: F811
+    """Two uvicorn workers under the load bench's 8 clients while two indexes are committed (as the index
+    stage commits: a whole file renamed into place), with a pair that does not belong together between
+    them: zero failed requests, both workers answer from each new index once it is committed, and never
+    from an index made with another projection."""
+    import serve_bench
+
+    from fruits.app.identify import Identifier
+
+    cfg = app_cfg.copy()
+    for key in ("pca_projection", "knn_index"):  # the module's other tests keep theirs
+        cfg.env.paths[key] = str(shutil.copy(cfg.env.paths[key], tmp_path / Path(cfg.env.paths[key]).name))
+    cfg.identify.workers, cfg.identify.index_poll_seconds = 2, 0.2
+    banana, kiwi = photo(app_cfg, "Test", "Banana").read_bytes(), photo(app_cfg, "Test", "Kiwi").read_bytes()
+    identifier = Identifier(cfg)
+    bodies = [serve_bench.multipart_body(p.name, p.read_bytes()) for p in sorted(Path(cfg.data.root).glob("Test/*/*.jpg"))]
+
+    with serving(cfg, tmp_path) as (url, port):
+        first = get_json(f"{url}/health")
+        assert first["index_vectors"] == 24 and post_photo(url, banana)["label"] == "Banana"
+        load = {}
+        loader = threading.Thread(target=lambda: load.update(serve_bench.load(port, bodies, 8, 100_000, 15)))
+        loader.start()
+        time.sleep(3)
+        yuzu = serve_bench.commit_grown_index(cfg, identifier, banana, "Yuzu")  # a new label: the banana photo's twin
+        answers = wait_for_version(url, banana, yuzu)
+        assert {a["label"] for a in answers} == {"Yuzu"} and get_json(f"{url}/health")["index_vectors"] == 25
+
+        from fruits.core.neighbours import NeighbourIndex
+
+        current = NeighbourIndex.load(cfg.env.paths.knn_index)
+        replace(current, projection_sha256="0" * 64).save(cfg.env.paths.knn_index)  # another run's projection
+        time.sleep(2)  # ten polls: the pair is refused, the workers keep answering from yuzu's index
+        assert {post_photo(url, banana)["index_version"] for _ in range(10)} == {yuzu}
+
+        second = serve_bench.commit_grown_index(cfg, identifier, kiwi, "Kiwi Gold", base=current)
+        answers = wait_for_version(url, kiwi, second)
+        assert {a["label"] for a in answers} == {"Kiwi Gold"}
+        health = get_json(f"{url}/health")
+        assert (health["index_version"], health["index_vectors"], health["labels"]) == (second, 26, first["labels"] + 2)
+        assert loader.is_alive()  # both swaps happened under load
+        loader.join()
+    log = (tmp_path / "service.log").read_text()
+    assert load["errors"] == 0 and load["requests"] > 100, load
+    assert log.count(f"now answering from index {yuzu}") == log.count(f"now answering from index {second}") == 2
+    assert log.count("built with another projection") == 2  # once per worker, not once per poll
+
+
+def wait_for_version(url: str, content: bytes, version: str, seconds: float = 20) -> list[dict]:
+    """Once /health names the version, 20 answers on fresh connections (either worker): all from it."""
+    deadline = time.monotonic() + seconds
+    while get_json(f"{url}/health")["index_version"] != version:
+        assert time.monotonic() < deadline, f"no worker swapped to index {version} within {seconds} s"
+        time.sleep(0.1)
+    time.sleep(1)  # five polls: the other worker too
+    answers = [post_photo(url, content) for _ in range(20)]
+    assert {a["index_version"] for a in answers} == {version}
+    return answers

@@ -3,16 +3,20 @@
 The photo goes through exactly what the pipeline did to every image, without Spark or a JVM: the same
 decoding (fruits.core.images), the same backbone, weights and engine, the pca stage's projection
 artifact; then the index stage's Training vectors answer by a vote of the nearest ones, weighted by
-1 / distance. The answer carries the top labels with their share of the vote (the first share is the
+1 / distance. A photo farther from every Training image than the index's calibrated distance is
+answered "not sure" (it may be a fruit the index lacks). The answer carries the top labels with their share of the vote (the first share is the
 confidence), the nearest Training images, and the fruit's information card.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
+import os
 import sys
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -24,8 +28,9 @@ from fruits.core import engines, logs
 from fruits.core.config import load_config
 from fruits.core.images import RejectedImage, prepare
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
-from fruits.core.projection import load_projection
-from fruits.core.storage import file_digest
+from fruits.core.projection import Projection, read_projection
+
+log = logging.getLogger(__name__)
 
 MISSING_CARD_TEXT = "No information card for this fruit yet."
 
@@ -68,8 +73,54 @@ class BadPhoto(ValueError):
     """The upload cannot be identified; the message says why (not an image, truncated, too large...)."""
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What one index stage run lets the app answer: its projection and index, checked to belong
+    together, and the search built over the index. A request reads it once and uses only it."""
+
+    projection: Projection
+    index: NeighbourIndex
+    search: object  # ExactIndex | HnswIndex
+    labels: list[str]  # what the index can answer, sorted
+    version: str  # the first 12 hex digits of the index file's sha256
+    files: tuple  # (mtime_ns, size, inode) of the projection and index files when they were read
+
+
+def file_stamps(cfg: DictConfig) -> tuple:
+    """What changes when the pca or index stage commits its file (an atomic rename: a new inode)."""
+    stamps = []
+    for path in (cfg.env.paths.pca_projection, cfg.env.paths.knn_index):
+        try:
+            status = os.stat(path)
+            stamps.append((status.st_mtime_ns, status.st_size, status.st_ino))
+        except FileNotFoundError:
+            stamps.append(None)
+    return tuple(stamps)
+
+
+def load_snapshot(cfg: DictConfig) -> Snapshot:
+    """The projection and index on disk, or a ValueError / FileNotFoundError saying why they cannot
+    answer together (another run's projection, another number of components)."""
+    files = file_stamps(cfg)  # before reading: a commit during the read shows as a change next time
+    projection_path, index_path = Path(cfg.env.paths.pca_projection), Path(cfg.env.paths.knn_index)
+    for path, stage in ((projection_path, "pca"), (index_path, "index")):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} not found: run the {stage} stage first (dvc repro)")
+    projection_bytes, index_bytes = projection_path.read_bytes(), index_path.read_bytes()
+    projection, index = read_projection(projection_bytes), NeighbourIndex.read(index_bytes)
+    if index.projection_sha256 and index.projection_sha256 != hashlib.sha256(projection_bytes).hexdigest():
+        raise ValueError(f"{index_path} was built with another projection than {projection_path}: "
+                         "re-run the index stage (dvc repro)")
+    if index.vectors.shape[1] != projection.k:
+        raise ValueError(f"{index_path} holds {index.vectors.shape[1]}-d vectors but the projection gives "
+                         f"{projection.k}: re-run the index stage (dvc repro)")
+    return Snapshot(projection, index, build_search(index.vectors, cfg.identify.index_kind),
+                    sorted(set(index.labels.tolist())), hashlib.sha256(index_bytes).hexdigest()[:12], files)
+
+
 class Identifier:
-    """Model, projection, index and cards, loaded once (per CLI call, per server process)."""
+    """The model and cards, loaded once (per CLI call, per server process), and the current snapshot of
+    projection and index, which `refresh` replaces when the pipeline commits new ones."""
 
     def __init__(self, cfg: DictConfig):
         size, alpha, engine = cfg.model.input_size, cfg.model.alpha, engines.engine(cfg.model.engine)
@@ -80,34 +131,53 @@ class Identifier:
         engine.check(cfg)  # the payload featurize broadcasts: the checked ONNX bytes, or the weight arrays
         self.extract = engines.cached_extractor(self.model, lambda: engine.payload(cfg), engine.name, size, alpha,
                                                 cfg.featurize.threads)
-        self.input_size = size
-        self.projection = load_projection(cfg.env.paths.pca_projection)
-        self.index = NeighbourIndex.load(cfg.env.paths.knn_index)
-        if self.index.projection_sha256 and self.index.projection_sha256 != file_digest(cfg.env.paths.pca_projection):
-            raise ValueError(f"{cfg.env.paths.knn_index} was built with another projection than "
-                             f"{cfg.env.paths.pca_projection}: re-run the index stage (dvc repro)")
-        if self.index.vectors.shape[1] != self.projection.components.shape[1]:
-            raise ValueError(f"{cfg.env.paths.knn_index} holds {self.index.vectors.shape[1]}-d vectors but the "
-                             f"projection gives {self.projection.components.shape[1]}: re-run the index stage (dvc repro)")
-        self.search = build_search(self.index.vectors, cfg.identify.index_kind)
-        self.labels = sorted(set(self.index.labels.tolist()))  # what the index can answer, once
+        self.cfg, self.input_size = cfg, size
+        self.current = load_snapshot(cfg)  # at start, a pair that does not answer together is an error
+        self.refused: tuple | None = None  # the files of the last pair refused by refresh
         self.cards = Cards.load(cfg.identify.cards)
         self.neighbours, self.top = cfg.identify.neighbours, cfg.identify.top
 
-    def vector(self, content: bytes) -> np.ndarray:
+    @property
+    def labels(self) -> list[str]:
+        return self.current.labels
+
+    def refresh(self) -> bool:
+        """Answer from the projection and index on disk if they changed and belong together (True when it
+        swapped). A pair that does not (the pca stage has committed and the index stage not yet) is
+        logged once and the current one kept: a photo is never projected by one run and searched in
+        another's index. The swap is one assignment: a request under way keeps the snapshot it took."""
+        files = file_stamps(self.cfg)
+        if files in (self.current.files, self.refused):
+            return False
+        try:
+            fresh = load_snapshot(self.cfg)
+        except (OSError, ValueError) as err:
+            self.refused = files
+            log.warning("still answering from index %s: %s", self.current.version, err)
+            return False
+        self.current = fresh
+        log.info("now answering from index %s: %d vectors, %d labels", fresh.version, len(fresh.index.vectors),
+                 len(fresh.labels))
+        return True
+
+    def vector(self, content: bytes, snapshot: Snapshot | None = None) -> np.ndarray:
         """The photo's PCA vector (k values), as the pipeline computes it for an image file."""
         try:
             array = prepare(content, self.input_size)
         except RejectedImage as err:
             raise BadPhoto(str(err)) from err
-        return self.projection.project(self.extract(array[None]))[0]
+        return (snapshot or self.current).projection.project(self.extract(array[None]))[0]
 
     def identify(self, content: bytes) -> dict:
         """The answer for one photo (JSON-ready; the service returns it as is)."""
-        found = self.search.search(self.vector(content)[None], self.neighbours)
-        result = vote(self.index.labels, self.index.paths, found.distances[0], found.indices[0])
+        snapshot = self.current  # one read: the whole answer comes from one index run
+        found = snapshot.search.search(self.vector(content, snapshot)[None], self.neighbours)
+        result = vote(snapshot.index.labels, snapshot.index.paths, found.distances[0], found.indices[0])
         top = list(zip(result.labels, result.scores, strict=True))[: self.top]
         return {
+            # not sure: farther from every Training image than the index's calibrated distance (a fruit it may
+            # lack); the label is then only the closest guess
+            "sure": bool(found.distances[0][0] <= snapshot.index.abstain_distance),
             "label": top[0][0],
             "confidence": round(top[0][1], 4),
             "top": [{"label": label, "score": round(score, 4), "card_key": self.cards.key_for(label)} for label, score in top],
@@ -115,13 +185,15 @@ class Identifier:
                            for label, distance, path in result.nearest],
             "card": self.cards.card(top[0][0]),
             "model": self.model,
+            "index_version": snapshot.version,
         }
 
 
 def render(answer: dict) -> str:
     """The answer as lines for a terminal."""
     card = answer["card"]
-    lines = [f"{answer['label']}  (confidence {answer['confidence']:.0%})", "", "Top answers:"]
+    lines = [f"{answer['label']}  (confidence {answer['confidence']:.0%})" if answer["sure"] else
+             f"Not sure: this fruit may not be in our collection yet (closest: {answer['label']})", "", "Top answers:"]
     lines += [f"  {i + 1}. {g['label']:<28} {g['score']:6.1%}" for i, g in enumerate(answer["top"])]
     lines += ["", "Nearest Training images:"]
     lines += [f"  {n['distance']:10.3f}  {n['label']:<28} {n['path']}" for n in answer["neighbours"]]

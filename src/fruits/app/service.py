@@ -3,7 +3,8 @@ and index once, at start-up).
 
 - `POST /identify` (multipart field `photo`): the answer as JSON (schema `Answer`, in /openapi.json);
 - `GET /`: a one-page web UI to pick or drop a photo and see the top answers with the fruit's card;
-- `GET /health`: ready, with the model identity and the index size;
+- `GET /health`: ready, with the model identity and the index's version and size. Each worker swaps
+  to an index the pipeline commits while it serves, between requests (Identifier.refresh);
 - `POST /contributions` (multipart: `photo`, `label`, `consent`): a photo its author names, stored
   without metadata in quarantine (fruits.app.contributions); the answer carries its id and a deletion
   token, shown once. `DELETE /contributions/{id}` with that token in `X-Deletion-Token` erases it.
@@ -18,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import socket
+import threading
 import time
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -36,10 +39,13 @@ from pydantic import BaseModel
 
 from fruits.app.contributions import BadContribution, ContributionStore, normalise_label
 from fruits.app.identify import BadPhoto, Identifier
+from fruits.core import logs
 from fruits.core.config import load_config
 
 ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 MULTIPART_OVERHEAD = 16 * 1024  # bytes of form boundaries and part headers around the photo
+log = logging.getLogger(__name__)
+
 SETTINGS_VARIABLE = "FRUITS_SERVICE_SETTINGS"  # how `make serve` hands --params and overrides to each worker
 
 
@@ -69,12 +75,14 @@ class Neighbour(BaseModel):
 
 
 class Answer(BaseModel):
-    label: str
+    sure: bool  # False: farther from every Training image than the index's calibrated distance (a fruit it may lack)
+    label: str  # the first answer (when not sure: the closest guess)
     confidence: float  # the first label's share of the vote, 0-1
     top: list[Guess]
     neighbours: list[Neighbour]
     card: Card
     model: str
+    index_version: str  # the index that answered (GET /health names the current one)
 
 
 class ModelAnswer(BaseModel):
@@ -93,13 +101,15 @@ class Contribution(BaseModel):
 class Health(BaseModel):
     status: str
     model: str
+    index_version: str  # the first 12 hex digits of the index file's sha256
     index_vectors: int
     labels: int
 
 
 def create_app(cfg: DictConfig | None = None) -> FastAPI:
     """The ASGI app; cfg None: from the settings `python -m fruits.app.service` put in the environment."""
-    if cfg is None:
+    if cfg is None:  # a worker process of `make serve`: its own logs (index swaps) go beside uvicorn's
+        logs.configure()
         settings = json.loads(os.environ.get(SETTINGS_VARIABLE, "{}"))
         cfg = load_config(settings.get("overrides", []), settings.get("params"))
     limit = int(cfg.identify.max_upload_mb * 2**20)
@@ -107,7 +117,13 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.identifier = Identifier(cfg)  # once per server process
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_index, args=(app.state.identifier, cfg.identify.index_poll_seconds, stop),
+                                   name="index-watcher", daemon=True)
+        watcher.start()
         yield
+        stop.set()
+        watcher.join(timeout=10)
 
     app = FastAPI(title="Fruits! identify", version="1", lifespan=lifespan,
                   description="Which fruit is this? Nearest neighbours of the photo in the pipeline's PCA space.")
@@ -124,9 +140,9 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
 
     @app.get("/health", response_model=Health)
     def health(request: Request) -> Health:
-        identifier: Identifier = request.app.state.identifier
-        return Health(status="ok", model=identifier.model, index_vectors=len(identifier.index.vectors),
-                      labels=len(identifier.labels))
+        snapshot = request.app.state.identifier.current
+        return Health(status="ok", model=request.app.state.identifier.model, index_version=snapshot.version,
+                      index_vectors=len(snapshot.index.vectors), labels=len(snapshot.labels))
 
     @app.post("/identify", response_model=Answer, responses={
         400: {"description": "empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
@@ -147,6 +163,16 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
         return page
 
     return app
+
+
+def watch_index(identifier: Identifier, seconds: float, stop: threading.Event) -> None:
+    """Each worker process looks for a newly committed index every identify.index_poll_seconds and
+    swaps to it between requests (Identifier.refresh); loading never holds up a request."""
+    while not stop.wait(seconds):
+        try:
+            identifier.refresh()
+        except Exception:  # a watcher that dies would leave the worker on its old index for good
+            log.exception("looking for a new index failed; trying again in %s s", seconds)
 
 
 async def read_photo(photo: UploadFile, max_upload_mb: float) -> bytes:

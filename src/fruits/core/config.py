@@ -254,6 +254,12 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"{setting}={value!r} must be a whole number")
     if (queries := cfg.identify.accuracy_queries) is None or queries < 1:
         raise ConfigError(f"identify.accuracy_queries={queries} must be at least 1 (Test rows the index stage answers)")
+    if not 0 < (cfg.identify.abstain_quantile or 0) <= 1:
+        raise ConfigError(f"identify.abstain_quantile={cfg.identify.abstain_quantile} must be a share in (0, 1], e.g. "
+                          "0.95 (1: not sure only beyond the farthest Training image's nearest neighbour)")
+    if not (cfg.identify.index_poll_seconds or 0) > 0:
+        raise ConfigError(f"identify.index_poll_seconds={cfg.identify.index_poll_seconds} must be a positive number "
+                          "of seconds (how often the service looks for a new index)")
     if variance is None and k > FEATURE_DIM:
         raise ConfigError(f"pca.k={k} is larger than the feature dimension {FEATURE_DIM}: use at most {FEATURE_DIM}")
     if cfg.storage.name == "s3" and not cfg.storage.bucket:

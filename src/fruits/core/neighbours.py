@@ -5,6 +5,7 @@ that turns neighbours into an answer. Used by the index stage (Spark) and by the
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,6 +84,35 @@ def recall_at(approximate: Neighbours, exact: Neighbours, n: int) -> float:
     return sum(hits) / (n * len(hits))
 
 
+def nearest_outside(vectors: np.ndarray, vector_groups: np.ndarray, queries: np.ndarray, query_groups: np.ndarray,
+                    block: int = 256) -> np.ndarray:
+    """Each query's distance to its nearest vector of another group (inf when there is none). With rows
+    as groups: a Training vector's nearest other image; with labels: a Test photo's nearest image of
+    another label, i.e. its nearest neighbour if its label were not in the index."""
+    vectors = np.asarray(vectors, np.float64)
+    queries = np.atleast_2d(np.asarray(queries, np.float64))
+    norms, nearest = (vectors**2).sum(1), np.full(len(queries), np.inf)
+    for start in range(0, len(queries), block):  # bounded memory: (block x vectors) distances at a time
+        q = queries[start : start + block]
+        squared = (q**2).sum(1)[:, None] - 2 * q @ vectors.T + norms[None, :]
+        squared[query_groups[start : start + block, None] == vector_groups[None, :]] = np.inf
+        nearest[start : start + block] = np.sqrt(np.maximum(squared.min(1, initial=np.inf), 0))
+    return nearest
+
+
+def abstain_distance(vectors: np.ndarray, quantile: float, sample: int = 5000) -> float:
+    """The distance beyond which the app says it is not sure: this quantile of the Training vectors'
+    distances to their nearest other Training image (a fixed sample of at most `sample` of them: the
+    cost stays linear in the index). A photo of a fruit the index holds is usually about that close to
+    one of its images; one farther than nearly all of them is likely a fruit the index lacks."""
+    if len(vectors) < 2:
+        return float("inf")
+    rows = np.arange(len(vectors))
+    chosen = np.random.default_rng(0).choice(rows, min(sample, len(rows)), replace=False)
+    distances = nearest_outside(vectors, rows, vectors[chosen], chosen)
+    return float(np.quantile(distances, quantile))
+
+
 @dataclass(frozen=True)
 class Vote:
     labels: list[str]  # best first
@@ -114,18 +144,26 @@ class NeighbourIndex:
     labels: np.ndarray
     paths: np.ndarray
     projection_sha256: str = ""  # of the projection that made the vectors ("": not recorded)
+    abstain_distance: float = float("inf")  # farther than this from every vector: not sure (inf: always sure)
 
     def save(self, path: str | Path) -> None:
         """One .npz file, written aside then renamed: a reader never sees half of it."""
         with atomic_output(path) as partial, open(partial, "wb") as stream:  # a stream: savez adds no suffix
             np.savez(stream, vectors=self.vectors.astype(np.float32), labels=self.labels.astype(str),
-                     paths=self.paths.astype(str), projection_sha256=np.array(self.projection_sha256))
+                     paths=self.paths.astype(str), projection_sha256=np.array(self.projection_sha256),
+                     abstain_distance=np.array(self.abstain_distance))
 
     @classmethod
     def load(cls, path: str | Path) -> NeighbourIndex:
         if not Path(path).exists():
             raise FileNotFoundError(f"{path} not found: run the index stage first (dvc repro, or "
                                     "python -m fruits.stages.index)")
-        with np.load(path, allow_pickle=False) as data:
+        return cls.read(Path(path).read_bytes())
+
+    @classmethod
+    def read(cls, content: bytes) -> NeighbourIndex:
+        """The index from a file's bytes (the app checksums the same bytes it loads)."""
+        with np.load(io.BytesIO(content), allow_pickle=False) as data:
             made_by = str(data["projection_sha256"]) if "projection_sha256" in data.files else ""
-            return cls(data["vectors"], data["labels"], data["paths"], made_by)
+            far = float(data["abstain_distance"]) if "abstain_distance" in data.files else float("inf")
+            return cls(data["vectors"], data["labels"], data["paths"], made_by, far)

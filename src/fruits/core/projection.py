@@ -7,6 +7,7 @@ that, so `project` gives Spark's vectors, for a whole table (the pca stage) or f
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,7 +52,12 @@ def load_projection(path: str | Path) -> Projection:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"PCA projection {path} not found: run the pca stage first (dvc repro)")
-    with np.load(path) as arrays:
+    return read_projection(path.read_bytes())
+
+
+def read_projection(content: bytes) -> Projection:
+    """The projection from a file's bytes (the app checksums the same bytes it loads)."""
+    with np.load(io.BytesIO(content)) as arrays:
         return Projection(arrays["components"], arrays["shift"], arrays["factor"], arrays["explained_variance"])
 
 

@@ -107,7 +107,8 @@ PCA = Stage(
 )
 INDEX = Stage(
     "index",
-    params=("identify.neighbours", "identify.curve_components", "identify.accuracy_queries", "env.spark",
+    params=("identify.neighbours", "identify.curve_components", "identify.accuracy_queries", "identify.abstain_quantile",
+            "env.spark",
             "env.paths.pca_vectors", "env.paths.pca_projection", "env.paths.knn_index", "env.paths.index_metrics",
             "env.paths.index_diagnostics", "env.paths.knn_curve"),
     inputs=("env.paths.pca_vectors", "env.paths.pca_projection"),  # the projection: checked to be the vectors' own

@@ -30,7 +30,7 @@ from omegaconf import DictConfig
 from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.images import CONTRIBUTED_PREFIX
-from fruits.core.neighbours import ExactIndex, NeighbourIndex, vote
+from fruits.core.neighbours import ExactIndex, NeighbourIndex, abstain_distance, nearest_outside, vote
 from fruits.core.projection import checked_projection_sha256
 from fruits.core.spark import get_session
 from fruits.core.storage import atomic_output, write_record
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # What compares experiments (the DVC metrics file); the curve is a DVC plot, timings are diagnostics.
 COMPARED = ("training_vectors", "contributed_vectors", "components", "test_rows", "test_rows_answered", "knn_accuracy",
-            "knn_accuracy_standard_error", "knn_accuracy_interval_95")
+            "knn_accuracy_standard_error", "knn_accuracy_interval_95", "abstained_known", "abstained_held_back")
 
 HASH_DIGITS = 8  # a Test row's place in the accuracy sample: the first 8 hex digits of sha256(path)
 HASH_RANGE = 16**HASH_DIGITS
@@ -50,13 +50,15 @@ def extract(spark, cfg: DictConfig):
     return tables.read(spark, cfg.env.paths.pca_vectors, cfg)
 
 
-def build_index(vectors, projection_sha256: str = "") -> NeighbourIndex:
-    """The Training rows, collected (k values each: the small part of the table), in path order."""
+def build_index(vectors, projection_sha256: str = "", abstain_quantile: float = 1.0) -> NeighbourIndex:
+    """The Training rows, collected (k values each: the small part of the table), in path order, with
+    the distance beyond which the app is not sure, calibrated on them."""
     rows = vectors.where(vectors.split == "Training").select("path", "label", "pca").orderBy("path").collect()
     if not rows:
         raise ValueError("the PCA vectors hold no Training row: nothing to identify against")
-    return NeighbourIndex(np.array([r["pca"] for r in rows], np.float32), np.array([r["label"] for r in rows]),
-                          np.array([r["path"] for r in rows]), projection_sha256)
+    training = np.array([r["pca"] for r in rows], np.float32)
+    return NeighbourIndex(training, np.array([r["label"] for r in rows]), np.array([r["path"] for r in rows]),
+                          projection_sha256, abstain_distance(training, abstain_quantile))
 
 
 def components_curve(k: int, wanted) -> list[int]:
@@ -97,10 +99,12 @@ def sample(test, threshold: int):
 
 
 def transform(test, broadcast_index, neighbours: int, curve: list[int]):
-    """Test rows -> for each component count j of the curve, whether the app's answer is right."""
+    """Test rows -> for each component count j of the curve, whether the app's answer is right; the
+    distance to the nearest Training image (nearest), and to the nearest of another label (as if the
+    photo's label were not in the index: nearest_other_label), both at the PCA's k."""
     from pyspark.sql.functions import pandas_udf
 
-    schema = ", ".join(f"right_{j} boolean" for j in curve)
+    schema = ", ".join(f"right_{j} boolean" for j in curve) + ", nearest double, nearest_other_label double"
 
     @pandas_udf(f"struct<{schema}>")
     def right_answers(batches: Iterator[tuple[pd.Series, pd.Series]]) -> Iterator[pd.DataFrame]:
@@ -108,8 +112,12 @@ def transform(test, broadcast_index, neighbours: int, curve: list[int]):
         searches = {j: ExactIndex(index.vectors[:, :j]) for j in curve}  # once per task, not per batch
         for labels, pcas in batches:
             queries = np.stack(pcas.to_numpy()) if len(pcas) else np.zeros((0, index.vectors.shape[1]))
-            yield pd.DataFrame({f"right_{j}": pd.Series(answers(index, searches[j], queries, neighbours), dtype=object)
-                                .eq(labels.reset_index(drop=True)).astype(bool) for j in curve})
+            labels = labels.reset_index(drop=True)
+            frame = pd.DataFrame({f"right_{j}": pd.Series(answers(index, searches[j], queries, neighbours), dtype=object)
+                                  .eq(labels).astype(bool) for j in curve})
+            frame["nearest"] = searches[curve[-1]].search(queries, 1).distances[:, 0] if len(queries) else []
+            frame["nearest_other_label"] = nearest_outside(index.vectors, index.labels, queries, labels.to_numpy())
+            yield frame
 
     return test.select(right_answers("label", "pca").alias("right")).select("right.*")
 
@@ -124,13 +132,22 @@ def wilson_interval(share: float, rows: int, z: float = 1.96) -> tuple[float, fl
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def accuracy_table(right, curve: list[int]) -> tuple[int, dict[int, float]]:
-    """(rows answered, {components: share answered right}), aggregated in Spark."""
+def accuracy_table(right, curve: list[int], abstain_at: float) -> tuple[int, dict[int, float], dict[str, float]]:
+    """(rows answered, {components: share answered right}, {known, held_back: share the app is not sure
+    of}), aggregated in Spark."""
     from pyspark.sql import functions as F
 
-    row = right.agg(F.count(F.lit(1)).alias("rows"),
-                    *[F.avg(F.col(f"right_{j}").cast("double")).alias(f"right_{j}") for j in curve]).first()
-    return row["rows"], {j: (round(row[f"right_{j}"], 6) if row[f"right_{j}"] is not None else None) for j in curve}
+    def share(column):
+        return F.avg(column.cast("double"))
+
+    row = right.agg(F.count(F.lit(1)).alias("rows"), *[share(F.col(f"right_{j}")).alias(f"right_{j}") for j in curve],
+                    share(F.col("nearest") > abstain_at).alias("known"),
+                    share(F.col("nearest_other_label") > abstain_at).alias("held_back")).first()
+
+    def rounded(value):
+        return round(value, 6) if value is not None else None
+
+    return row["rows"], {j: rounded(row[f"right_{j}"]) for j in curve}, {key: rounded(row[key]) for key in ("known", "held_back")}
 
 
 def load(index: NeighbourIndex, metrics: dict, curve: dict[int, float], cfg: DictConfig) -> None:
@@ -148,7 +165,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     spark = spark or get_session(cfg)
     started = time.perf_counter()
     vectors = extract(spark, cfg)
-    index = build_index(vectors, projection_sha256)
+    index = build_index(vectors, projection_sha256, cfg.identify.abstain_quantile)
     k = index.vectors.shape[1]
     curve = components_curve(k, cfg.identify.curve_components)
     neighbours = min(cfg.identify.neighbours, len(index.vectors))
@@ -157,7 +174,8 @@ def run(cfg: DictConfig, spark=None) -> dict:
     queries = sample(test, sample_threshold(test_rows, cfg.identify.accuracy_queries))
     broadcast_index = spark.sparkContext.broadcast(index)
     try:
-        answered, accuracy = accuracy_table(transform(queries, broadcast_index, neighbours, curve), curve)
+        answered, accuracy, unsure = accuracy_table(transform(queries, broadcast_index, neighbours, curve), curve,
+                                                    index.abstain_distance)
     finally:
         broadcast_index.unpersist()
     metrics = {
@@ -176,13 +194,21 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "knn_accuracy_interval_95": ([round(end, 6) for end in wilson_interval(accuracy[k], answered)]
                                      if answered else None),
         "knn_accuracy_by_components": {str(j): share for j, share in accuracy.items()},
+        # "not sure" beyond this distance from every Training image (identify.abstain_quantile of their own
+        # nearest-other distances); the share of Test photos it leaves unanswered, and the share it catches
+        # of Test photos taken as fruits the index lacks (each without its label's images; the rest of those
+        # are answered wrongly)
+        "abstain_distance": round(index.abstain_distance, 6),
+        "abstained_known": unsure["known"],
+        "abstained_held_back": unsure["held_back"],
         "seconds": round(time.perf_counter() - started, 3),
     }
     load(index, metrics, accuracy, cfg)
     if answered:
         log.info("index: %d Training vectors (k=%d); the app's answer is right for %.1f%% of %d Test images "
-                 "(of %d; %d neighbours vote)", len(index.vectors), k, 100 * accuracy[k], answered, test_rows,
-                 neighbours)
+                 "(of %d; %d neighbours vote); not sure of %.1f%% of them, and of %.1f%% taken as unknown fruits",
+                 len(index.vectors), k, 100 * accuracy[k], answered, test_rows, neighbours, 100 * unsure["known"],
+                 100 * unsure["held_back"])
     else:
         log.warning("index: no Test row answered (%d Test rows): the accuracy is not measured", test_rows)
     return metrics
