@@ -68,16 +68,26 @@ def test_every_sample_label_has_a_card_and_varieties_share_their_fruit_s():
     assert cards.key_for("Grape Blue") == "Grape"
     missing = cards.card("Salak")
     assert missing["key"] is None and missing["name"] == {"en": "Salak", "fr": "Salak"}
-    assert missing["text"] == identify.MISSING_CARD_TEXT
+    assert missing["text"] == identify.MISSING_CARD_TEXT["en"]
     apple = cards.card("Apple Red 1")
     assert apple["name"] == {"en": "Apple", "fr": "Pomme"} and apple["family"] == "Rosaceae"
+    french = cards.card("Apple Red 1", "fr")
+    assert french["language"] == "fr" and french["season"].startswith("d'août") and "variétés" in french["text"]
+    assert cards.card("Salak", "fr")["text"] == identify.MISSING_CARD_TEXT["fr"]
+
+
+@pytest.mark.parametrize(("header", "language"), [
+    (None, "en"), ("", "en"), ("fr-FR,fr;q=0.9,en;q=0.8", "fr"), ("de-DE,en;q=0.7,fr;q=0.9", "fr"),
+    ("en-GB,fr;q=0.5", "en"), ("fr;q=0,en;q=0.2", "en"), ("de,es", "en"), ("fr;q=bad,en", "en")])
+def test_the_card_language_is_the_one_accept_language_prefers(header, language):
+    assert identify.preferred_language(header) == language
 
 
 def test_a_card_file_with_a_card_missing_a_field_is_refused(tmp_path):
     path = tmp_path / "cards.yaml"
     path.write_text("Apple:\n  name: {en: Apple, fr: Pomme}\n  family: Rosaceae\n  season: autumn\n"
                     "Pear:\n  name: {en: Pear}\n  family: Rosaceae\n  season: autumn\n  text: A pear.\n")
-    with pytest.raises(ValueError, match="card 'Apple' .* lacks \\['text'\\]"):
+    with pytest.raises(ValueError, match="card 'Apple' .* lacks \\['season', 'text'\\]"):
         identify.Cards.load(str(path))
 
 

@@ -45,7 +45,10 @@ def test_health_and_a_good_photo(client, app_cfg):  # noqa: F811
     answer = response.json()
     assert answer["label"] == "Kiwi" and answer["card"]["name"]["en"] == "Kiwifruit"
     assert set(answer) == {"sure", "label", "confidence", "top", "neighbours", "card", "model", "index_version"}
-    assert answer["index_version"] == health["index_version"]
+    assert answer["index_version"] == health["index_version"] and answer["sure"] and answer["card"]["language"] == "en"
+    french = client.post("/identify", files={"photo": ("kiwi.jpg", photo(app_cfg).read_bytes(), "image/jpeg")},
+                         headers={"Accept-Language": "fr-FR,fr;q=0.9,en;q=0.8"}).json()["card"]
+    assert french["language"] == "fr" and "vitamine C" in french["text"]
     assert "Answer" in client.get("/openapi.json").json()["components"]["schemas"]
 
 

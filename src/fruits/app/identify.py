@@ -32,7 +32,22 @@ from fruits.core.projection import Projection, read_projection
 
 log = logging.getLogger(__name__)
 
-MISSING_CARD_TEXT = "No information card for this fruit yet."
+LANGUAGES = ("en", "fr")  # of the cards; the first is the default
+MISSING_CARD_TEXT = {"en": "No information card for this fruit yet.", "fr": "Pas encore de fiche pour ce fruit."}
+
+
+def preferred_language(accept_language: str | None) -> str:
+    """The card language an Accept-Language header prefers ("fr-FR,fr;q=0.9,en;q=0.8" -> fr), else en."""
+    ranked = []
+    for position, part in enumerate((accept_language or "").split(",")):
+        tag, _, params = part.strip().partition(";")
+        try:
+            weight = float(params.strip()[2:]) if params.strip().startswith("q=") else 1.0
+        except ValueError:
+            weight = 0.0
+        if tag.split("-")[0].lower() in LANGUAGES and weight > 0:
+            ranked.append((-weight, position, tag.split("-")[0].lower()))
+    return min(ranked)[2] if ranked else LANGUAGES[0]
 
 
 class Cards:
@@ -47,9 +62,11 @@ class Cards:
                 resources.files("fruits.app").joinpath("cards.yaml").read_text(encoding="utf-8"))
         cards = yaml.safe_load(text) or {}
         for key, card in cards.items():
-            missing = {"name", "family", "season", "text"} - set(card)
-            if missing or not {"en", "fr"} <= set(card.get("name") or {}):
-                raise ValueError(f"card {key!r} in {path or 'the shipped cards.yaml'} lacks {sorted(missing) or 'name.en/fr'}")
+            missing = [field for field in ("name", "season", "text") if not set(LANGUAGES) <= set(card.get(field) or {})]
+            missing += [] if "family" in card else ["family"]
+            if missing:
+                raise ValueError(f"card {key!r} in {path or 'the shipped cards.yaml'} lacks {missing} "
+                                 f"(name, season and text each in {', '.join(LANGUAGES)})")
         return cls(cards)
 
     def key_for(self, label: str) -> str | None:
@@ -61,12 +78,15 @@ class Cards:
                 return key
         return None
 
-    def card(self, label: str) -> dict:
+    def card(self, label: str, language: str = LANGUAGES[0]) -> dict:
+        """The card for label with its season and text in language (the name in every language)."""
         key = self.key_for(label)
         if key is None:
-            return {"key": None, "name": {"en": label, "fr": label}, "family": None, "season": None,
-                    "text": MISSING_CARD_TEXT}
-        return {"key": key, **self.cards[key]}
+            return {"key": None, "language": language, "name": dict.fromkeys(LANGUAGES, label), "family": None,
+                    "season": None, "text": MISSING_CARD_TEXT[language]}
+        card = self.cards[key]
+        return {"key": key, "language": language, "name": card["name"], "family": card["family"],
+                "season": card["season"][language], "text": card["text"][language]}
 
 
 class BadPhoto(ValueError):
@@ -168,8 +188,8 @@ class Identifier:
             raise BadPhoto(str(err)) from err
         return (snapshot or self.current).projection.project(self.extract(array[None]))[0]
 
-    def identify(self, content: bytes) -> dict:
-        """The answer for one photo (JSON-ready; the service returns it as is)."""
+    def identify(self, content: bytes, language: str = LANGUAGES[0]) -> dict:
+        """The answer for one photo, its card in language (JSON-ready; the service returns it as is)."""
         snapshot = self.current  # one read: the whole answer comes from one index run
         found = snapshot.search.search(self.vector(content, snapshot)[None], self.neighbours)
         result = vote(snapshot.index.labels, snapshot.index.paths, found.distances[0], found.indices[0])
@@ -183,7 +203,7 @@ class Identifier:
             "top": [{"label": label, "score": round(score, 4), "card_key": self.cards.key_for(label)} for label, score in top],
             "neighbours": [{"label": label, "distance": round(distance, 4), "path": path}
                            for label, distance, path in result.nearest],
-            "card": self.cards.card(top[0][0]),
+            "card": self.cards.card(top[0][0], language),
             "model": self.model,
             "index_version": snapshot.version,
         }
@@ -207,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("photo", type=Path)
     parser.add_argument("--params", default=None, help="composed config (default: params.yaml)")
     parser.add_argument("--json", action="store_true", help="print the answer as JSON (the service's schema)")
+    parser.add_argument("--language", choices=LANGUAGES, default=LANGUAGES[0], help="of the fruit's card")
     parser.add_argument("overrides", nargs="*", help="Hydra-grammar overrides, e.g. identify.neighbours=10")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
     args = parser.parse_args(argv)
@@ -215,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"identify: {args.photo} is not a file\n")
     identifier = Identifier(load_config(args.overrides, args.params))
     try:
-        answer = identifier.identify(args.photo.read_bytes())
+        answer = identifier.identify(args.photo.read_bytes(), args.language)
     except BadPhoto as err:
         parser.exit(2, f"identify: {args.photo}: {err}\n")
     sys.stdout.write((json.dumps(answer, indent=2) if args.json else render(answer)) + "\n")

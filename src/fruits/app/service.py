@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from pydantic import BaseModel
 
 from fruits.app.contributions import BadContribution, ContributionStore, normalise_label
-from fruits.app.identify import BadPhoto, Identifier
+from fruits.app.identify import BadPhoto, Identifier, preferred_language
 from fruits.core import logs
 from fruits.core.config import load_config
 
@@ -56,6 +56,7 @@ class Name(BaseModel):
 
 class Card(BaseModel):
     key: str | None  # the card's label (None: no card for this fruit yet)
+    language: str  # of season and text: en or fr, as the request's Accept-Language prefers
     name: Name
     family: str | None
     season: str | None
@@ -147,10 +148,12 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
     @app.post("/identify", response_model=Answer, responses={
         400: {"description": "empty upload"}, 413: {"description": "larger than identify.max_upload_mb"},
         415: {"description": "not an image content type"}, 422: {"description": "not a readable image"}})
-    async def identify(request: Request, photo: UploadFile = File(..., description="a photo of one fruit")) -> Answer:
+    async def identify(request: Request, photo: UploadFile = File(..., description="a photo of one fruit"),
+                       accept_language: str | None = Header(None)) -> Answer:
         content = await read_photo(photo, cfg.identify.max_upload_mb)
         try:
-            return Answer(**await run_in_threadpool(request.app.state.identifier.identify, content))
+            return Answer(**await run_in_threadpool(request.app.state.identifier.identify, content,
+                                                    preferred_language(accept_language)))
         except BadPhoto as err:
             raise HTTPException(422, f"cannot read the photo: {err}") from err
 
