@@ -182,7 +182,7 @@ def test_above_accuracy_queries_the_index_stage_answers_its_fixed_sample_of_test
             break
     cfg = copy.deepcopy(app_cfg)
     cfg.identify.accuracy_queries = queries
-    for output in ("index_metrics", "knn_curve", "knn_index"):  # the module's other tests read app_cfg's
+    for output in ("index_metrics", "index_diagnostics", "knn_curve", "knn_index"):  # the module's other tests read app_cfg's
         cfg.env.paths[output] = str(tmp_path / output)
     metrics = index.run(cfg, spark)
     assert metrics["test_rows"] == len(test) and metrics["test_rows_answered"] == len(sampled)

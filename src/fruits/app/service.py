@@ -42,10 +42,10 @@ from fruits.app.identify import BadPhoto, Identifier, preferred_language
 from fruits.core import logs
 from fruits.core.config import load_config
 
-ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
-MULTIPART_OVERHEAD = 16 * 1024  # bytes of form boundaries and part headers around the photo
 log = logging.getLogger(__name__)
 
+ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
+MULTIPART_OVERHEAD = 16 * 1024  # bytes of form boundaries and part headers around the photo
 SETTINGS_VARIABLE = "FRUITS_SERVICE_SETTINGS"  # how `make serve` hands --params and overrides to each worker
 
 
