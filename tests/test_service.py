@@ -1,5 +1,6 @@
 """The identify service: its JSON answer, the bad-upload table, CORS, and a real browser on a real server."""
 
+import base64
 import io
 import json
 import os
@@ -13,7 +14,9 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import quote
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
@@ -193,33 +196,123 @@ def serving(cfg, folder: Path):
 
 @pytest.fixture(scope="module")
 def server(app_cfg, tmp_path_factory):  # noqa: F811
-    """The service with one worker."""
+    """The service with one worker and a contributions folder of its own: yields (url, that folder)."""
     cfg = app_cfg.copy()
     cfg.identify.workers = 1
+    cfg.env.paths.contributions = str(tmp_path_factory.mktemp("page-contributions"))
+    cfg.env.paths.approved = f"{cfg.env.paths.contributions}/approved"
     with serving(cfg, tmp_path_factory.mktemp("serve")) as (url, _):
-        yield url
+        yield url, Path(cfg.env.paths.contributions)
 
 
-def test_a_real_browser_uploads_a_photo_and_reads_the_answer(server, app_cfg):  # noqa: F811
+def test_the_nearest_images_are_served_as_pixels_only_and_nothing_outside_the_index(client, app_cfg):  # noqa: F811
+    answer = client.post("/identify", files={"photo": ("k.jpg", photo(app_cfg).read_bytes(), "image/jpeg")}).json()
+    nearest = answer["neighbours"][0]["path"]
+    served = client.get("/images/" + "/".join(quote(part) for part in nearest.split("/")))
+    assert served.status_code == 200 and served.headers["content-type"] == "image/jpeg"
+    assert "private" in served.headers["cache-control"]
+    with Image.open(io.BytesIO(served.content)) as image:
+        assert max(image.size) <= app_cfg.contributions.thumbnail_px and not image.info.get("exif")
+    test_photo = photo(app_cfg).relative_to(app_cfg.data.root).as_posix()  # an image, but not of the index
+    for path in (test_photo, "../params.yaml", "Training/../../params.yaml", "%2e%2e/params.yaml", "nothing.jpg"):
+        assert client.get(f"/images/{path}").status_code == 404, path
+    labels = client.get("/labels").json()
+    with np.load(app_cfg.env.paths.knn_index) as index:
+        assert labels["labels"] == sorted(set(index["labels"].tolist()))
+    assert labels["index_version"] == client.get("/health").json()["index_version"]
+
+
+PAGE_PARTS = ["title", "drop", "answer", "top", "neighbours", "card", "confirm"]  # none may overlap another
+
+LAYOUT_SCRIPT = """
+const box = (element) => { const r = element.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+const drop = document.getElementById("drop"), border = parseFloat(getComputedStyle(drop).borderTopWidth);
+const images = [...document.querySelectorAll("#neighbour-list img")];
+return {parts: Object.fromEntries(arguments[0].map((id) => [id, box(id === "title" ? document.querySelector("h1")
+                                                                                    : document.getElementById(id))])),
+        preview: box(document.getElementById("preview")), drop: box(drop), border,
+        images: images.map((image) => [image.complete && image.naturalWidth > 0, ...box(image)]),
+        page_width: document.documentElement.scrollWidth, viewport_width: window.innerWidth};
+"""
+
+
+def overlapping(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.mark.parametrize("width, height, mobile", [(390, 844, True), (1000, 800, False)], ids=["phone", "desktop"])
+def test_a_real_browser_gets_an_answer_laid_out_without_overlaps_then_confirms_or_corrects_it(
+        server, app_cfg, tmp_path, width, height, mobile):  # noqa: F811
+    """Headless Chromium at a phone's viewport (390 x 844, mobile) and a desktop's: the answer with its
+    shares, the nearest images (loaded from the service), the card in French when the browser prefers
+    it, and the confirm / correct step; no two parts of the page overlap, the photo stays inside its
+    drop zone, nothing runs off the screen's side. Screenshots of both sizes are kept in tmp_path."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
+    url, contributions = server
     options = webdriver.ChromeOptions()
     options.binary_location = "/usr/bin/chromium"
-    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--lang=fr-FR"):
         options.add_argument(argument)
+    options.add_experimental_option("prefs", {"intl.accept_languages": "fr-FR,fr,en"})
     browser = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    wait = WebDriverWait(browser, 60)
     try:
-        browser.get(server)
+        browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": mobile})
+        browser.get(url)
         assert browser.title == "Fruits! Which fruit is this?"
         browser.find_element(By.ID, "photo").send_keys(str(photo(app_cfg, "Test", "Banana")))
-        WebDriverWait(browser, 60).until(expected_conditions.visibility_of_element_located((By.ID, "result")))
+        wait.until(expected_conditions.visibility_of_element_located((By.ID, "result")))
         assert browser.find_element(By.ID, "answer-label").text == "Banana"
-        assert "Banane" in browser.find_element(By.ID, "card-name").text
+        assert len(browser.find_elements(By.CSS_SELECTOR, "#top li")) >= 1
+        assert "Banane (Banana)" in browser.find_element(By.ID, "card-name").text  # Accept-Language: fr first
         assert browser.find_element(By.ID, "error").text == ""
+        wait.until(lambda b: all(loaded for loaded, *_ in b.execute_script(LAYOUT_SCRIPT, PAGE_PARTS)["images"]))
+        layout = browser.execute_script(LAYOUT_SCRIPT, PAGE_PARTS)
+        screenshot = browser.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+        (tmp_path / f"page-{width}x{height}.png").write_bytes(base64.b64decode(screenshot["data"]))
+
+        parts = layout["parts"]
+        for name, box in parts.items():
+            assert box[2] > box[0] and box[3] > box[1], f"{name} is not shown"
+        clashes = [(a, b) for i, a in enumerate(PAGE_PARTS) for b in PAGE_PARTS[i + 1:] if overlapping(parts[a], parts[b])]
+        assert not clashes, f"overlapping at {width} px: {clashes} ({parts})"
+        inner = [side + layout["border"] * sign for side, sign in zip(layout["drop"], (1, 1, -1, -1))]
+        preview = layout["preview"]
+        assert inner[0] <= preview[0] and inner[1] <= preview[1] and preview[2] <= inner[2] and preview[3] <= inner[3], \
+            f"the photo crosses its drop zone's border: {preview} in {layout['drop']}"
+        images = [box for _, *box in layout["images"]]
+        assert len(images) == app_cfg.identify.neighbours
+        assert not [(a, b) for i, a in enumerate(images) for b in images[i + 1:] if overlapping(a, b)]
+        assert layout["page_width"] <= layout["viewport_width"], "the page scrolls sideways"
+
+        # The confirm / correct step: nothing is stored without consent, then the photo is kept for review.
+        if mobile:  # "it is actually…" a fruit the collection lacks
+            browser.find_element(By.ID, "no").click()
+            browser.find_element(By.ID, "name").send_keys("apple granny smith")
+            expected = "Apple Granny Smith"
+        else:  # "yes, it is"
+            browser.find_element(By.ID, "yes").click()
+            expected = "Banana"
+        browser.find_element(By.ID, "send").click()
+        assert "consent" in browser.find_element(By.ID, "thanks").text
+        assert not list(contributions.rglob("*.jpg"))
+        browser.find_element(By.ID, "consent").click()
+        browser.find_element(By.ID, "send").click()
+        wait.until(lambda b: "Thank you" in b.find_element(By.ID, "thanks").text)
+        assert f"“{expected}”" in browser.find_element(By.ID, "thanks").text
+        stored = list(contributions.glob(f"quarantine/Training/{expected}/*.jpg"))
+        assert len(stored) == 1, list(contributions.rglob("*"))
+        # the page's own erasure, with the token it was given (a scripted click: the button sits below the fold)
+        browser.execute_script("arguments[0].click()", browser.find_element(By.ID, "erase"))
+        wait.until(lambda b: "rased" in b.find_element(By.ID, "thanks").text)
+        assert "Erased" in browser.find_element(By.ID, "thanks").text, browser.find_element(By.ID, "thanks").text
+        assert not stored[0].exists() and not list(contributions.rglob("*.json"))
     finally:
         browser.quit()
 

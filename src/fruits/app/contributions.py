@@ -61,22 +61,29 @@ def normalise_label(text: str, known: list[str]) -> str:
     return " ".join(word[0].upper() + word[1:] for word in label.split(" "))
 
 
-def clean_photo(content: bytes, max_side: int, thumbnail_side: int) -> tuple[bytes, bytes]:
-    """(photo, thumbnail) as JPEG holding the pixels only, upright, the photo at most max_side px."""
+def pixels_only(content: bytes) -> Image.Image:
+    """The photo's pixels, upright, in a new image: no EXIF, GPS, XMP, ICC profile or comment."""
     try:
         with Image.open(io.BytesIO(content)) as image:
             upright = ImageOps.exif_transpose(image).convert("RGB")  # the orientation tag goes with the EXIF
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
         raise BadContribution(f"cannot read the photo: {err}") from err
-    pixels = Image.frombytes("RGB", upright.size, upright.tobytes())  # a new image: no info, no profile
-    encoded = []
-    for side in (max_side, thumbnail_side):
-        copy = pixels.copy()
-        copy.thumbnail((side, side))
-        out = io.BytesIO()
-        copy.save(out, "JPEG", quality=92)
-        encoded.append(out.getvalue())
-    return encoded[0], encoded[1]
+    return Image.frombytes("RGB", upright.size, upright.tobytes())
+
+
+def as_jpeg(pixels: Image.Image, side: int) -> bytes:
+    """pixels as a JPEG whose longest side is at most side px."""
+    copy = pixels.copy()
+    copy.thumbnail((side, side))
+    out = io.BytesIO()
+    copy.save(out, "JPEG", quality=92)
+    return out.getvalue()
+
+
+def clean_photo(content: bytes, max_side: int, thumbnail_side: int) -> tuple[bytes, bytes]:
+    """(photo, thumbnail) as JPEG holding the pixels only, upright, the photo at most max_side px."""
+    pixels = pixels_only(content)
+    return as_jpeg(pixels, max_side), as_jpeg(pixels, thumbnail_side)
 
 
 def now() -> str:

@@ -24,9 +24,11 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
+from fruits.app.contributions import as_jpeg, pixels_only
 from fruits.core import engines, logs
 from fruits.core.config import load_config
 from fruits.core.images import RejectedImage, prepare
+from fruits.core.storage import filesystem
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
 from fruits.core.projection import Projection, read_projection
 
@@ -102,6 +104,7 @@ class Snapshot:
     index: NeighbourIndex
     search: object  # ExactIndex | HnswIndex
     labels: list[str]  # what the index can answer, sorted
+    paths: frozenset[str]  # its Training images, below env.paths.images: the only images the app shows
     version: str  # the first 12 hex digits of the index file's sha256
     files: tuple  # (mtime_ns, size, inode) of the projection and index files when they were read
 
@@ -135,7 +138,8 @@ def load_snapshot(cfg: DictConfig) -> Snapshot:
         raise ValueError(f"{index_path} holds {index.vectors.shape[1]}-d vectors but the projection gives "
                          f"{projection.k}: re-run the index stage (dvc repro)")
     return Snapshot(projection, index, build_search(index.vectors, cfg.identify.index_kind),
-                    sorted(set(index.labels.tolist())), hashlib.sha256(index_bytes).hexdigest()[:12], files)
+                    sorted(set(index.labels.tolist())), frozenset(index.paths.tolist()),
+                    hashlib.sha256(index_bytes).hexdigest()[:12], files)
 
 
 class Identifier:
@@ -179,6 +183,15 @@ class Identifier:
         log.info("now answering from index %s: %d vectors, %d labels", fresh.version, len(fresh.index.vectors),
                  len(fresh.labels))
         return True
+
+    def thumbnail(self, path: str) -> bytes:
+        """A Training image of the current index (its path as the index names it) as a small JPEG of its
+        pixels only; FileNotFoundError for any other path, or one erased since the index was built."""
+        if path not in self.current.paths:  # never a path the index does not hold: no traversal, no listing
+            raise FileNotFoundError(path)
+        fs, root = filesystem(self.cfg.env.paths.images, self.cfg)
+        with fs.open(f"{root.rstrip('/')}/{path}", "rb") as stream:
+            return as_jpeg(pixels_only(stream.read()), self.cfg.contributions.thumbnail_px)
 
     def vector(self, content: bytes, snapshot: Snapshot | None = None) -> np.ndarray:
         """The photo's PCA vector (k values), as the pipeline computes it for an image file."""

@@ -3,6 +3,9 @@ and index once, at start-up).
 
 - `POST /identify` (multipart field `photo`): the answer as JSON (schema `Answer`, in /openapi.json);
 - `GET /`: a one-page web UI to pick or drop a photo and see the top answers with the fruit's card;
+- `GET /images/{path}`: a small JPEG of one of the current index's Training images (the answer's
+  `neighbours[].path`), pixels only; any other path is a 404;
+- `GET /labels`: what the current index can answer (the page's list for "it is actually…");
 - `GET /health`: ready, with the model identity and the index's version and size. Each worker swaps
   to an index the pipeline commits while it serves, between requests (Identifier.refresh);
 - `POST /contributions` (multipart: `photo`, `label`, `consent`): a photo its author names, stored
@@ -107,6 +110,11 @@ class Health(BaseModel):
     labels: int
 
 
+class Labels(BaseModel):
+    labels: list[str]
+    index_version: str
+
+
 def create_app(cfg: DictConfig | None = None) -> FastAPI:
     """The ASGI app; cfg None: from the settings `python -m fruits.app.service` put in the environment."""
     if cfg is None:  # a worker process of `make serve`: its own logs (index swaps) go beside uvicorn's
@@ -157,6 +165,7 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
         except BadPhoto as err:
             raise HTTPException(422, f"cannot read the photo: {err}") from err
 
+    app.include_router(index_routes())
     app.include_router(contribution_routes(cfg))
 
     page = resources.files("fruits.app").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -191,6 +200,29 @@ async def read_photo(photo: UploadFile, max_upload_mb: float) -> bytes:
     if len(content) > limit:
         raise HTTPException(413, f"the photo is larger than {max_upload_mb} MB")
     return content
+
+
+def index_routes() -> APIRouter:
+    """GET /labels and GET /images/{path}: what the current index holds, for the page."""
+    router = APIRouter()
+
+    @router.get("/labels", response_model=Labels)
+    def labels(request: Request) -> Labels:
+        snapshot = request.app.state.identifier.current
+        return Labels(labels=snapshot.labels, index_version=snapshot.version)
+
+    @router.get("/images/{path:path}", response_class=Response, responses={
+        200: {"content": {"image/jpeg": {}}, "description": "the image, at most contributions.thumbnail_px"},
+        404: {"description": "not a Training image of the current index (or erased since it was built)"}})
+    async def image(path: str, request: Request) -> Response:
+        try:
+            content = await run_in_threadpool(request.app.state.identifier.thumbnail, path)
+        except FileNotFoundError:
+            raise HTTPException(404, "no such image in the index") from None
+        # private and short-lived: an image erased from the collection must not live on in shared caches
+        return Response(content, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
+
+    return router
 
 
 def contribution_routes(cfg: DictConfig) -> APIRouter:
