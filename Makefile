@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve contributions approve reject bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps exp-apply s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
+.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve contributions approve reject purge-erased bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps exp-apply s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
@@ -96,6 +96,9 @@ approve: $(STAMP) ## Approve contributions (IDS="id …"): into the approved fol
 
 reject: $(STAMP) ## Reject contributions (IDS="id …"): photo, thumbnail and record erased
 	$(PY) -m fruits.app.contributions reject $(IDS) $(ARGS)
+
+purge-erased: $(STAMP) ## After an erasure and its repro: the DVC cache/remote and the bucket's old versions (dry run; APPLY=1 deletes; PARAMS=emr/params.yaml for the bucket)
+	@$(PY) -m fruits.cloud.purge $(if $(PARAMS),--params $(PARAMS)) $(if $(APPLY),--apply)
 
 bench-index: $(STAMP) ## Exact vs HNSW (faiss) search on 100k synthetic vectors: recall@5, query latency
 	$(PY) benchmarks/index_bench.py

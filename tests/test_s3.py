@@ -41,6 +41,8 @@ def test_bucket_is_created_in_paris_locked_down_and_rerun_changes_nothing(tmp_pa
     statement = json.loads(s3.get_bucket_policy(Bucket=name)["Policy"])["Statement"][0]
     assert statement["Effect"] == "Deny" and statement["Condition"] == {"Bool": {"aws:SecureTransport": "false"}}
     assert s3.get_bucket_versioning(Bucket=name)["Status"] == "Enabled"
+    [rule] = s3.get_bucket_lifecycle_configuration(Bucket=name)["Rules"]
+    assert rule["Filter"] == {"Prefix": "fruits/"} and rule["NoncurrentVersionExpiration"] == {"NoncurrentDays": 30}
     assert bucket.run(cfg) == []
 
 
@@ -267,3 +269,73 @@ def fsspec_open(cfg, uri):
 
     fs, path = filesystem(uri, cfg)
     return fs.open(path, "rb")
+
+
+def test_the_purge_leaves_no_old_copy_in_the_dvc_cache_the_remote_or_the_bucket_versions(tmp_path, s3_endpoint):
+    """After an erasure and the repro that rebuilt the outputs without the photo, what still holds it:
+    the DVC cache and remote (an older commit's output), the bucket's noncurrent versions (the erased
+    quarantine object, an overwritten upload record). `make purge-erased` lists them, then with APPLY=1
+    deletes them, and nothing the workspace uses nor anything outside the project's prefix."""
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    bucket.run(cfg)
+    name, prefix = cfg.storage.bucket, cfg.storage.prefix
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+
+    def sh(*cmd):
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout + done.stderr
+
+    sh("git", "init", "-q")
+    sh("dvc", "init", "-q")
+    bucket.configure_dvc_remote(cfg, repo)
+    photo, kept = os.urandom(3000), os.urandom(2000)
+    photo_md5, kept_md5 = hashlib.md5(photo).hexdigest(), hashlib.md5(kept).hexdigest()
+    (repo / "sample").mkdir()
+    (repo / "sample" / "contributed_1.jpg").write_bytes(photo)
+    (repo / "sample" / "kept.jpg").write_bytes(kept)
+    sh("dvc", "add", "sample")
+    sh("dvc", "push")
+    sh("git", "add", "-A")
+    sh("git", "commit", "-qm", "with the photo")
+    s3 = raw_client(s3_endpoint)
+    quarantined = f"{prefix}/contributions/quarantine/Training/Kiwi/1.jpg"
+    s3.put_object(Bucket=name, Key=quarantined, Body=photo)
+    s3.delete_object(Bucket=name, Key=quarantined)  # erased: a delete marker over the photo's version
+    record = f"{prefix}/ingest/uploads.json"
+    s3.put_object(Bucket=name, Key=record, Body=json.dumps({"Training/Kiwi/contributed_1.jpg": photo_md5}))
+    s3.put_object(Bucket=name, Key=record, Body=json.dumps({"Training/Kiwi/kept.jpg": kept_md5}))
+    outside = "another-project/photo.jpg"
+    s3.put_object(Bucket=name, Key=outside, Body=photo)
+    s3.delete_object(Bucket=name, Key=outside)
+    (repo / "sample" / "contributed_1.jpg").unlink()  # the erasure, then the repro's new output
+    sh("dvc", "add", "sample")
+    sh("dvc", "push")
+
+    def cached(md5):
+        return (repo / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).exists()
+
+    def versions(key_part):
+        listed = s3.list_object_versions(Bucket=name)
+        return [v for v in listed.get("Versions", []) + listed.get("DeleteMarkers", []) if key_part in v["Key"]]
+
+    purge = [sys.executable, "-m", "fruits.cloud.purge", "storage=s3", f"storage.bucket={name}",
+             f"storage.endpoint_url={s3_endpoint}"]
+    dry = sh(*purge)
+    assert f"s3://{name}/{prefix}/: would delete" in dry and "A dry run" in dry, dry
+    assert cached(photo_md5) and len(versions(quarantined)) == 2 and len(versions(record)) == 2  # nothing gone
+
+    applied = sh(*purge, "--apply")
+    assert f"s3://{name}/{prefix}/: deleted" in applied, applied
+    assert not cached(photo_md5) and cached(kept_md5)
+    assert versions(photo_md5[2:]) == [] and versions(quarantined) == []  # nor in the remote, in any version
+    assert [v["IsLatest"] for v in versions(kept_md5[2:])] == [True]
+    assert [v["IsLatest"] for v in versions(record)] == [True]
+    current = s3.get_object(Bucket=name, Key=record)["Body"].read()
+    assert b"contributed_1" not in current
+    assert len(versions(outside)) == 2  # outside the project's prefix: untouched
+    sh("dvc", "status", "-c")  # the workspace's data is still complete in the remote
+    assert "deleted 0 noncurrent version(s)" in sh(*purge, "--apply")

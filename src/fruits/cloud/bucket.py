@@ -1,5 +1,5 @@
-"""The project bucket: created if missing in the configured EU region, locked down, versioned.
-`make bucket` runs it; re-running changes nothing and says so. Refuses a bucket located outside the EU."""
+"""The project bucket: created if missing in the configured EU region, locked down, versioned, old
+versions expired after storage.noncurrent_days. `make bucket` runs it; re-running changes nothing and says so. Refuses a bucket located outside the EU."""
 
 from __future__ import annotations
 
@@ -90,7 +90,27 @@ def ensure_bucket(cfg: DictConfig) -> list[str]:
     if s3.get_bucket_versioning(Bucket=bucket).get("Status") != "Enabled":
         s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
         changes.append("versioning on")
+
+    rule = lifecycle_rule(cfg.storage.prefix, cfg.storage.noncurrent_days)
+    try:
+        current_rules = s3.get_bucket_lifecycle_configuration(Bucket=bucket)["Rules"]
+    except ClientError:
+        current_rules = []
+    current = next((r for r in current_rules if r.get("ID") == rule["ID"]), {})
+    if any(current.get(key) != value for key, value in rule.items()):
+        others = [r for r in current_rules if r.get("ID") != rule["ID"]]  # a rule someone else set stays
+        s3.put_bucket_lifecycle_configuration(Bucket=bucket, LifecycleConfiguration={"Rules": [*others, rule]})
+        changes.append(f"lifecycle: old versions under {cfg.storage.prefix}/ deleted after {cfg.storage.noncurrent_days} days")
     return changes
+
+
+def lifecycle_rule(prefix: str, noncurrent_days: int) -> dict:
+    """Versioning keeps what is deleted or replaced (an erased photo, an older table's files): not for
+    ever. Also drops the parts of multipart uploads a killed writer left behind."""
+    return {"ID": "fruits-old-versions", "Filter": {"Prefix": f"{prefix}/"}, "Status": "Enabled",
+            "NoncurrentVersionExpiration": {"NoncurrentDays": noncurrent_days},
+            "Expiration": {"ExpiredObjectDeleteMarker": True},
+            "AbortIncompleteMultipartUpload": {"DaysAfterInitiation": 7}}
 
 
 def dvc_remote_url(cfg: DictConfig) -> str:

@@ -142,7 +142,8 @@ def gc(cfg: DictConfig, params_file: str, lock_file: str, apply: bool) -> list[s
         print(("deleted " if apply else "would delete ") + uri)
     if not apply and stale:
         print(f"{len(stale)} folder(s) no commit or experiment names: `make s3-gc APPLY=1` deletes them "
-              "(the bucket is versioned: S3 keeps their noncurrent versions until its lifecycle rule expires them)")
+              "(the bucket is versioned: S3 keeps their noncurrent versions until its lifecycle rule expires them "
+              "after storage.noncurrent_days, or `make purge-erased PARAMS=emr/params.yaml APPLY=1` deletes them)")
     return stale
 
 
