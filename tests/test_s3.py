@@ -171,6 +171,45 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     assert object_md5s(s3_endpoint, cfg)[f"{cfg.storage.prefix}/raw/{replaced}"] == hashlib.md5(local[2].read_bytes()).hexdigest()
 
 
+def test_approved_photos_in_the_bucket_join_the_raw_prefix_and_leave_it_when_erased(tmp_path, s3_endpoint):
+    """On EMR the app keeps contributions in the bucket: ingest copies an approved one into the raw
+    prefix as contributed_<id>.jpg (encrypted like every object), and deletes it there once erased,
+    leaving images put there by other hands alone."""
+    from fruits.app.contributions import ContributionStore
+    from fruits.core.storage import filesystem
+
+    name = f"fruits-test-{uuid.uuid4().hex[:10]}"
+    contributions = f"s3://{name}/fruits/contributions"
+    cfg = make_cfg(tmp_path, "storage=s3", f"storage.bucket={name}", f"storage.endpoint_url={s3_endpoint}",
+                   f"env.paths.contributions={contributions}", f"env.paths.approved={contributions}/approved")
+    bucket.run(cfg)
+    sample.run(cfg)
+    store = ContributionStore(cfg)
+    photo = (sorted(Path(cfg.data.root).rglob("*.jpg"))[0]).read_bytes()
+    record, token = store.add(photo, "Yuzu", {"label": "Kiwi", "confidence": 0.4})
+    assert ingest.run(cfg)["contributed_copied"] == 0  # in quarantine: not a pipeline input
+    store.approve(record["id"])
+    s3 = raw_client(s3_endpoint)
+    by_hand = f"{cfg.storage.prefix}/raw/Test/Kiwi/direct.jpg"
+    s3.put_object(Bucket=name, Key=by_hand, Body=photo)
+
+    joined = ingest.run(cfg)
+    copy = f"{cfg.storage.prefix}/raw/Training/Yuzu/contributed_{record['id']}.jpg"
+    assert (joined["contributed_in_bucket"], joined["contributed_copied"], joined["remote_images"]) == (1, 1, 34)
+    fs, approved = filesystem(f"{contributions}/approved/Training/Yuzu/{record['id']}.jpg", cfg)
+    assert s3.get_object(Bucket=name, Key=copy)["Body"].read() == fs.cat_file(approved)
+    assert s3.head_object(Bucket=name, Key=copy)["ServerSideEncryption"] == "AES256"
+    again = ingest.run(cfg)
+    assert (again["contributed_copied"], again["contributed_deleted"]) == (0, 0)
+    assert again["remote_listing_sha256"] == joined["remote_listing_sha256"]  # nothing new: featurize does not run
+
+    assert store.erase(record["id"], token)
+    erased = ingest.run(cfg)
+    assert (erased["contributed_in_bucket"], erased["contributed_deleted"], erased["remote_images"]) == (0, 1, 33)
+    assert copy not in keys(s3_endpoint, cfg) and by_hand in keys(s3_endpoint, cfg)
+    assert erased["remote_listing_sha256"] != joined["remote_listing_sha256"]  # featurize runs and drops its row
+
+
 def test_an_unreadable_upload_record_costs_metadata_reads_not_uploads(tmp_path, s3_endpoint, opaque_kms_etags):
     cfg = s3_cfg(tmp_path, s3_endpoint, "storage.kms_key_id=alias/fruits")
     bucket.run(cfg)

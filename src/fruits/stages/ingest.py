@@ -30,13 +30,14 @@ from fruits.core.aws import client, require_bucket
 from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
 from fruits.core.ids import stamped_id
-from fruits.core.images import RejectedImage, parse_image_path
+from fruits.core.images import CONTRIBUTED_PREFIX, RejectedImage, parse_image_path
 from fruits.core.storage import (
     ROW_GROUP_IMAGES,
     ListedFile,
     atomic_output,
     file_digest,
     filesystem,
+    is_s3,
     list_files,
     local_path,
     object_encryption,
@@ -49,7 +50,7 @@ log = logging.getLogger(__name__)
 # What compares experiments (the DVC metrics file): the per-label counts go to the diagnostics file. The
 # listing checksums are what featurize's DVC dependency on this file sees change when images do.
 COMPARED = ("origin", "source_files", "ignored", "not_selected", "images", "bytes", "labels", "listing_sha256",
-            "destination", "remote_images", "remote_listing_sha256")
+            "destination", "remote_images", "remote_listing_sha256", "contributed_in_bucket")
 
 UPLOAD_THREADS = 8  # small objects: latency-bound, so a few requests in flight
 MD5_METADATA = "fruits-md5"  # object metadata: the MD5 of the content ingest uploaded
@@ -136,6 +137,7 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         for _ in tqdm(pool.map(put, pending), total=len(pending), desc="upload", unit="file", disable=not pending):
             pass
+    contributed = sync_contributed(cfg, fs, root, {f.relative for f in local})
     fs.invalidate_cache()
     uploaded = list_files(destination, cfg, cfg.data.extensions)
     missing = {f.relative for f in local} - {f.relative for f in uploaded}
@@ -145,8 +147,37 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
     record = {f.relative: {"md5": md5s[f.relative], "etag": etags[f.relative]} for f in local}
     fs.pipe_file(record_path, json.dumps(record, sort_keys=True).encode(), **put_options)
     return {"destination": destination, "uploaded": len(pending), "skipped": len(local) - len(pending),
-            "checked_metadata": len(unsure), "remote_images": len(uploaded),
+            "checked_metadata": len(unsure), "remote_images": len(uploaded), **contributed,
             "remote_listing_sha256": listing_checksum(uploaded)}
+
+
+def sync_contributed(cfg: DictConfig, fs, root: str, local: set[str]) -> dict:
+    """The app's approved photos kept in the bucket (env.paths.approved on S3, `<split>/<label>/<id>.jpg`)
+    join the raw prefix as `<split>/<label>/contributed_<id>.jpg`, as the sample stage adds local ones
+    to data.root; and a contributed photo of the raw prefix whose approved photo is gone (erased) is
+    deleted there, unless data.root holds it. Images put in the raw prefix by other hands are left alone."""
+    approved = str(cfg.env.paths.approved).rstrip("/")
+    wanted: dict[str, ListedFile] = {}
+    if is_s3(approved) and fs.exists(filesystem(approved, cfg)[1]):
+        for photo in list_files(approved, cfg, cfg.data.extensions):
+            folder, _, name = photo.relative.rpartition("/")
+            wanted[f"{folder}/{CONTRIBUTED_PREFIX}{name}"] = photo
+    fs.invalidate_cache()
+    there = {f.relative: f for f in list_files(cfg.storage.uris.raw, cfg, cfg.data.extensions)
+             if f.relative.rpartition("/")[2].startswith(CONTRIBUTED_PREFIX)}
+    copies = [relative for relative, photo in wanted.items()
+              if relative not in there or there[relative].size != photo.size]
+    erased = sorted(set(there) - set(wanted) - local)
+    for relative in copies:
+        content = fs.cat_file(filesystem(wanted[relative].uri, cfg)[1])
+        fs.pipe_file(f"{root}/{relative}", content, Metadata={MD5_METADATA: hashlib.md5(content).hexdigest()},
+                     **object_encryption(cfg))
+    for relative in erased:
+        fs.rm_file(f"{root}/{relative}")
+    if copies or erased:
+        log.info("ingest: %d approved contribution(s) copied from %s, %d erased one(s) deleted from the raw prefix",
+                 len(copies), approved, len(erased))
+    return {"contributed_in_bucket": len(wanted), "contributed_copied": len(copies), "contributed_deleted": len(erased)}
 
 
 def listing_checksum(remote: list[ListedFile]) -> str:
@@ -286,13 +317,17 @@ def load(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str], result:
     """Pack into shards (data.layout=parquet) or upload the files (storage=s3), then write the manifest
     that DVC tracks."""
     if cfg.data.layout == "parquet":
+        if is_s3(str(cfg.env.paths.approved)):
+            log.warning("ingest: data.layout=parquet packs data.root only: approved photos kept in %s are not "
+                        "packed (data.layout=files copies them to the raw prefix)", cfg.env.paths.approved)
         result["shards"] = pack(cfg, local, md5s)
         log.info("ingest: %d image(s) packed into %d new shard(s) under %s", result["shards"]["images_packed"],
                  result["shards"]["shards_written"], cfg.env.paths.shards)
     elif cfg.storage.name == "s3":
         transfer = upload(cfg, local, md5s)
         result.update(destination=transfer["destination"], remote_images=transfer["remote_images"],
-                      remote_listing_sha256=transfer["remote_listing_sha256"])
+                      remote_listing_sha256=transfer["remote_listing_sha256"],
+                      **{k: v for k, v in transfer.items() if k.startswith("contributed_")})
         log.info("ingest: %d uploaded, %d already there", transfer["uploaded"], transfer["skipped"])
     write_record(cfg.env.paths.ingest_metrics, cfg.env.paths.ingest_diagnostics, result, COMPARED)
     return result
