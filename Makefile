@@ -103,8 +103,9 @@ purge-erased: $(STAMP) ## After an erasure and its repro: the DVC cache/remote a
 bench-index: $(STAMP) ## Exact vs HNSW (faiss) search on 100k synthetic vectors: recall@5, query latency
 	$(PY) benchmarks/index_bench.py
 
-bench-serve: $(STAMP) ## The service under load on loopback: requests/s, p50/p99 latency with 1 and 8 clients
+bench-serve: $(STAMP) ## The service under load: p50/p99 with 1 and 8 clients around an index swap; make approve -> answerable for 1 and 100 photos
 	$(PY) benchmarks/serve_bench.py
+	$(PY) benchmarks/approve_bench.py
 
 bucket: $(STAMP) ## Create/check the S3 bucket (eu-west-3, private, encrypted, TLS-only, versioned) + DVC remote
 	@$(WITH_CLUSTER_ENV) $(PY) -m fruits.cloud.bucket --params emr/params.yaml $(ARGS)
