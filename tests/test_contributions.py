@@ -168,7 +168,7 @@ def test_an_approved_photo_is_featurized_alone_answered_with_its_label_then_eras
     drop its row."""
     from fruits.app.identify import Identifier
     from fruits.core import tables
-    from fruits.stages import featurize, index, pca, sample
+    from fruits.stages import featurize, index, ingest, pca, report, sample
     from fruits.stages.sample import draw_fruit
 
     cfg = tiny_cfg
@@ -184,6 +184,7 @@ def test_an_approved_photo_is_featurized_alone_answered_with_its_label_then_eras
     record = store.approve(record["id"])
     manifest = sample.run(cfg)
     assert (manifest["contributed"], manifest["images"]) == (1, 33) and "Yuzu" in manifest["labels"]
+    ingest.run(cfg)
     run = featurize.run(cfg, spark)["run"]
     assert (run["computed"], run["reused"]) == (1, 32), run
     pca.run(cfg, spark)
@@ -192,12 +193,46 @@ def test_an_approved_photo_is_featurized_alone_answered_with_its_label_then_eras
     stored = (tmp_path / "data" / "contributions" / record["photo"]).read_bytes()
     assert Identifier(cfg).identify(stored)["label"] == "Yuzu"
 
+    report.run(cfg, spark)
+    traces = [record["id"], record["sha256"]]  # its path names its id; the tables keep its sha256
+    held = {part for path in holding(tmp_path, traces) for part in path.parts}  # found where it must be
+    assert {"images", "features", "vectors", "knn_index.npz", "contributions"} <= held, held
+
     assert store.erase(record["id"], token)
     assert sample.run(cfg)["contributed"] == 0
+    ingest.run(cfg)
     run = featurize.run(cfg, spark)["run"]
     assert (run["deleted"], run["computed"]) == (1, 0), run
     paths = [row["path"] for row in tables.read(spark, cfg.env.paths.features, cfg).select("path").collect()]
     assert len(paths) == 32 and not [path for path in paths if record["id"] in path]
+    pca.run(cfg, spark)
+    index.run(cfg, spark)
+    report.run(cfg, spark)
+    assert holding(tmp_path, traces) == []  # every output, every table version on disk, the store
+
+
+def holding(root, traces: list[str]) -> list:
+    """The files under root in which any trace appears: in the file's path, a Parquet file's strings
+    (every file, whatever table version it belongs to), an .npz's string arrays, or any other file's
+    bytes (the report, metrics, manifests, records)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    found = set()
+    for path in (p for p in root.rglob("*") if p.is_file()):
+        if path.suffix == ".parquet":
+            table = pq.read_table(path)
+            text = " ".join(str(value) for field in table.schema if pa.types.is_string(field.type)
+                            for value in table[field.name].to_pylist())
+        elif path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as arrays:
+                text = " ".join(" ".join(arrays[name].ravel()) for name in arrays.files if arrays[name].dtype.kind == "U")
+        else:
+            text = path.read_bytes().decode("latin-1")
+        if any(trace in str(path) or trace in text for trace in traces):
+            found.add(path.relative_to(root))
+    return sorted(found)
 
 
 def params(cfg, folder):

@@ -13,6 +13,13 @@ from clones import featurize_run, fresh_clone, run, run_queue
 from fruits.stages.sample import draw_fruit, generate
 
 
+# The runs stop at featurize: what follows it is the fresh-clone pipeline test's (tests/test_pipeline.py)
+# and would only add minutes here. sample is named first: offline weights (model.weights=random) are
+# calibrated on the sample's images, which the weights stage does not declare (new images must not make
+# new weights), and DVC orders a lone target's ancestors by its own choice.
+UP_TO_FEATURIZE = ["sample", "featurize"]
+
+
 @pytest.mark.slow
 def test_a_source_folder_named_each_way_grows_incrementally_from_a_fresh_clone(tmp_path):
     """A Fruits-360 folder named each way: with `dvc exp run -S` (the route DVC once missed), its images go
@@ -23,7 +30,7 @@ def test_a_source_folder_named_each_way_grows_incrementally_from_a_fresh_clone(t
     clone, env = fresh_clone(tmp_path)
     source = tmp_path / "fruits-360"
     generate(source, ["Apple Red", "Banana", "Kiwi"], {"Training": 5, "Test": 2}, 100, 7)
-    named = ["dvc", "exp", "run", "-S", f"data.source={source}", "-S", "data.labels=null",
+    named = ["dvc", "exp", "run", *UP_TO_FEATURIZE, "-S", f"data.source={source}", "-S", "data.labels=null",
              "-S", "data.train_per_label=null", "-S", "data.test_per_label=null"]
     assert "Running stage 'sample'" in run(named, clone, env)
     assert featurize_run(clone) == (21, 0, 21)
@@ -41,7 +48,7 @@ def test_a_source_folder_named_each_way_grows_incrementally_from_a_fresh_clone(t
     draw_fruit("Banana", 200).save(replaced)
     status = run(["dvc", "status", "sample"], clone, env)
     assert "changed deps" in status and str(source) in status, status
-    assert "Running stage 'sample'" in run(["dvc", "repro"], clone, env)
+    assert "Running stage 'sample'" in run(["dvc", "repro", *UP_TO_FEATURIZE], clone, env)
     assert featurize_run(clone) == (26, 25, 1)
     os.utime(replaced, (time.time() + 60, time.time() + 60))
 
@@ -55,13 +62,13 @@ def test_a_source_folder_named_each_way_grows_incrementally_from_a_fresh_clone(t
     sample_yaml.write_text(re.sub(r"(?m)^(labels|train_per_label|test_per_label): .*$", r"\1: null", text))
     (clone / "params.yaml").write_text(run([sys.executable, "-m", "fruits.core.config"], clone, env))
     run([sys.executable, "-m", "fruits.tooling.dvc_pipelines"], clone, env)
-    assert "Running stage" not in run(["dvc", "repro"], clone, env)  # the same values, the touched file
+    assert "Running stage" not in run(["dvc", "repro", *UP_TO_FEATURIZE], clone, env)  # the same values, the touched file
     run(["git", "add", "-A"], clone, env)
     run(["git", "commit", "-qm", "conf/ names the source folder"], clone, env)
     for number in range(3):
         draw_fruit("Banana", 300 + number).save(source / "Training" / "Banana" / f"queued_{number}.jpg")
     sorted((source / "Test" / "Kiwi").iterdir())[0].unlink()
-    run(["dvc", "exp", "run", "--queue", "-n", "queued-growth"], clone, env)
+    run(["dvc", "exp", "run", *UP_TO_FEATURIZE, "--queue", "-n", "queued-growth"], clone, env)
     run_queue(clone, env, jobs=1)
     run([sys.executable, "-m", "fruits.tooling.experiments", "queued-growth"], clone, env)
     assert featurize_run(clone) == (28, 25, 3)
