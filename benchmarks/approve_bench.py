@@ -15,6 +15,7 @@ Writes reports/approve_bench.json and .md. A benchmark: nothing is asserted.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -73,12 +74,21 @@ class Poller(threading.Thread):
         super().__init__(daemon=True)
         self.port, self.photos, self.label = port, photos, label
         self.answered_at: float | None = None
+        self.last = None  # the last answer or error: what the bench says if the label never comes
         self.stop = threading.Event()
+
+    def answers(self, photo: bytes) -> bool:
+        try:
+            got = answer(self.port, photo)
+        except OSError as err:  # said at the end; the service may be between workers' restarts
+            self.last = repr(err)
+            return False
+        self.last = {key: got[key] for key in ("label", "confidence", "sure", "index_version")}
+        return got["label"] == self.label
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
-            if answer(self.port, self.photos[0])["label"] == self.label and all(
-                    answer(self.port, photo)["label"] == self.label for photo in self.photos[1:]):
+            if self.answers(self.photos[0]) and all(self.answers(photo) for photo in self.photos[1:]):
                 self.answered_at = time.perf_counter()
                 return
 
@@ -88,7 +98,7 @@ def contribute_and_approve(clone: Path, env: dict, port: int, count: int, label:
     photos = []
     for number in range(count):
         buffer = io.BytesIO()
-        draw_fruit("Kiwi", seed + number).save(buffer, format="JPEG", quality=90)
+        draw_fruit(label, seed + number).save(buffer, format="JPEG", quality=90)  # a look of its own: a new fruit
         photos.append(buffer.getvalue())
     ids = [store.add(photo, label, {"label": "unknown", "confidence": 0.0})[0]["id"] for photo in photos]
     poller = Poller(port, [photos[0], photos[len(photos) // 2], photos[-1]], label)
@@ -102,7 +112,8 @@ def contribute_and_approve(clone: Path, env: dict, port: int, count: int, label:
     poller.join(timeout=300)
     poller.stop.set()
     if poller.answered_at is None:
-        raise RuntimeError(f"the service did not answer {label!r} within 300 s of the repro's end")
+        raise RuntimeError(f"the service did not answer {label!r} within 300 s of the repro's end; "
+                           f"last answer: {poller.last}")
     featurized = json.loads((clone / "metrics/featurize.json").read_text())
     indexed = json.loads((clone / "metrics/index.json").read_text())
     row = {"contributions": count, "approve_seconds": round(approve_seconds, 2), "repro": rebuilt,
@@ -133,6 +144,9 @@ def start_service(clone: Path, env: dict) -> tuple[subprocess.Popen, int]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", default="1,100", help="contributions approved at once, in turn (default: %(default)s)")
+    counts = [int(count) for count in parser.parse_args().counts.split(",")]
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYSPARK_PYTHON": sys.executable}
     reports = Path.cwd()
     work = Path(tempfile.mkdtemp(prefix="approve-bench-"))
@@ -145,8 +159,8 @@ def main() -> None:
         baseline.pop("index_committed_at")
         server, port = start_service(clone, env)
         try:
-            rows = [contribute_and_approve(clone, env, port, count, label, seed)
-                    for count, label, seed in ((1, "Bench One", 5000), (100, "Bench Hundred", 6000))]
+            rows = [contribute_and_approve(clone, env, port, count, f"Bench {count}", 5000 + 1000 * turn)
+                    for turn, count in enumerate(counts)]
         finally:
             server.terminate()
             server.wait(timeout=30)
