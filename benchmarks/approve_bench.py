@@ -172,8 +172,7 @@ def main() -> None:
              f"(a clone's `dvc repro`: {baseline['seconds']} s), engine {cfg.model.engine}, {cfg.model.input_size} px, "
              f"{cfg.identify.workers} uvicorn workers polling every {cfg.identify.index_poll_seconds} s; "
              "generated photos, not real ones")
-    stages = sorted({name for row in rows for name in row["repro"]["stages"]},
-                    key=lambda name: list(baseline["stages"]).index(name) if name in baseline["stages"] else 99)
+    stages = list(dict.fromkeys(name for row in rows for name in row["repro"]["stages"]))  # in the order they ran
     lines = [setup, "", "| approved | approve (s) | dvc repro (s) | " + " | ".join(f"{s} (s)" for s in stages)
              + " | computed / reused | swap (s) | approve → answerable (s) |",
              "|---:|---:|---:|" + "---:|" * len(stages) + "---|---:|---:|"]
