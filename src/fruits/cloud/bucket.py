@@ -1,5 +1,6 @@
 """The project bucket: created if missing in the configured EU region, locked down, versioned, old
-versions expired after storage.noncurrent_days. `make bucket` runs it; re-running changes nothing and says so. Refuses a bucket located outside the EU."""
+versions expired after storage.noncurrent_days. `make bucket` runs it; re-running changes nothing and
+says so. Refuses a bucket located outside the EU."""
 
 from __future__ import annotations
 

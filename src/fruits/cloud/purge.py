@@ -1,7 +1,7 @@
 """Erasure's last step: purge the copies that outlive an erased photo once `dvc repro` has rebuilt every
 current output without it.
 
-Two places still hold what was derived from it (see docs/app.md, "Erasure"):
+Two places still hold what was derived from it (docs/app.md: "What still holds an erased photo"):
 - **the DVC cache and remote**: the outputs of older commits and experiments (the sample folder that
   held the photo, the features table with its row, the index naming it). `dvc gc --workspace` keeps
   only what the workspace's outputs use; with `--cloud`, in the DVC remote too.

@@ -158,11 +158,12 @@ def sync_contributed(cfg: DictConfig, fs, root: str, local: set[str]) -> dict:
     deleted there, unless data.root holds it. Images put in the raw prefix by other hands are left alone."""
     approved = str(cfg.env.paths.approved).rstrip("/")
     wanted: dict[str, ListedFile] = {}
+    fs.invalidate_cache()  # the app may have approved or erased photos since this process listed
     if is_s3(approved) and fs.exists(filesystem(approved, cfg)[1]):
         for photo in list_files(approved, cfg, cfg.data.extensions):
             folder, _, name = photo.relative.rpartition("/")
-            wanted[f"{folder}/{CONTRIBUTED_PREFIX}{name}"] = photo
-    fs.invalidate_cache()
+            if folder.count("/") == 1:  # <split>/<label>, as the store writes them
+                wanted[f"{folder}/{CONTRIBUTED_PREFIX}{name}"] = photo
     there = {f.relative: f for f in list_files(cfg.storage.uris.raw, cfg, cfg.data.extensions)
              if f.relative.rpartition("/")[2].startswith(CONTRIBUTED_PREFIX)}
     copies = [relative for relative, photo in wanted.items()
