@@ -16,12 +16,17 @@ def fresh_clone(tmp_path: Path) -> tuple[Path, dict]:
     """A clone of this repository's last commit, shrunk to the tiny pipeline, and the environment to run
     DVC in it."""
     clone = tmp_path / "clone"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "PYSPARK_PYTHON": sys.executable}
+    env = repo_env()
     run(["git", "clone", "-q", str(PROJECT_ROOT), str(clone)], tmp_path, env)
     shrink(clone, env)
     return clone, env
+
+
+def repo_env() -> dict:
+    """The environment to run git and DVC in a test's repository: this venv's tools first, an author."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+            "GIT_COMMITTER_EMAIL": "t@t", "PYSPARK_PYTHON": sys.executable}
 
 
 def run(cmd: list[str], cwd: Path, env: dict) -> str:

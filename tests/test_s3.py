@@ -16,6 +16,7 @@ from fruits.cloud import bucket
 from fruits.stages import ingest, sample
 from fruits.core.errors import ConfigError
 
+from clones import repo_env, run
 from conftest import make_cfg
 
 
@@ -224,20 +225,23 @@ def test_an_unreadable_upload_record_costs_metadata_reads_not_uploads(tmp_path, 
     assert rerun["uploaded"] == 0 and rerun["checked_metadata"] == 32
 
 
-def test_dvc_push_pull_round_trip(tmp_path, s3_endpoint):
-    cfg = s3_cfg(tmp_path, s3_endpoint)
-    bucket.run(cfg)
-    repo = tmp_path / "repo"
+def dvc_repo(tmp_path):
+    """A new git + DVC repository, and a function that runs a command there (asserting it succeeds)."""
+    repo, env = tmp_path / "repo", repo_env()
     repo.mkdir()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
 
     def sh(*cmd):
-        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout
+        return run(list(cmd), repo, env)
 
     sh("git", "init", "-q")
     sh("dvc", "init", "-q")
+    return repo, sh
+
+
+def test_dvc_push_pull_round_trip(tmp_path, s3_endpoint):
+    cfg = s3_cfg(tmp_path, s3_endpoint)
+    bucket.run(cfg)
+    repo, sh = dvc_repo(tmp_path)
     bucket.configure_dvc_remote(cfg, repo)
     data = repo / "data"
     data.mkdir()
@@ -318,18 +322,7 @@ def test_the_purge_leaves_no_old_copy_in_the_dvc_cache_the_remote_or_the_bucket_
     cfg = s3_cfg(tmp_path, s3_endpoint)
     bucket.run(cfg)
     name, prefix = cfg.storage.bucket, cfg.storage.prefix
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-
-    def sh(*cmd):
-        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stdout + done.stderr
-        return done.stdout + done.stderr
-
-    sh("git", "init", "-q")
-    sh("dvc", "init", "-q")
+    repo, sh = dvc_repo(tmp_path)
     bucket.configure_dvc_remote(cfg, repo)
     photo, kept = os.urandom(3000), os.urandom(2000)
     photo_md5, kept_md5 = hashlib.md5(photo).hexdigest(), hashlib.md5(kept).hexdigest()

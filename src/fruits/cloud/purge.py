@@ -20,7 +20,6 @@ emr/params.yaml`). A dry run by default: what would go, counted; `--apply` delet
 from __future__ import annotations
 
 import argparse
-import logging
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +29,6 @@ from omegaconf import DictConfig
 from fruits.core import logs, registry
 from fruits.core.aws import client, require_bucket
 from fruits.core.config import load_config
-
-log = logging.getLogger(__name__)
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 

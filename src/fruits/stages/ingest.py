@@ -137,7 +137,7 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
     with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
         for _ in tqdm(pool.map(put, pending), total=len(pending), desc="upload", unit="file", disable=not pending):
             pass
-    contributed = sync_contributed(cfg, fs, root, {f.relative for f in local})
+    contributed = sync_contributed(cfg, fs, root, {f.relative for f in local}, remote)
     fs.invalidate_cache()
     uploaded = list_files(destination, cfg, cfg.data.extensions)
     missing = {f.relative for f in local} - {f.relative for f in uploaded}
@@ -151,11 +151,12 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
             "remote_listing_sha256": listing_checksum(uploaded)}
 
 
-def sync_contributed(cfg: DictConfig, fs, root: str, local: set[str]) -> dict:
+def sync_contributed(cfg: DictConfig, fs, root: str, local: set[str], remote: list[ListedFile]) -> dict:
     """The app's approved photos kept in the bucket (env.paths.approved on S3, `<split>/<label>/<id>.jpg`)
     join the raw prefix as `<split>/<label>/contributed_<id>.jpg`, as the sample stage adds local ones
     to data.root; and a contributed photo of the raw prefix whose approved photo is gone (erased) is
-    deleted there, unless data.root holds it. Images put in the raw prefix by other hands are left alone."""
+    deleted there, unless data.root holds it. Images put in the raw prefix by other hands are left alone.
+    remote: the raw prefix's listing from before this run's uploads, which touch no contributed copy."""
     approved = str(cfg.env.paths.approved).rstrip("/")
     wanted: dict[str, ListedFile] = {}
     fs.invalidate_cache()  # the app may have approved or erased photos since this process listed
@@ -164,8 +165,7 @@ def sync_contributed(cfg: DictConfig, fs, root: str, local: set[str]) -> dict:
             folder, _, name = photo.relative.rpartition("/")
             if folder.count("/") == 1:  # <split>/<label>, as the store writes them
                 wanted[f"{folder}/{CONTRIBUTED_PREFIX}{name}"] = photo
-    there = {f.relative: f for f in list_files(cfg.storage.uris.raw, cfg, cfg.data.extensions)
-             if f.relative.rpartition("/")[2].startswith(CONTRIBUTED_PREFIX)}
+    there = {f.relative: f for f in remote if f.relative.rpartition("/")[2].startswith(CONTRIBUTED_PREFIX)}
     copies = [relative for relative, photo in wanted.items()
               if relative not in there or there[relative].size != photo.size]
     erased = sorted(set(there) - set(wanted) - local)
