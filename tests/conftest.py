@@ -1,4 +1,8 @@
-"""Shared fixtures: one local[2] Spark session, a tiny generated sample, seeded offline weights (96 px)."""
+"""Shared fixtures: one local[2] Spark session, a tiny drawn sample, seeded offline weights (96 px).
+
+The tiny sample is drawn (conf/data/sources/generate.yaml), not the real photos of samples/: these tests
+check the pipeline's mechanics on pixels they control (labels of their own, images added, broken or
+grown by the test). Figures about quality come from the real photos (the demo, test_real_sample)."""
 
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ def make_cfg(tmp: Path, *overrides: str):
     shrink = [
         f"env.paths.root={tmp}",
         f"data.root={tmp / 'images'}",
+        "data.source=conf/data/sources/generate.yaml",
         f"data.labels=[{','.join(TINY_LABELS)}]",
         "data.train_per_label=6",
         "data.test_per_label=2",

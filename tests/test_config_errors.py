@@ -49,7 +49,9 @@ SETTINGS = [
     ("input size", ["model.input_size=100"], r"model.input_size=100 is not supported"),
     ("empty bucket name", ["storage=s3", "storage.bucket=''"], r"storage.bucket is empty"),
     ("no accuracy query", ["identify.accuracy_queries=0"], r"identify.accuracy_queries=0 must be at least 1"),
-    ("abstain quantile above 1", ["identify.abstain_quantile=1.5"], r"identify.abstain_quantile=1.5 must be a share in \(0, 1\]"),
+    ("abstain rate of 1", ["identify.abstain_known_rate=1.0"], r"identify.abstain_known_rate=1.0 must be a share in \[0, 1\)"),
+    ("a negative rate on the curve", ["identify.abstain_rates=[0.1,-0.2]"], r"identify.abstain_rates\[1\]=-0.2 must be a share"),
+    ("hard protocol arc of 0", ["identify.hard_protocol.training_arc=0"], r"identify.hard_protocol.training_arc=0 must be a share of the fruit's turn"),
     ("no index poll", ["identify.index_poll_seconds=0"], r"identify.index_poll_seconds=0 must be a positive number"),
 ]
 

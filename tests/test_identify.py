@@ -16,7 +16,8 @@ import pytest
 from fruits.app import identify
 from fruits.core import tables
 from fruits.core.config import compose
-from fruits.core.neighbours import ExactIndex, HnswIndex, NeighbourIndex, abstain_distance, nearest_outside, recall_at, vote
+from fruits.core.neighbours import ExactIndex, HnswIndex, NeighbourIndex, nearest_outside, recall_at, vote
+from fruits.core import measures
 from fruits.stages import featurize, index, ingest, pca, weights
 
 from conftest import TINY_LABELS
@@ -159,14 +160,14 @@ def test_the_index_stage_measures_the_app_s_accuracy_like_a_direct_computation(s
         assert metrics["knn_accuracy_by_components"][str(components)] == pytest.approx(expected, abs=1e-6)
     assert metrics["knn_accuracy"] == metrics["knn_accuracy_by_components"]["8"]
     curve = Path(app_cfg.env.paths.knn_curve).read_text().splitlines()
-    assert curve[0] == "components,knn_accuracy" and [line.split(",")[0] for line in curve[1:]] == ["2", "5", "8"]
+    assert curve[0] == "components,knn_accuracy,knn_accuracy_hard" and [line.split(",")[0] for line in curve[1:]] == ["2", "5", "8"]
 
 
 def test_the_accuracy_sample_keeps_about_the_queries_asked():
-    assert index.sample_threshold(100, 100) == index.sample_threshold(5, 100) == index.HASH_RANGE  # all rows
-    assert index.sample_threshold(400, 100) == index.HASH_RANGE // 4
+    assert measures.sample_threshold(100, 100) == measures.sample_threshold(5, 100) == measures.HASH_RANGE  # all rows
+    assert measures.sample_threshold(400, 100) == measures.HASH_RANGE // 4
     paths = [f"file:/data/Test/Kiwi/r_{n}_100.jpg" for n in range(20_000)]
-    kept = sum(index.path_hash(path) < index.sample_threshold(len(paths), 2_000) for path in paths)
+    kept = sum(measures.path_hash(path) < measures.sample_threshold(len(paths), 2_000) for path in paths)
     assert abs(kept - 2_000) < 4 * math.sqrt(2_000)  # a binomial count: within 4 standard deviations
 
 
@@ -176,8 +177,8 @@ def test_above_accuracy_queries_the_index_stage_answers_its_fixed_sample_of_test
     # The paths (so their hashes) differ between test runs: the first query count whose sample is
     # some of the Test rows, neither none nor all.
     for queries in range(1, len(test)):
-        threshold = index.sample_threshold(len(test), queries)
-        sampled = [row for row in test if index.path_hash(row["path"]) < threshold]
+        threshold = measures.sample_threshold(len(test), queries)
+        sampled = [row for row in test if measures.path_hash(row["path"]) < threshold]
         if 0 < len(sampled) < len(test):
             break
     cfg = copy.deepcopy(app_cfg)
@@ -190,7 +191,7 @@ def test_above_accuracy_queries_the_index_stage_answers_its_fixed_sample_of_test
     assert metrics["knn_accuracy"] == pytest.approx(expected, abs=1e-6)
     assert metrics["knn_accuracy_standard_error"] == pytest.approx(
         math.sqrt(expected * (1 - expected) / len(sampled)), abs=1e-6)
-    assert metrics["knn_accuracy_interval_95"] == pytest.approx(list(index.wilson_interval(expected, len(sampled))),
+    assert metrics["knn_accuracy_interval_95"] == pytest.approx(list(measures.wilson_interval(expected, len(sampled))),
                                                                 abs=1e-6)
 
 
@@ -200,7 +201,7 @@ def test_above_accuracy_queries_the_index_stage_answers_its_fixed_sample_of_test
     (0.0, 10, (0.0, 0.2775)),
 ])
 def test_the_accuracy_interval_is_wilsons(share, rows, expected):
-    assert index.wilson_interval(share, rows) == pytest.approx(expected, abs=1e-4)
+    assert measures.wilson_interval(share, rows) == pytest.approx(expected, abs=1e-4)
 
 
 def test_nearest_outside_leaves_out_each_query_s_own_group():
@@ -214,41 +215,50 @@ def test_nearest_outside_leaves_out_each_query_s_own_group():
     rows = np.arange(len(vectors))  # rows as groups: each vector's nearest other vector, never itself
     itself = nearest_outside(vectors, rows, vectors, rows)
     assert (itself > 0).all() and nearest_outside(vectors[:1], rows[:1], vectors[:1], rows[:1])[0] == np.inf
-    assert abstain_distance(vectors, 1.0) == pytest.approx(itself.max())
-    assert abstain_distance(vectors, 0.5) == pytest.approx(np.quantile(itself, 0.5))
 
 
 @pytest.mark.network
 def test_the_app_is_not_sure_of_a_fruit_the_index_lacks_as_often_as_the_index_stage_measured(app_cfg, tmp_path):
-    """The index stage's two abstention shares, computed again through the app: every Test photo against
-    the whole index (known), then against the index without its label (held back, swapped in as the
-    pipeline would commit it)."""
+    """The abstain distance is the quantile of the calibration half's nearest distances that leaves
+    identify.abstain_known_rate of them farther; the index stage's two shares on the other half, computed
+    again through the app: each photo against the whole index (known), then against the index without its
+    label (held back, swapped in as the pipeline would commit it)."""
     metrics = json.loads(Path(app_cfg.env.paths.index_diagnostics).read_text())  # the whole record
     full = NeighbourIndex.load(app_cfg.env.paths.knn_index)
-    rows = np.arange(len(full.vectors))
-    calibrated = np.quantile(nearest_outside(full.vectors, rows, full.vectors, rows),
-                             app_cfg.identify.abstain_quantile)
-    assert full.abstain_distance == pytest.approx(calibrated) and metrics["abstain_distance"] == pytest.approx(calibrated, abs=1e-5)
-
+    root = Path(app_cfg.data.root)
+    photos = sorted(root.glob("Test/*/*.jpg"))
+    halves = {parity: [p for p in photos if measures.path_hash(p.relative_to(root).as_posix()) % 2 == parity] for parity in (0, 1)}
+    assert halves[0] and halves[1], "the tiny sample's Test photos fall in both halves"
     cfg = copy.deepcopy(app_cfg)
     cfg.env.paths.knn_index = str(tmp_path / "knn_index.npz")
     full.save(cfg.env.paths.knn_index)
     identifier = identify.Identifier(cfg)
-    photos = sorted(Path(cfg.data.root).glob("Test/*/*.jpg"))
-    unsure_known = [not identifier.identify(p.read_bytes())["sure"] for p in photos]
+    vectors = np.stack([identifier.vector(p.read_bytes()) for p in halves[0]])
+    calibration = ExactIndex(full.vectors).search(vectors, 1).distances[:, 0]
+    rate, distance = app_cfg.identify.abstain_known_rate, full.abstain_distance
+    assert distance == pytest.approx(metrics["abstain_distance"], abs=1e-5)
+    assert np.isclose(calibration, distance, atol=1e-4).any()  # one of the calibration half's own distances
+    assert (calibration > distance + 1e-4).mean() <= rate < (calibration >= distance - 1e-4).mean()
+
+    evaluation = halves[1]
+    unsure_known = [not identifier.identify(p.read_bytes())["sure"] for p in evaluation]
     unsure_held_back = []
-    for label in sorted({p.parent.name for p in photos}):
+    for label in sorted({p.parent.name for p in evaluation}):
         kept = full.labels != label
         replace(full, vectors=full.vectors[kept], labels=full.labels[kept], paths=full.paths[kept]).save(cfg.env.paths.knn_index)
         assert identifier.refresh() and label not in identifier.labels
-        answers = [identifier.identify(p.read_bytes()) for p in photos if p.parent.name == label]
+        answers = [identifier.identify(p.read_bytes()) for p in evaluation if p.parent.name == label]
         unsure_held_back += [not a["sure"] for a in answers]
         assert all(identify.render(a).startswith("Not sure: this fruit may not be in our collection yet") for a in answers
                    if not a["sure"])
         assert all(a["label"] != label for a in answers)  # answered wrongly when the app is sure
-    assert metrics["test_rows_answered"] == len(photos)
+    assert metrics["abstain_evaluation_rows"] == len(evaluation)
     assert metrics["abstained_known"] == pytest.approx(np.mean(unsure_known), abs=1e-6)
     assert metrics["abstained_held_back"] == pytest.approx(np.mean(unsure_held_back), abs=1e-6)
-    assert metrics["abstained_held_back"] > metrics["abstained_known"], metrics  # the threshold tells them apart
+    chosen = [point for point in metrics["abstain_curve"] if point["abstain_known_rate"] == rate]
+    assert chosen and chosen[0]["abstained_known"] == metrics["abstained_known"]
+    distances = [point["distance"] for point in metrics["abstain_curve"]]
+    assert distances == sorted(distances, reverse=True)  # a higher rate: a shorter distance
     print(f"not sure: {metrics['abstained_known']:.0%} of known Test photos, "
           f"{metrics['abstained_held_back']:.0%} of held-back ones")
+

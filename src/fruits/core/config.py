@@ -254,9 +254,15 @@ def validate(cfg: DictConfig) -> DictConfig:
             raise ConfigError(f"{setting}={value!r} must be a whole number")
     if (queries := cfg.identify.accuracy_queries) is None or queries < 1:
         raise ConfigError(f"identify.accuracy_queries={queries} must be at least 1 (Test rows the index stage answers)")
-    if not 0 < (cfg.identify.abstain_quantile or 0) <= 1:
-        raise ConfigError(f"identify.abstain_quantile={cfg.identify.abstain_quantile} must be a share in (0, 1], e.g. "
-                          "0.95 (1: not sure only beyond the farthest Training image's nearest neighbour)")
+    rates = {"identify.abstain_known_rate": cfg.identify.abstain_known_rate,
+             **{f"identify.abstain_rates[{i}]": rate for i, rate in enumerate(cfg.identify.abstain_rates or [])}}
+    for setting, rate in rates.items():
+        if not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+            raise ConfigError(f"{setting}={rate} must be a share in [0, 1), e.g. 0.02 (the share of photos of known "
+                              "fruit the app may answer 'not sure'; 0: sure of every photo as far as the Test photos)")
+    if not 0 < (cfg.identify.hard_protocol.training_arc or 0) <= 1:
+        raise ConfigError(f"identify.hard_protocol.training_arc={cfg.identify.hard_protocol.training_arc} must be a "
+                          "share of the fruit's turn in (0, 1], e.g. 0.25")
     if not (cfg.identify.index_poll_seconds or 0) > 0:
         raise ConfigError(f"identify.index_poll_seconds={cfg.identify.index_poll_seconds} must be a positive number "
                           "of seconds (how often the service looks for a new index)")

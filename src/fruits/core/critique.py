@@ -24,7 +24,7 @@ def scale_predictions(scale: dict, cluster: DictConfig, report_cfg: DictConfig) 
 
 
 def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConfig, local_cores: int,
-             scale: dict | None = None, report_cfg: DictConfig | None = None) -> list[str]:
+             scale: dict | None = None, report_cfg: DictConfig | None = None, index_m: dict | None = None) -> list[str]:
     """The critique paragraphs, each from measured numbers (scale: the fits of `make bench-scale`, if any)."""
     lines = []
     kept = pca_m["explained_variance_at_k"]
@@ -40,6 +40,8 @@ def critique(featurize_m: dict, pca_m: dict, provenance: dict, cluster: DictConf
             "dimensions: at most rows - 1 components carry variance, so the curve says little about the full "
             "dataset. Refit on the full data before trusting the choice of k."
         )
+    if index_m is not None:
+        lines.append(choice_of_k(index_m, pca_m))
     rate, computed = featurize_m["images_per_second"], featurize_m["run"]["computed"]
     total = featurize_m["seconds"] + pca_m["seconds"]
     lines.append(
@@ -117,6 +119,30 @@ def rejects_and_weights(featurize_m: dict, provenance: dict) -> list[str]:
             "shifts what the features capture; rerun with model.weights=imagenet before drawing conclusions."
         )
     return lines
+
+
+def choice_of_k(index_m: dict, pca_m: dict) -> str:
+    """What the accuracy curves say of k: the hard protocol's (not saturated) first, the Test one's beside it."""
+    k = index_m["components"]
+    hard, test = index_m.get("knn_accuracy_hard_by_components") or {}, index_m["knn_accuracy_by_components"]
+    measured = {int(j): share for j, share in hard.items() if share is not None}
+    if not measured:
+        return (f"k = {k}: the hard protocol measured nothing (the images are not Fruits-360 frames of several films), "
+                "so only the Test accuracy speaks for k: " + ", ".join(f"{j}: {v:.1%}" for j, v in test.items()
+                                                                     if v is not None) + ".")
+    best = max(measured, key=lambda j: (measured[j], -j))
+    error = index_m.get("knn_accuracy_hard_standard_error") or 0.0
+    gap = measured[best] - measured.get(k, 0.0)
+    verdict = (f"k = {k} is within one standard error ({error:.1%}) of the best, so the smaller vectors of a lower k "
+               "would lose nothing measurable here, and a higher k keeps more variance for labels the sample lacks"
+               if gap <= error else
+               f"k = {k} is {gap:.1%} below the best, more than one standard error ({error:.1%}): consider k = {best}")
+    return (f"Choice of k, from the hard protocol ({index_m.get('hard_queries', 0)} photos of the fruits' other films "
+            f"against {index_m.get('hard_training_vectors', 0)} Training frames): right answers by components "
+            + ", ".join(f"{j}: {v:.1%}" for j, v in sorted(measured.items()))
+            + "; on Test photos " + ", ".join(f"{j}: {'-' if v is None else f'{v:.1%}'}" for j, v in test.items())
+            + f". The best is {best} components ({measured[best]:.1%}); {verdict}. k = {k} keeps "
+              f"{pca_m['explained_variance_at_k']:.1%} of the variance.")
 
 
 def right_share(index_m: dict) -> str:

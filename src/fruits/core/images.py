@@ -14,6 +14,9 @@ SPLITS = ("Training", "Test")
 CONTRIBUTED_PREFIX = "contributed_"  # the file name of an app user's approved photo in the images folder
 WHITE = (255, 255, 255)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
+# A Fruits-360 photo is a frame of a film of the fruit turning one full turn on a motor: `<frame>_100.jpg`
+# for the first film, `r_<frame>_100.jpg`, `r2_<frame>_100.jpg` for the others (another axis).
+FRAME_PATTERN = r"^(?:(r\d*)_)?(\d+)_\d+\.[A-Za-z]+$"
 # 40 megapixels (~120 MB decoded): above any phone photo or dataset image; below, memory stays bounded.
 MAX_PIXELS = 40_000_000
 
@@ -32,6 +35,23 @@ def parse_image_path(path: str) -> tuple[str, str]:
     if len(parts) < 3 or parts[-3] not in SPLITS:
         raise RejectedImage(f"path {path!r} is not <{'|'.join(SPLITS)}>/<label>/<file>")
     return parts[-3], parts[-2]
+
+
+def rotation_frame(name: str) -> tuple[str, int] | None:
+    """(film, frame number) of a Fruits-360 file name ("r_37_100.jpg" -> ("r", 37), "5_100.jpg" -> ("", 5));
+    None for any other name (an app user's photo, a file named by hand)."""
+    found = re.match(FRAME_PATTERN, name)
+    return (found.group(1) or "", int(found.group(2))) if found else None
+
+
+def spread_over_rotation(names: list[str], n: int | None) -> list[str]:
+    """n of the names evenly spread over each film's turn (all: None or n >= len): consecutive frames
+    are near copies, so taking the first n would show one side of the fruit only. Names ordered by
+    (film, frame), the others after them by name; deterministic."""
+    ordered = sorted(names, key=lambda name: (0, *frame) if (frame := rotation_frame(name)) else (1, name, 0))
+    if n is None or n >= len(ordered):
+        return ordered
+    return [ordered[(2 * i + 1) * len(ordered) // (2 * n)] for i in range(n)]
 
 
 def decode_image(content: bytes | None) -> Image.Image:

@@ -71,9 +71,10 @@ INGEST = Stage(
 WEIGHTS = Stage(
     "weights",
     params=("model", "env.name", "env.allow_offline_weights", "data.name", "data.allow_offline_weights",
-            "data.root", "env.paths.models", "env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
-    # No DVC dependency on the images: only the seeded fallback reads a few (its batch-norm calibration,
-    # recorded in the provenance), and new images must not make new weights (every feature would change).
+            "data.extensions", "env.paths.models", "env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
+    inputs=("model.calibration_source",),
+    # No DVC dependency on the sample's images: new images must not make new weights (every feature would
+    # change). The seeded fallback calibrates its batch-norm on photos of their own (model.calibration_source).
     # The provenance is cached with the weights: models/ is git-ignored, so an uncached file would be missing
     # from a fresh clone and from a queued experiment's workspace, and the weights stage would run again.
     outputs=("env.paths.weights", "env.paths.onnx", "env.paths.provenance"),
@@ -107,22 +108,27 @@ PCA = Stage(
 )
 INDEX = Stage(
     "index",
-    params=("identify.neighbours", "identify.curve_components", "identify.accuracy_queries", "identify.abstain_quantile",
-            "env.spark",
+    params=("identify.neighbours", "identify.curve_components", "identify.accuracy_queries", "identify.abstain_known_rate",
+            "identify.abstain_rates", "identify.hard_protocol", "identify.wrong_answers_kept", "env.spark",
             "env.paths.pca_vectors", "env.paths.pca_projection", "env.paths.knn_index", "env.paths.index_metrics",
-            "env.paths.index_diagnostics", "env.paths.knn_curve"),
+            "env.paths.index_diagnostics", "env.paths.knn_curve", "env.paths.abstain_curve"),
     inputs=("env.paths.pca_vectors", "env.paths.pca_projection"),  # the projection: checked to be the vectors' own
     outputs=("env.paths.knn_index",),
     small_outputs=("env.paths.index_diagnostics",),
     metrics=("env.paths.index_metrics",),
-    plots=("env.paths.knn_curve",),
+    plots=("env.paths.knn_curve", "env.paths.abstain_curve"),
     on_cluster=True,
     plot_specs={"env.paths.knn_curve": {
-        "x": "components", "y": "knn_accuracy", "title": "The app's accuracy on Test images against PCA components"}},
+        "x": "components", "y": ["knn_accuracy", "knn_accuracy_hard"],
+        "title": "The app's accuracy (Test images; hard protocol) against PCA components"},
+        "env.paths.abstain_curve": {
+        "x": "abstain_known_rate", "y": ["abstained_known", "abstained_held_back", "wrong_known"],
+        "title": "Not sure: known photos and held-back labels (leave-one-label-out), by identify.abstain_known_rate"}},
 )
 REPORT_INPUTS = ("env.paths.features", "env.paths.rejects", "env.paths.pca_vectors", "env.paths.provenance",
                  "env.paths.ingest_diagnostics", "env.paths.featurize_diagnostics", "env.paths.pca_diagnostics",
-                 "env.paths.pca_variance", "env.paths.index_diagnostics", "env.paths.knn_curve", "report.scale_fits")
+                 "env.paths.pca_variance", "env.paths.index_diagnostics", "env.paths.knn_curve", "env.paths.abstain_curve",
+                 "report.scale_fits")
 REPORT_OUTPUTS = ("env.paths.report_html", "env.paths.report_md", "env.paths.variance_plot",
                   "env.paths.scatter_plot")
 

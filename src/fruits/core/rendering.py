@@ -16,7 +16,9 @@ TEMPLATES = "templates"  # package data beside this module: report.html.j2, repo
 @dataclass
 class Section:
     title: str
-    blocks: list[tuple] = field(default_factory=list)  # ("p", text) | ("table", headers, rows) | ("img", file, alt) | ("banner", text)
+    # ("p", text) | ("table", headers, rows) | ("img", file, alt) | ("banner", text)
+    # | ("thumbs", [(caption, [(name, JPEG bytes or None), ...]), ...]): photos in a row, embedded in HTML
+    blocks: list[tuple] = field(default_factory=list)
 
 
 def environment():
@@ -27,6 +29,7 @@ def environment():
                       keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True)
     env.filters["md_cell"] = lambda value: str(value).replace("|", "\\|").replace("\n", " ")
     env.filters["base64"] = lambda path: base64.b64encode(Path(path).read_bytes()).decode()
+    env.filters["b64bytes"] = lambda content: base64.b64encode(content).decode()
     return env
 
 

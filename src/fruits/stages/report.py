@@ -20,6 +20,7 @@ from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.costs import alternatives, emr_estimate, s3_reads
 from fruits.core.critique import answered_test_images, critique, right_share, scale_predictions, source_accounting
+from fruits.core.storage import filesystem
 from fruits.core.registry import params_of
 from fruits.core.rendering import Section, plot_scatter, plot_variance, render_html, render_markdown
 from fruits.core.spark import get_session
@@ -28,6 +29,7 @@ from fruits.core.storage import write_text
 log = logging.getLogger(__name__)
 
 IGNORED_SHOWN = 50  # ignored source files listed in the report (all of them are in the ingest diagnostics)
+WRONG_SHOWN = 12  # wrong answers shown with thumbnails, per protocol (the index diagnostics keep more)
 
 
 def read_json(path: str | Path) -> dict:
@@ -49,6 +51,20 @@ def scale_fits(cfg: DictConfig) -> dict | None:
     return scale
 
 
+def thumbnails(index_m: dict, cfg: DictConfig) -> dict[str, bytes | None]:
+    """The bytes of the photos the report shows beside the wrong answers (None: gone since the index stage)."""
+    fs, root = filesystem(str(cfg.env.paths.images), cfg)
+    wanted = {path for key in ("wrong_answers", "wrong_answers_hard") for wrong in index_m.get(key, [])[:WRONG_SHOWN]
+              for path in (wrong["path"], *wrong["neighbours"])}
+    found = {}
+    for path in sorted(wanted):
+        try:
+            found[path] = fs.cat_file(f"{root.rstrip('/')}/{path}")
+        except FileNotFoundError:
+            found[path] = None
+    return found
+
+
 def extract(spark, cfg: DictConfig) -> dict:
     """The small numbers the report needs; the big tables stay in Spark (aggregates and a bounded sample)."""
     from pyspark.sql import functions as F
@@ -62,10 +78,12 @@ def extract(spark, cfg: DictConfig) -> dict:
     fraction = min(1.0, cfg.report.scatter_points / max(1, total))
     sample = vectors.sample(fraction=fraction, seed=0).limit(cfg.report.scatter_points)
     points = sample.select(F.col("pca")[0], F.col("pca")[1], "label").collect()
+    index_m = read_json(paths.index_diagnostics)
     return {
         "featurize": read_json(paths.featurize_diagnostics),  # each stage's whole record
         "pca": read_json(paths.pca_diagnostics),
-        "index": read_json(paths.index_diagnostics),
+        "index": index_m,
+        "thumbnails": thumbnails(index_m, cfg),
         "provenance": read_json(paths.provenance),
         "manifest": read_json(paths.ingest_diagnostics),
         "scale": scale_fits(cfg),
@@ -118,7 +136,7 @@ def summary_sections(facts: dict, cfg: DictConfig) -> list[Section]:
 
 def pca_and_app_sections(facts: dict, cfg: DictConfig) -> list[Section]:
     """The PCA (with its two figures, drawn here) and the app's accuracy on Test images."""
-    pca_m, index_m = facts["pca"], facts["index"]
+    pca_m = facts["pca"]
     variance_png, scatter_png = Path(cfg.env.paths.variance_plot), Path(cfg.env.paths.scatter_plot)
     for figure in (variance_png, scatter_png):
         figure.parent.mkdir(parents=True, exist_ok=True)
@@ -131,15 +149,88 @@ def pca_and_app_sections(facts: dict, cfg: DictConfig) -> list[Section]:
         ("img", variance_png, "explained variance per component and cumulative"),
         ("p", f"First two components of {len(facts['points'])} images, coloured by label:"),
         ("img", scatter_png, "2-D projection coloured by label")])
+    return [pca, *app_sections(facts)]
+
+
+def percent(share) -> str:
+    return "-" if share is None else f"{share:.1%}"
+
+
+def interval(values) -> str:
+    return f"{values[0]:.1%} to {values[1]:.1%}" if values else "-"
+
+
+def app_sections(facts: dict) -> list[Section]:
+    """The app's accuracy on Test photos and on the hard protocol, per label, the confusion matrices, the
+    wrong answers beside their nearest Training images, and "not sure" measured leave-one-label-out."""
+    index_m = facts["index"]
+    hard_by_components = index_m.get("knn_accuracy_hard_by_components", {})
+    hard_by_label = index_m.get("knn_accuracy_hard_by_label", {})
     app = Section("The app: which fruit is this?", [
         ("p", f"A photo is answered by the vote of its {index_m['neighbours']} nearest Training images in PCA space "
               f"({index_m['training_vectors']} vectors, {index_m['labels']} labels), weighted by 1 / distance. On the "
               f"{answered_test_images(index_m)}, that answer is right for "
-              + right_share(index_m)
-              + f" at k = {index_m['components']} components. With fewer components (the first j of the same PCA):"),
-        ("table", ["components", "right answers on Test"],
-         [[j, "-" if share is None else f"{share:.1%}"] for j, share in index_m["knn_accuracy_by_components"].items()])])
-    return [pca, app]
+              + right_share(index_m) + f" at k = {index_m['components']} components."),
+        ("p", "Fruits-360 photos are frames of a film of each fruit turning on a motor, so a Test photo is often a near "
+              "copy of a Training frame, and that figure is optimistic. The hard protocol asks what a new view is "
+              f"answered: {index_m.get('hard_protocol', '-')}. Right there: {percent(index_m.get('knn_accuracy_hard'))} "
+              f"of {index_m.get('hard_queries', 0)} photos against {index_m.get('hard_training_vectors', 0)} Training frames "
+              f"(95 % interval {interval(index_m.get('knn_accuracy_hard_interval_95'))})."),
+        ("table", ["components (first j of the PCA)", "right on Test photos", "right, hard protocol"],
+         [[j, percent(share), percent(hard_by_components.get(j))] for j, share in index_m["knn_accuracy_by_components"].items()]),
+        ("table", ["label", "right on Test photos", "right, hard protocol"],
+         [[label, percent(share), percent(hard_by_label.get(label))]
+          for label, share in index_m.get("knn_accuracy_by_label", {}).items()])])
+    sections = [app]
+    for key, title in (("confusion", "Confusion matrix: Test photos"),
+                       ("confusion_hard", "Confusion matrix: the hard protocol")):
+        if table := index_m.get(key):
+            answers = sorted({answer for row in table.values() for answer in row})
+            sections.append(Section(title, [("p", "Rows: the photo's label; columns: the app's answer (photos)."),
+                                            ("table", ["label \\ answer", *answers],
+                                             [[label, *[row.get(a, "") for a in answers]] for label, row in table.items()])]))
+    sections.append(wrong_answers_section(facts))
+    sections.append(abstention_section(index_m))
+    return sections
+
+
+def wrong_answers_section(facts: dict) -> Section:
+    index_m, thumbnails = facts["index"], facts["thumbnails"]
+    section = Section("Wrong answers, beside their nearest Training images")
+    for key, name in (("wrong_answers", "Test photos"), ("wrong_answers_hard", "the hard protocol")):
+        wrong, total = index_m.get(key, []), index_m.get(f"{key}_total", 0)
+        if not total:
+            section.blocks.append(("p", f"{name}: no wrong answer."))
+            continue
+        section.blocks.append(("p", f"{name}: {total} wrong answer(s); the first {min(total, WRONG_SHOWN)} (path order), "
+                                    "each photo then its nearest Training images:"))
+        section.blocks.append(("thumbs", [(f"{w['path']}: {w['label']}, answered {w['answer']}",
+                                           [(path, thumbnails.get(path)) for path in (w["path"], *w["neighbours"])])
+                                          for w in wrong[:WRONG_SHOWN]]))
+    return section
+
+
+def abstention_section(index_m: dict) -> Section:
+    curve = index_m.get("abstain_curve", [])
+    held = index_m.get("abstained_held_back_by_label", {})
+    return Section("Not sure: measured leave-one-label-out", [
+        ("p", "A photo farther than the abstain distance from every Training image is answered 'not sure'. Held back: "
+              "each Test photo's nearest Training image of another label is its nearest were its label held back "
+              "from the index (leave-one-label-out over every label at once). The distance for each rate is taken on "
+              "half the Test photos (by path hash) and measured on the other half "
+              f"({index_m.get('abstain_evaluation_rows', 0)} photos)."),
+        ("table", ["identify.abstain_known_rate", "distance", "known: not sure", "known: answered wrongly",
+                   "held back: not sure (else wrong)"],
+         [[p["abstain_known_rate"], p["distance"], percent(p["abstained_known"]), percent(p["wrong_known"]),
+           percent(p["abstained_held_back"])] for p in curve]),
+        ("p", f"The app runs at identify.abstain_known_rate = {index_m.get('abstain_known_rate')} (distance "
+              f"{index_m.get('abstain_distance')}): not sure of {percent(index_m.get('abstained_known'))} of known photos "
+              f"and of {percent(index_m.get('abstained_held_back'))} of held-back ones (goal: at most 5 % and at least "
+              f"90 %). On the hard protocol's photos (a side of the fruit the index lacks) the same distance leaves "
+              f"{percent(index_m.get('abstained_known_hard'))} of known photos not sure and "
+              f"{percent(index_m.get('abstained_held_back_hard'))} of held-back ones: with few Training views, a new view "
+              "of a known fruit looks unknown."),
+        ("table", ["held-back label", "not sure"], [[label, percent(share)] for label, share in held.items()])])
 
 
 def marginal_rate(facts: dict) -> float:
@@ -165,7 +256,7 @@ def critique_section(facts: dict, cfg: DictConfig) -> Section:
         for option in options[2:] if scale is not None else options:  # with fits, the EMR rows are above
             rows.append([f"{images:,}", option["option"], f"{option['hours']:.2f}", f"${option['usd']:.2f}", option["note"]])
     return Section("Critique", [("p", line) for line in critique(featurize_m, facts["pca"], facts["provenance"], cluster,
-                                                                 facts["cores"], scale, cfg.report)]
+                                                                 facts["cores"], scale, cfg.report, facts["index"])]
                    + [("table", ["images", "option", "hours", "cost", "note"], rows)])
 
 

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
-from fruits.core.images import CONTRIBUTED_PREFIX, SPLITS
+from fruits.core.images import CONTRIBUTED_PREFIX, SPLITS, spread_over_rotation
 from fruits.core.storage import atomic_output, write_json
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def ignored_reason(relative: Path, extensions) -> str | None:
 
 def copy_subset(source: Path, root: Path, labels: list[str] | None, per_split: dict[str, int | None],
                 extensions) -> dict:
-    """Copy from a real folder: the first n images per label and split (sorted, so deterministic), and
+    """Copy from a real folder: n images per label and split, spread over each film's turn (deterministic), and
     every image outside <split>/<label>/ as it is (featurize rejects it with its reason). Every file of
     the source is accounted for: source_files = images + ignored (listed with the reason) + not_selected."""
     in_layout: dict[tuple[str, str], list[Path]] = {}
@@ -218,7 +218,7 @@ def copy_subset(source: Path, root: Path, labels: list[str] | None, per_split: d
 
 def copy_layout(source: Path, root: Path, split: str, labels: list[str] | None, n: int | None,
                 in_layout: dict[tuple[str, str], list[Path]]) -> int:
-    """The first n images (all: None) of each chosen label of one split; how many were copied."""
+    """n images (all: None) of each chosen label of one split, spread over the fruit's turn; how many were copied."""
     available = sorted(p.name for p in (source / split).iterdir() if p.is_dir())
     chosen = labels or available
     missing = [label for label in chosen if label not in available]
@@ -227,8 +227,9 @@ def copy_layout(source: Path, root: Path, split: str, labels: list[str] | None, 
     count = 0
     for label in chosen:
         (root / split / label).mkdir(parents=True, exist_ok=True)
-        for file in in_layout.get((split, label), [])[:n]:
-            shutil.copy2(file, root / split / label / file.name)
+        files = {file.name: file for file in in_layout.get((split, label), [])}
+        for name in spread_over_rotation(list(files), n):
+            shutil.copy2(files[name], root / split / label / name)
             count += 1
     return count
 

@@ -89,14 +89,14 @@ def imagenet_backbone(input_size: int, alpha: float):
 
 
 def calibration_images(cfg: DictConfig) -> tuple[np.ndarray, str]:
-    """Training images of the dataset, model-ready, for the batch-norm recalibration of random weights,
-    and the sha256 of their contents (the provenance records it: DVC does not watch the images here)."""
-    files = sorted(Path(cfg.data.root, "Training").glob("*/*"))
+    """The photos of model.calibration_source, model-ready, for the batch-norm recalibration of random
+    weights, and the sha256 of their contents (recorded in the provenance). Never the sample's images:
+    DVC watches this folder as the stage's input, and new images in the sample must not make new weights."""
+    folder = Path(cfg.model.calibration_source)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in cfg.data.extensions)
     if not files:
-        raise WeightsUnavailable(
-            f"model.weights=random needs calibration images under {cfg.data.root}/Training; "
-            "run the sample stage first (python -m fruits.stages.sample)"
-        )
+        raise WeightsUnavailable(f"model.weights=random needs calibration photos: model.calibration_source={folder} "
+                                 "holds no image")
     # An even spread over the labels, deterministic.
     chosen = files[:: max(1, len(files) // cfg.model.calibration_images)][: cfg.model.calibration_images]
     batch, digest = [], hashlib.sha256()
@@ -144,7 +144,7 @@ def offline_backbone(cfg: DictConfig, source: str) -> tuple[object, dict]:
         calibration, calibration_sha256 = calibration_images(cfg)
         model = seeded_random_backbone(size, alpha, cfg.model.seed, calibration)
         return model, {"source": f"seeded random initialisation (seed {cfg.model.seed}), batch-norm "
-                                 "recalibrated on the sample's Training images",
+                                 f"recalibrated on the real photos of {cfg.model.calibration_source}",
                        "calibration_images": len(calibration), "calibration_sha256": calibration_sha256,
                        "pretrained": False, "imagenet": False, "warning": RANDOM_WEIGHTS_BANNER}
     raise WeightsUnavailable(f"unknown offline weights {source!r}: use one of {OFFLINE_SOURCES}")
