@@ -78,7 +78,7 @@ demo: $(STAMP) jvm-archive ## Build the sample and run the whole pipeline locall
 	@echo "  metrics          metrics/*.json  (dvc metrics show, make exps), metrics/pca_variance.csv (dvc plots show)"
 	@echo "  diagnostics      metrics/diagnostics/*.json (each stage's whole record: timings, per-worker builds, per-label counts)"
 	@echo "  report           reports/report.html (self-contained) and reports/report.md"
-	@echo "  the app          make identify IMG=data/sample/Test/Kiwi/0000_100.jpg ; make serve (http://127.0.0.1:8000)"
+	@echo "  the app          make identify IMG='data/sample/Test/Banana 1/r_50_100.jpg' ; make serve (http://127.0.0.1:8000)"
 	@$(PY) -c "import json; w = json.load(open('models/provenance.json')).get('warning'); print(f'  !! weights: {w}: ImageNet was not downloadable, see the report banner') if w else None"
 
 identify: $(STAMP) ## Which fruit is this? make identify IMG=photo.jpg (top labels, nearest images, the fruit's card)

@@ -127,7 +127,7 @@ def markdown(found: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-label", type=int, default=192, help="generated Training images per label")
+    parser.add_argument("--per-label", type=int, default=192, help="Training images per label: the real sample's photos, turned as needed")
     args = parser.parse_args()
     cfg, files = bench_sample(args.per_label)  # the featurize bench's images and weights
     found = {"setup": f"{len(files)} images at {cfg.model.input_size} px, engine {cfg.model.engine}, {os.cpu_count()} cores",

@@ -371,7 +371,7 @@ def markdown(rows: list[dict], summary: dict, header: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--per-label", type=int, default=192, help="generated Training images per label")
+    parser.add_argument("--per-label", type=int, default=192, help="Training images per label: the real sample's photos, turned as needed")
     parser.add_argument("--rounds", type=int, default=3, help="warm featurize runs per engine, each with its paired ceiling")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.input_size=160")
     args = parser.parse_args()

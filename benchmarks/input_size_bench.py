@@ -2,15 +2,14 @@
 
 For model.input_size in 96, 128, 160, 224 (Keras publishes ImageNet weights for each): the model-only
 throughput of the configured engine on all cores (N processes x 1 thread, as Spark runs it), warm
-featurize on the sample, and the 1-nearest-neighbour accuracy of Test images against Training images
-in PCA space (pca.k from the config) and on the raw 1280-d features, so a user can pick a size.
+featurize on the sample, and the app's accuracy as the index stage measures it (its own run at each
+size): knn_accuracy on the Test photos and knn_accuracy_hard (the hard protocol: the fruit's other films
+against an arc of its first one), each with its 95 % interval, so a user can pick a size.
 
-The images: 40 generated labels (their looks derived from the names, so some look alike), 20 Training
-and 10 Test images each; every Test image is degraded (shrunk in its frame, Gaussian noise, JPEG quality
-30) so that the task is not trivial (undegraded, every size scores 1.0). The weights are those the
-weights stage gives at each size (offline here: the same stand-in backbone, whose convolution weights
-do not depend on the input size): accuracy is that of these weights on these images, labelled so in the
-output. Writes reports/bench_sizes.json and .md.
+The images: the real Fruits-360 photos of the demo's sample (samples/fruits360: 10 labels x 64 Training
++ 24 Test). The weights are those the weights stage gives at each size (offline here: the same stand-in
+backbone, whose convolution weights do not depend on the input size): accuracy is that of these weights
+on these photos, labelled so in the output. Writes reports/bench_sizes.json and .md.
 """
 
 from __future__ import annotations
@@ -21,54 +20,21 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
-
-from fruits.core import tables
 from fruits.core.config import load_config
 from fruits.core.spark import get_session
-from fruits.stages import featurize, pca, sample, weights
+from fruits.stages import featurize, index, pca, sample, weights
 
 from featurize_bench import ceiling
 from measure import write_results
 
 SIZES = (96, 128, 160, 224)
-LABELS = [f"Fruit {i:02d}" for i in range(40)]
-DEGRADED = "DEGRADED"  # marker: the Test images were degraded once
 ROOT = Path("bench/sizes")
 MODEL_ONLY_IMAGES = 1920
-DATA = [f"data.root={ROOT}/sample", f"data.labels=[{','.join(LABELS)}]", "data.train_per_label=20", "data.test_per_label=10"]
+DATA = [f"data.root={ROOT}/sample"]
 
 
-def degrade_test_images(root: Path, seed: int = 0) -> None:
-    """Shrink each Test image to 60-90 % in a white frame, add Gaussian noise (sigma 25), save as JPEG
-    quality 30: what a phone photo does to a clean catalogue picture, roughly."""
-    from PIL import Image
-
-    if (root / DEGRADED).exists():
-        return
-    rng = np.random.default_rng(seed)
-    for path in sorted((root / "Test").glob("*/*.jpg")):
-        image = Image.open(path).convert("RGB")
-        side = image.size[0]
-        small = image.resize((int(side * rng.uniform(0.6, 0.9)),) * 2)
-        frame = Image.new("RGB", image.size, (255, 255, 255))
-        frame.paste(small, tuple(rng.integers(0, side - small.size[0] + 1, 2)))
-        noisy = np.clip(np.asarray(frame, np.float32) + rng.normal(0, 25, (side, side, 3)), 0, 255).astype(np.uint8)
-        Image.fromarray(noisy).save(path, "JPEG", quality=30)
-    (root / DEGRADED).write_text("Test images degraded by benchmarks/input_size_bench.py\n")
-
-
-def nearest_neighbour_accuracy(vectors: np.ndarray, labels: np.ndarray, is_test: np.ndarray) -> float:
-    """Share of Test rows whose nearest Training row (Euclidean) has the same label."""
-    train, test = vectors[~is_test], vectors[is_test]
-    distances = (test**2).sum(1)[:, None] - 2 * test @ train.T + (train**2).sum(1)[None, :]
-    return float((labels[~is_test][distances.argmin(1)] == labels[is_test]).mean())
-
-
-def collect(spark, uri: str, cfg, column: str):
-    rows = tables.read(spark, uri, cfg).select(column, "label", "split").collect()
-    return (np.array([r[column] for r in rows], np.float64), np.array([r["label"] for r in rows]),
-            np.array([r["split"] == "Test" for r in rows]))
+def interval(values) -> str:
+    return f"{values[0]:.3f}-{values[1]:.3f}" if values else "-"
 
 
 def one_size(spark, size: int, overrides: list[str]) -> dict:
@@ -88,18 +54,18 @@ def one_size(spark, size: int, overrides: list[str]) -> dict:
         runs.append(featurize.run(cfg, spark))
     warm = max(runs[1:], key=lambda m: m["images_per_second"])
     pca_metrics = pca.run(cfg, spark)
-    projected = collect(spark, cfg.env.paths.pca_vectors, cfg, "pca")
-    raw = collect(spark, cfg.env.paths.features, cfg, "features")
+    measured = index.run(cfg, spark)
     row = {"input_size": size, "engine": cfg.model.engine, "model_only_images_per_second": model_only["images_per_second"],
            "featurize_warm_images_per_second": warm["images_per_second"], "k": pca_metrics["k"],
            "explained_variance_at_k": pca_metrics["explained_variance_at_k"],
-           "nn1_accuracy_pca": round(nearest_neighbour_accuracy(*projected), 4),
-           "nn1_accuracy_raw": round(nearest_neighbour_accuracy(*raw), 4),
-           "train_images": int((~projected[2]).sum()), "test_images": int(projected[2].sum()),
+           **{key: measured[key] for key in ("knn_accuracy", "knn_accuracy_interval_95", "knn_accuracy_hard",
+                                             "knn_accuracy_hard_interval_95", "hard_queries", "abstained_known",
+                                             "abstained_held_back")},
+           "train_images": measured["training_vectors"], "test_images": measured["test_rows"],
            "weights": provenance.get("warning") or provenance.get("source")}
     print(f"  {size:3d} px: model {row['model_only_images_per_second']:6.1f} img/s, featurize "
-          f"{row['featurize_warm_images_per_second']:6.1f} img/s, 1-NN {row['nn1_accuracy_pca']:.3f} (PCA k={row['k']}), "
-          f"{row['nn1_accuracy_raw']:.3f} (raw)", flush=True)
+          f"{row['featurize_warm_images_per_second']:6.1f} img/s, knn_accuracy {row['knn_accuracy']:.3f}, hard "
+          f"{row['knn_accuracy_hard']:.3f} (k={row['k']})", flush=True)
     return row
 
 
@@ -109,19 +75,18 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pca.k=50 or data.test_per_label=16")
     args = parser.parse_args()
     cfg = load_config([f"env.paths.root={ROOT}", *DATA, *args.overrides])
-    if not (Path(cfg.data.root) / DEGRADED).exists():
-        shutil.rmtree(cfg.data.root, ignore_errors=True)
-        sample.run(cfg)
-        degrade_test_images(Path(cfg.data.root))
+    sample.run(cfg)
     spark = get_session(cfg)
     rows = [one_size(spark, size, args.overrides) for size in args.sizes]
     spark.stop()
-    lines = [f"{rows[0]['train_images']} Training and {rows[0]['test_images']} Test images (40 generated labels, "
-             f"Test images degraded: see the script), weights: {rows[0]['weights']}", "",
-             "| input size | model only (img/s) | featurize warm (img/s) | 1-NN accuracy, PCA k | 1-NN accuracy, raw 1280-d |",
-             "|---:|---:|---:|---:|---:|"]
+    lines = [f"{rows[0]['train_images']} Training and {rows[0]['test_images']} Test photos (real Fruits-360 photos of "
+             f"the demo's sample; hard protocol: {rows[0]['hard_queries']} photos of the fruits' other films), "
+             f"weights: {rows[0]['weights']}", "",
+             "| input size | model only (img/s) | featurize warm (img/s) | knn_accuracy (95 % interval) | "
+             "knn_accuracy_hard (95 % interval) |", "|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['input_size']} | {r['model_only_images_per_second']} | {r['featurize_warm_images_per_second']} | "
-              f"{r['nn1_accuracy_pca']} (k={r['k']}) | {r['nn1_accuracy_raw']} |" for r in rows]
+              f"{r['knn_accuracy']} ({interval(r['knn_accuracy_interval_95'])}) | {r['knn_accuracy_hard']} "
+              f"({interval(r['knn_accuracy_hard_interval_95'])}) |" for r in rows]
     print(write_results("bench_sizes", rows, lines))
 
 

@@ -79,10 +79,10 @@ def main() -> None:
     parser.add_argument("--rate", type=int, default=50, help="samples per second per process")
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.engine=tensorflow")
     args = parser.parse_args()
-    cfg = load_config(["data.root=bench/sample", "data.train_per_label=192", "data.test_per_label=0",
+    cfg = load_config(["data.root=bench/sample",
                        f"env.paths.root={ROOT}", "env.paths.models=bench/models", *args.overrides])
     if not Path(cfg.data.root).exists() or not Path(cfg.env.paths.onnx).exists():
-        raise SystemExit("run `make bench` first: it generates bench/sample and the weights this profile uses")
+        raise SystemExit("run `make bench` first: it makes bench/sample (the real photos, turned) and the weights this profile uses")
     for table in (cfg.env.paths.features, cfg.env.paths.rejects):
         shutil.rmtree(table, ignore_errors=True)
     ROOT.mkdir(parents=True, exist_ok=True)

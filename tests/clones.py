@@ -81,10 +81,10 @@ def run_queue(clone: Path, env: dict, jobs: int) -> None:
 
 
 def shrink(clone: Path, env: dict) -> None:
-    """Make the clone's own conf/ tiny (3 labels, 96 px, offline weights) and commit it."""
+    """Make the clone's own conf/ tiny (3 of the real sample's labels, 96 px, offline weights) and commit it."""
     sample_yaml = clone / "conf/data/sample.yaml"
     text = sample_yaml.read_text()
-    text = re.sub(r"labels: \[.*\]", "labels: [Apple Red, Banana, Kiwi]", text)
+    text = re.sub(r"labels: \[.*\]", "labels: [Apple Golden 1, Banana 1, Kiwi 1]", text)
     text = re.sub(r"train_per_label: \d+", "train_per_label: 8", text)
     text = re.sub(r"test_per_label: \d+", "test_per_label: 3", text)
     sample_yaml.write_text(text)

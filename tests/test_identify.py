@@ -67,6 +67,10 @@ def test_every_sample_label_has_a_card_and_varieties_share_their_fruit_s():
         assert cards.key_for(label) is not None, f"no card for the sample label {label!r}"
     assert cards.key_for("Apple Red 1") == "Apple" and cards.key_for("Cherry Wax Yellow") == "Cherry"
     assert cards.key_for("Grape Blue") == "Grape"
+    # the real sample's labels name varieties: a card of their own where the variety is one
+    assert cards.card("Apple Golden 1")["name"] == {"en": "Golden apple", "fr": "Pomme Golden"}
+    assert cards.card("Grape White 1", "fr")["name"]["fr"] == "Raisin blanc"
+    assert cards.key_for("Banana 1") == "Banana" and cards.key_for("Strawberry 1") == "Strawberry"
     missing = cards.card("Salak")
     assert missing["key"] is None and missing["name"] == {"en": "Salak", "fr": "Salak"}
     assert missing["text"] == identify.MISSING_CARD_TEXT["en"]

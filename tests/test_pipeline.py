@@ -41,7 +41,9 @@ def test_the_sample_stage_watches_data_source_whatever_it_named_when_dvc_yaml_wa
     by_recipe = dvc_pipelines.render(compose(), emr=False)
     assert by_recipe == dvc_pipelines.render(compose([f"data.source={folder}"]), emr=False)
     assert "${data.source}" in yaml.safe_load(by_recipe)["stages"]["sample"]["deps"]
-    assert not any("data.root" in dep for dep in yaml.safe_load(by_recipe)["stages"]["weights"]["deps"])
+    weights_deps = yaml.safe_load(by_recipe)["stages"]["weights"]["deps"]
+    assert not any("data.root" in dep or "data.source" in dep for dep in weights_deps)
+    assert "${model.calibration_source}" in weights_deps  # what offline weights calibrate on: declared
 
 
 @pytest.mark.parametrize("path", ["dvc.yaml", registry.EMR_PIPELINE])
@@ -136,11 +138,14 @@ def test_a_real_run_reads_only_listed_params_and_writes_exactly_its_registered_o
 def test_fresh_clone_repro_noop_experiments_and_sweep(tmp_path):
     clone, env = fresh_clone(tmp_path)
 
+    # featurize alone first: DVC runs what it needs (sample, ingest, weights) in a true order, nothing after it
+    upstream = run(["dvc", "repro", "featurize"], clone, env)
+    assert {"sample", "ingest", "weights", "featurize"} == {s for s in dvc_stages() if f"Running stage '{s}'" in upstream}
     first = run(["dvc", "repro"], clone, env)
     for stage in dvc_stages():
-        assert f"Running stage '{stage}'" in first
+        assert f"Running stage '{stage}'" in first + upstream
     report = (clone / "reports/report.md").read_text()
-    assert "| Apple Red | 8 | 3 |" in report and "NOT PRETRAINED" in report
+    assert "| Apple Golden 1 | 8 | 3 |" in report and "NOT PRETRAINED" in report  # real photos, labels as Fruits-360 names them
     featurized = json.loads((clone / "metrics/featurize.json").read_text())
     assert featurized["images"] == featurized["featurized"] == 33
     assert (clone / "models/pca_projection.npz").stat().st_size > 0  # the engine-free PCA

@@ -13,10 +13,9 @@ from clones import featurize_run, fresh_clone, run, run_queue
 from fruits.stages.sample import draw_fruit, generate
 
 
-# After the first run, the runs stop at featurize: what follows it is the fresh-clone pipeline test's
-# (tests/test_pipeline.py) and would only add minutes here. The first run is whole: offline weights
-# (model.weights=random) are calibrated on the sample's images, which the weights stage does not declare
-# (new images must not make new weights), and with targets DVC may run weights before sample.
+# The runs stop at featurize: what follows it is the fresh-clone pipeline test's (tests/test_pipeline.py)
+# and would only add minutes here. The weights stage reads nothing of the sample (offline weights
+# calibrate on samples/calibration, its declared input), so targets may run it in any order.
 UP_TO_FEATURIZE = ["sample", "featurize"]
 
 
@@ -32,9 +31,9 @@ def test_a_source_folder_named_each_way_grows_incrementally_from_a_fresh_clone(t
     generate(source, ["Apple Red", "Banana", "Kiwi"], {"Training": 5, "Test": 2}, 100, 7)
     settings = ["-S", f"data.source={source}", "-S", "data.labels=null", "-S", "data.train_per_label=null",
                 "-S", "data.test_per_label=null"]
-    assert "Running stage 'sample'" in run(["dvc", "exp", "run", *settings], clone, env)
-    assert featurize_run(clone) == (21, 0, 21)
     named = ["dvc", "exp", "run", *UP_TO_FEATURIZE, *settings]
+    assert "Running stage 'sample'" in run(named, clone, env)
+    assert featurize_run(clone) == (21, 0, 21)
 
     for number in range(5):  # added to the folder: the same settings see them
         draw_fruit("Kiwi", 100 + number).save(source / "Training" / "Kiwi" / f"added_{number}.jpg")

@@ -170,9 +170,16 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
 
     page = resources.files("fruits.app").joinpath("static/index.html").read_text(encoding="utf-8")
 
+    # A real photo to try the page with: a Fruits-360 Test photo of the demo's sample (samples/SOURCE.md).
+    example = resources.files("fruits.app").joinpath("static/example.jpg").read_bytes()
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def home() -> str:
         return page
+
+    @app.get("/example.jpg", response_class=Response, include_in_schema=False)
+    def example_photo() -> Response:
+        return Response(example, media_type="image/jpeg")
 
     return app
 
