@@ -47,6 +47,15 @@ def test_report_from_a_real_run(spark, tiny_cfg):
     assert len(re.findall(r'src="data:image/png;base64,', html)) == 2  # self-contained
     assert (md_path.parent / "pca_variance.png").stat().st_size > 1000
     assert "| env | local |" in markdown and "| model.input_size | 96 |" in markdown
+    for section in ("## Confusion matrix: Test photos", "## Wrong answers, beside their nearest Training images",
+                    "## Not sure: measured leave-one-label-out"):
+        assert section in markdown
+    shown = index_metrics["wrong_answers"][:report.WRONG_SHOWN]
+    assert len(re.findall(r'src="data:image/jpeg;base64,', html)) == sum(1 + len(w["neighbours"]) for w in shown)
+    for wrong in shown:
+        assert f"{wrong['path']}: {wrong['label']}, answered {wrong['answer']}" in markdown
+    assert f"The app runs at identify.abstain_known_rate = {tiny_cfg.identify.abstain_known_rate}" in markdown
+    assert "the hard protocol measured nothing" in markdown  # drawn images: no film of another axis
 
 
 def test_the_report_says_when_the_accuracy_is_measured_on_a_sample():
@@ -91,6 +100,18 @@ def test_critique_follows_the_numbers():
     text = " ".join(critique.critique(featurize_m, pca_m, {"pretrained": True}, cluster, local_cores=2))
     assert "0 image(s) through the model out of 90000 (90000 reused" in text
     assert "no throughput to extrapolate" in text and "At 10x" not in text and "10 file(s) were rejected" in text
+
+
+def test_the_choice_of_k_reads_the_hard_protocol_s_curve_with_its_error():
+    pca_m = {"k": 20, "explained_variance_at_k": 0.78}
+    index_m = {"components": 20, "hard_queries": 460, "hard_training_vectors": 58, "knn_accuracy_hard_standard_error": 0.0108,
+               "knn_accuracy_by_components": {"2": 0.69, "5": 0.996, "10": 1.0, "20": 1.0},
+               "knn_accuracy_hard_by_components": {"2": 0.639, "5": 0.957, "10": 0.946, "20": 0.943}}
+    text = critique.choice_of_k(index_m, pca_m)
+    assert "The best is 5 components (95.7%); k = 20 is 1.4% below it, within the 95 % margin (2.1%)" in text
+    index_m["knn_accuracy_hard_by_components"]["20"] = 0.90
+    assert "k = 20 is 5.7% below it, more than the 95 % margin (2.1%): consider k = 5" in critique.choice_of_k(
+        index_m, pca_m)
 
 
 def test_a_line_fitted_through_stage_times_gives_fixed_and_per_image_cost():

@@ -131,12 +131,12 @@ def choice_of_k(index_m: dict, pca_m: dict) -> str:
                 "so only the Test accuracy speaks for k: " + ", ".join(f"{j}: {v:.1%}" for j, v in test.items()
                                                                      if v is not None) + ".")
     best = max(measured, key=lambda j: (measured[j], -j))
-    error = index_m.get("knn_accuracy_hard_standard_error") or 0.0
+    margin = 1.96 * (index_m.get("knn_accuracy_hard_standard_error") or 0.0)  # the 95 % interval's half-width
     gap = measured[best] - measured.get(k, 0.0)
-    verdict = (f"k = {k} is within one standard error ({error:.1%}) of the best, so the smaller vectors of a lower k "
-               "would lose nothing measurable here, and a higher k keeps more variance for labels the sample lacks"
-               if gap <= error else
-               f"k = {k} is {gap:.1%} below the best, more than one standard error ({error:.1%}): consider k = {best}")
+    verdict = (f"k = {k} is {gap:.1%} below it, within the 95 % margin ({margin:.1%}): no measurable loss, and k = {k} "
+               "keeps more of the variance for the labels the sample lacks"
+               if gap <= margin else
+               f"k = {k} is {gap:.1%} below it, more than the 95 % margin ({margin:.1%}): consider k = {best}")
     return (f"Choice of k, from the hard protocol ({index_m.get('hard_queries', 0)} photos of the fruits' other films "
             f"against {index_m.get('hard_training_vectors', 0)} Training frames): right answers by components "
             + ", ".join(f"{j}: {v:.1%}" for j, v in sorted(measured.items()))
