@@ -9,10 +9,24 @@ STAMP := $(VENV)/.installed-stamp
 export PYSPARK_PYTHON := $(abspath $(PY))
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: lint-imports secrets help install jvm-archive check-system params sample weights featurize pca report demo identify serve contributions approve reject purge-erased bench-index bench-serve bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro exps exp-apply s3-gc docs s3a-jars test test-fast bench bench-growth bench-sizes bench-scale profile bench-layout bench-cluster clean
+# The targets by group: `make help` lists them so, and they are all phony (a test checks that each
+# target is in exactly one group).
+PIPELINE := params sample weights featurize pca report demo exps exp-apply clean
+APP := identify serve contributions approve reject purge-erased
+CLOUD := bucket ingest-s3 cluster cluster-plan cluster-status cluster-down emr-repro s3-gc
+BENCHMARKS := bench bench-sizes bench-scale bench-growth bench-layout bench-cluster bench-index bench-serve profile
+DEVELOPMENT := help install check-system jvm-archive s3a-jars lint-imports secrets test test-fast docs
+.PHONY: $(PIPELINE) $(APP) $(CLOUD) $(BENCHMARKS) $(DEVELOPMENT)
 
-help: ## List the targets
-	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'
+help_group = printf "\n\033[1m%s\033[0m\n" "$(1)"; for target in $(2); do \
+	grep -hE "^$$target:.*\#\# " $(MAKEFILE_LIST) | awk -F ':.*\#\# ' '{printf "  \033[1m%-14s\033[0m %s\n", $$1, $$2}'; done
+
+help: ## List the targets by group: pipeline, app, cloud, benchmarks, development
+	@$(call help_group,Pipeline (local: the sample, dvc repro),$(PIPELINE))
+	@$(call help_group,App (which fruit is this? and contributions),$(APP))
+	@$(call help_group,Cloud (S3 and the cluster: EMR or standalone),$(CLOUD))
+	@$(call help_group,Benchmarks (reports/*.md; docs/performance.md),$(BENCHMARKS))
+	@$(call help_group,Development,$(DEVELOPMENT))
 
 check-system: ## Check Java (Spark), native BLAS/LAPACK (Spark ML's PCA), shellcheck; install them when root
 	@bash bootstrap/check-system.sh
@@ -140,8 +154,8 @@ exp-apply: $(STAMP) ## Bring an experiment into the workspace (EXP=name): dvc ex
 exps: $(STAMP) ## Compare the experiments on one screen: dvc exp show --only-changed (what differs between them)
 	dvc exp show --only-changed --no-pager
 
-emr-repro: $(STAMP) ## Run the pipeline on the cluster that is up (EMR or standalone): dvc repro emr/dvc.yaml
-	@$(WITH_CLUSTER_ENV) dvc repro emr/dvc.yaml
+emr-repro: $(STAMP) ## Run the pipeline on the cluster that is up (EMR or standalone): dvc repro emr/dvc.yaml; OFFLINE_WEIGHTS=1: labelled stand-in weights where ImageNet cannot be downloaded
+	@$(WITH_CLUSTER_ENV) $(if $(OFFLINE_WEIGHTS),dvc exp run emr/dvc.yaml -S 'emr/params.yaml:env.allow_offline_weights=true',dvc repro emr/dvc.yaml)
 
 lint-imports: $(STAMP) ## Check the layer contracts (core < stages < cloud; app on core) in pyproject.toml
 	$(VENV)/bin/lint-imports
@@ -161,7 +175,7 @@ bench: $(STAMP) jvm-archive ## Featurize speed: single process vs Spark vs the n
 bench-growth: $(STAMP) ## Growth: incremental vs full featurize; listing time and driver memory at 10k/100k files
 	$(PY) benchmarks/growth_bench.py
 
-bench-sizes: $(STAMP) ## Input size trade-off: img/s and 1-NN accuracy (Test vs Training, PCA space) at 96-224 px
+bench-sizes: $(STAMP) ## Input size trade-off on the real sample: img/s, and the app's accuracy (Test photos, hard protocol) at 96-224 px
 	$(PY) benchmarks/input_size_bench.py
 
 bench-scale: $(STAMP) jvm-archive ## How time and memory grow: stages on 1k/5k/20k images, fits, EMR and Serverless predictions

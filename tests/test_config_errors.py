@@ -153,3 +153,31 @@ def test_a_missing_bucket_is_named_before_any_image_is_read(tmp_path, s3_endpoin
     monkeypatch.setattr(ingest, "content_md5s", read)
     with pytest.raises(ConfigError, match=r"storage.bucket=fruits-no-such-bucket does not exist: create it with `make bucket`"):
         ingest.run(cfg)
+
+
+def command(module: str, *args: str, cwd=None):
+    import subprocess
+    import sys
+
+    from fruits.core.config import PROJECT_ROOT
+
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=300)
+
+
+@pytest.mark.parametrize("module, args, says", [
+    ("fruits.stages.weights", ["model.weights=/nowhere/mobilenet.weights.h5"],
+     "error: model.weights=/nowhere/mobilenet.weights.h5: file not found"),
+    ("fruits.stages.pca", ["pca.k=0"], "error: pca.k=0 must be a positive integer"),
+    ("fruits.cloud.steps", ["featurize"], "error: no cluster is recorded: run `make cluster` first"),
+], ids=["weights not to be had", "a wrong setting", "no cluster up"])
+def test_an_expected_failure_is_one_line_and_a_non_zero_exit_with_the_traceback_under_v(tmp_path, module, args, says):
+    """What a person meets on the command line: one line that says what to do, exit status 2; -v adds the
+    traceback (a bug, any other exception, keeps its traceback always)."""
+    cluster_state = [] if module != "fruits.cloud.steps" else [f"cluster.state_file={tmp_path / 'none.json'}"]
+    done = command(module, *args, *cluster_state, f"env.paths.root={tmp_path}")
+    lines = [line for line in done.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
+    assert done.returncode == 2 and lines and lines[0].startswith(says), done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and lines[0].endswith("(-v for the traceback)")
+    verbose = command(module, *args, *cluster_state, f"env.paths.root={tmp_path}", "-v")
+    assert verbose.returncode != 0 and "Traceback" in verbose.stderr

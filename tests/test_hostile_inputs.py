@@ -201,3 +201,21 @@ def test_a_batch_of_hostile_files_never_crashes_and_every_file_has_features_or_a
     for features, reason in zip(out["features"], out["reject_reason"], strict=True):
         assert (features is None) != (reason is None)
         assert reason is None or reason.strip()
+
+
+def test_the_listed_root_is_compared_without_its_scheme_whatever_spark_lists(spark, tmp_path):
+    """Spark lists file:/abs/… for local folders and s3://bucket/… (or s3a://) for buckets: paths are
+    made relative by comparing them without the scheme, with public APIs only (no call into the JVM)."""
+    import os
+
+    from fruits.core.listing import listed_root, relative_paths
+
+    assert listed_root("data/sample") == os.path.abspath("data/sample")
+    assert listed_root(f"file://{tmp_path}/x/") == listed_root(f"file:{tmp_path}/x") == f"{tmp_path}/x"
+    assert listed_root("s3://bucket/fruits/raw/") == listed_root("s3a://bucket/fruits/raw") == "bucket/fruits/raw"
+    files = spark.createDataFrame([(f"file:{tmp_path}/x/Training/Kiwi 1/a b.jpg",), ("s3a://bucket/fruits/raw/Test/K/c.jpg",)],
+                                  "path string")
+    assert relative_paths(files.limit(1), listed_root(str(tmp_path / "x"))).first()["path"] == "Training/Kiwi 1/a b.jpg"
+    assert relative_paths(files.where("path like 's3a%'"), "bucket/fruits/raw").first()["path"] == "Test/K/c.jpg"
+    with pytest.raises(Exception, match="listed outside bucket/other"):
+        relative_paths(files.where("path like 's3a%'"), "bucket/other").collect()

@@ -31,6 +31,7 @@ from fruits.core.images import RejectedImage, prepare
 from fruits.core.storage import filesystem
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
 from fruits.core.projection import Projection, read_projection
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -256,4 +257,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -44,6 +44,7 @@ from fruits.app.contributions import BadContribution, ContributionStore, normali
 from fruits.app.identify import BadPhoto, Identifier, preferred_language
 from fruits.core import logs
 from fruits.core.config import load_config
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -317,4 +318,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from fruits.core.aws import check_location, client
 from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -151,4 +152,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -29,6 +29,7 @@ from fruits.core.backbone import TF_ENVIRONMENT
 from fruits.core.config import PROJECT_ROOT, load_config
 from fruits.core.costs import cluster_hourly_price
 from fruits.core.errors import ConfigError
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -326,4 +327,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

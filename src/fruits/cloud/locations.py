@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from fruits.core import logs, registry
 from fruits.core.config import load_config
 from fruits.core.storage import filesystem, is_s3
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -160,4 +161,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

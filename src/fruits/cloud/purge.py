@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from fruits.core import logs, registry
 from fruits.core.aws import client, require_bucket
 from fruits.core.config import load_config
+from fruits.core.logs import run_command
 
 DELETE_BATCH = 1000  # the most keys one DeleteObjects request takes
 
@@ -114,4 +115,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

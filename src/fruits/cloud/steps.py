@@ -27,8 +27,10 @@ from fruits.cloud.cluster import artifact_uris, current_cluster_id, wait_for
 from fruits.core import logs, registry
 from fruits.core.aws import client
 from fruits.core.config import load_config
+from fruits.core.errors import NoCluster
 from fruits.core.ids import stamped_id
 from fruits.core.storage import copy_file, filesystem
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,8 @@ def submit(cfg: DictConfig, stage: str) -> None:
     small outputs."""
     running = cluster_state.read(cfg)
     if running is None:
-        raise RuntimeError("no cluster is recorded: run `make cluster` first")
+        raise NoCluster("no cluster is recorded: run `make cluster` first (or `make cluster CLUSTER=standalone` "
+                        "for one on this machine)")
     cfg = locations.keyed(cfg)  # this experiment's own S3 tables
     run_id = f"{stage}-{stamped_id()}"
     run_uri = f"{cfg.storage.uris.runs}/{run_id}"
@@ -154,4 +157,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

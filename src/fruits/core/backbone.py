@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fruits.core.errors import ConfigError
+from fruits.core.errors import ConfigError, ExpectedFailure
 from fruits.core.logs import native_notices_hidden
 from fruits.core.storage import atomic_output, file_digest
 
@@ -24,7 +24,7 @@ FEATURE_DIM = 1280
 TF_ENVIRONMENT = {"TF_ENABLE_ONEDNN_OPTS": "1", "TF_CPP_MIN_LOG_LEVEL": "2"}
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(ExpectedFailure, RuntimeError):
     """The configured weights cannot be had; the message says which setting and what to do."""
 
 

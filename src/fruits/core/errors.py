@@ -19,8 +19,17 @@ EU_REGIONS = (
 )
 
 
-class ConfigError(ValueError):
+class ExpectedFailure(Exception):
+    """A failure a person can meet and mend (a wrong setting, weights not to be had, no cluster up); its
+    message names the setting or the file and says what to do. Commands print it as one line."""
+
+
+class ConfigError(ExpectedFailure, ValueError):
     """A setting is missing or wrong; the message names it and says what to do."""
+
+
+class NoCluster(ExpectedFailure, RuntimeError):
+    """No cluster is recorded or reachable for a command that needs one."""
 
 
 def check_region(setting: str, region: str | None) -> None:

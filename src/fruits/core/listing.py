@@ -12,6 +12,7 @@ reason instead of losing them. The partition settings make the model's tasks equ
 from __future__ import annotations
 
 import math
+import os
 import re
 from typing import NamedTuple
 
@@ -39,23 +40,31 @@ def image_files(spark, cfg: DictConfig):
     each path relative to that folder. Spark lists the folder here, once (on S3, one LIST per 1,000
     objects): the listing and a full read both come from this frame; the contents are read only when a
     plan uses them."""
-    return relative_paths(image_reader(spark, cfg).load(cfg.env.paths.images), qualified_root(spark, cfg))
+    return relative_paths(image_reader(spark, cfg).load(cfg.env.paths.images), listed_root(str(cfg.env.paths.images)))
 
 
-def qualified_root(spark, cfg: DictConfig) -> str:
-    """env.paths.images as Hadoop writes it at the start of each listed path (file:/a/b, s3a://bucket/key)."""
-    jvm, hadoop_conf = spark.sparkContext._jvm, spark.sparkContext._jsc.hadoopConfiguration()
-    root = jvm.org.apache.hadoop.fs.Path(cfg.env.paths.images)
-    return root.getFileSystem(hadoop_conf).makeQualified(root).toString().rstrip("/")
+SCHEME = r"^[a-zA-Z][a-zA-Z0-9+.-]*:(//)?"  # file:/a, file:///a, s3://b/k, s3a://b/k: dropped before comparing
+
+
+def listed_root(images: str) -> str:
+    """The images folder (env.paths.images) as the listed paths read once their scheme is dropped: an
+    absolute local path (resolved against the driver's working directory, as Hadoop resolves a relative
+    one), or bucket/key for an object store whatever its scheme (s3, s3a, s3n). Public APIs only: no
+    call into the JVM."""
+    if re.match(SCHEME, images) and not images.startswith("file:"):
+        return re.sub(SCHEME, "", images).rstrip("/")
+    return os.path.abspath(re.sub(SCHEME, "", images) if images.startswith("file:") else images).rstrip("/")
 
 
 def relative_paths(files, root: str):
-    """files with each `path` made relative to root; a path outside it fails the job, naming it."""
+    """files with each `path` made relative to root (compared without their scheme); a path outside it
+    fails the job, naming it."""
     from pyspark.sql import functions as F
 
     prefix = f"{root}/"
-    inside = F.col("path").startswith(prefix)
-    relative = F.col("path").substr(len(prefix) + 1, 2**31 - 1)
+    bare = F.regexp_replace(F.col("path"), SCHEME, "")
+    inside = bare.startswith(prefix)
+    relative = bare.substr(len(prefix) + 1, 2**31 - 1)
     outside = F.raise_error(F.concat(F.lit(f"listed outside {root}: "), F.col("path")))
     return files.withColumn("path", F.when(inside, relative).otherwise(outside))
 
@@ -95,9 +104,9 @@ def read_contents(spark, cfg: DictConfig, paths: list[str]):
     """contents() of the given image files (paths relative to env.paths.images)."""
     if not paths:
         return spark.createDataFrame([], "path string, content binary, checksum string, size long, modified timestamp")
-    root = qualified_root(spark, cfg)
-    files = spark.read.format("binaryFile").load([escape_glob(f"{root}/{path}") for path in paths])
-    return contents(relative_paths(files, root))
+    images = str(cfg.env.paths.images).rstrip("/")
+    files = spark.read.format("binaryFile").load([escape_glob(f"{images}/{path}") for path in paths])
+    return contents(relative_paths(files, listed_root(str(cfg.env.paths.images))))
 
 
 def escape_glob(uri: str) -> str:

@@ -14,6 +14,8 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from fruits.core.errors import ExpectedFailure
+
 LOG_FORMAT = "%(asctime)s %(name)s %(levelname)s %(message)s"
 LEVEL_VARIABLE = "FRUITS_LOG_LEVEL"  # also read by the Spark session: set by configure for the stages
 CHATTY = ("py4j", "absl", "tensorflow", "tf2onnx", "h5py", "PIL", "matplotlib", "numba", "fsspec", "s3fs", "asyncio")
@@ -78,3 +80,27 @@ def native_notices_hidden():
         os.dup2(saved, 2)
         os.close(saved)
         os.close(devnull)
+
+
+# What the AWS SDK raises for a person's set-up, not a bug: no credentials, an endpoint it cannot reach.
+AWS_SET_UP_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "NoRegionError", "EndpointConnectionError",
+                     "ConnectTimeoutError", "CredentialRetrievalError")
+
+
+def expected(err: BaseException) -> bool:
+    """A failure a person meets and mends (errors.ExpectedFailure, a missing file or table, AWS set-up)."""
+    aws = any(kind.__module__.startswith("botocore") and kind.__name__ in AWS_SET_UP_ERRORS for kind in type(err).__mro__)
+    return isinstance(err, (ExpectedFailure, FileNotFoundError)) or aws
+
+
+def run_command(main, argv: list[str] | None = None) -> None:
+    """A command line's main: an expected failure is one line on stderr and exit status 2, its traceback
+    only with -v (FRUITS_LOG_LEVEL=DEBUG); anything else is a bug and keeps its traceback."""
+    try:
+        main(argv)
+    except Exception as err:
+        if not expected(err) or verbose():
+            raise
+        message = " ".join(str(err).split()) or type(err).__name__
+        print(f"error: {message} (-v for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None

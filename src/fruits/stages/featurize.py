@@ -31,6 +31,7 @@ from fruits.core.images import RejectedImage, parse_image_path, pixels, to_model
 from fruits.core.increments import ROW_IDENTITY
 from fruits.core.spark import PidCounts, Progress, get_session, session_settings
 from fruits.core.storage import filesystem, iter_files, write_record
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -357,4 +358,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

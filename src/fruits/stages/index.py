@@ -62,6 +62,7 @@ from fruits.core.neighbours import ExactIndex, NeighbourIndex, nearest_outside, 
 from fruits.core.projection import checked_projection_sha256
 from fruits.core.spark import get_session
 from fruits.core.storage import atomic_output, write_record
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -281,4 +282,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -44,6 +44,7 @@ from fruits.core.storage import (
     shard_name,
     write_record,
 )
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -349,4 +350,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -22,6 +22,7 @@ from fruits.core.config import stage_config
 from fruits.core.projection import Projection, save_projection
 from fruits.core.spark import get_session
 from fruits.core.storage import file_digest, write_record, write_text
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -175,4 +176,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

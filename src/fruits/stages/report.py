@@ -25,6 +25,7 @@ from fruits.core.registry import params_of
 from fruits.core.rendering import Section, plot_scatter, plot_variance, render_html, render_markdown
 from fruits.core.spark import get_session
 from fruits.core.storage import write_text
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +198,7 @@ def app_sections(facts: dict) -> list[Section]:
 def wrong_answers_section(facts: dict) -> Section:
     index_m, thumbnails = facts["index"], facts["thumbnails"]
     section = Section("Wrong answers, beside their nearest Training images")
-    for key, name in (("wrong_answers", "Test photos"), ("wrong_answers_hard", "the hard protocol")):
+    for key, name in (("wrong_answers", "Test photos"), ("wrong_answers_hard", "The hard protocol")):
         wrong, total = index_m.get(key, []), index_m.get(f"{key}_total", 0)
         if not total:
             section.blocks.append(("p", f"{name}: no wrong answer."))
@@ -312,4 +313,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

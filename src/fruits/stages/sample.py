@@ -32,6 +32,7 @@ from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
 from fruits.core.images import CONTRIBUTED_PREFIX, SPLITS, spread_over_rotation
 from fruits.core.storage import atomic_output, write_json
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -323,4 +324,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

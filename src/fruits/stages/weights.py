@@ -34,6 +34,7 @@ from fruits.core.backbone import (
 from fruits.core.config import offline_weights_allowed, stage_config
 from fruits.core.images import RejectedImage, prepare
 from fruits.core.storage import atomic_output, copy_file, write_json
+from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def first_offline_backbone(cfg: DictConfig, sources) -> tuple[object, dict]:
     if not offline_weights_allowed(cfg):
         raise WeightsUnavailable(
             f"offline weights ({', '.join(sources)}) are refused for env={cfg.env.name}, data={cfg.data.name}: "
-            "this configuration requires real weights (model.weights=imagenet or a saved file)"
+            "this configuration requires real weights (model.weights=imagenet or a saved file); to try it without "
+            "them, allow labelled stand-ins with env.allow_offline_weights=true (make emr-repro OFFLINE_WEIGHTS=1)"
         )
     failures = []
     for source in sources:
@@ -249,4 +251,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)
