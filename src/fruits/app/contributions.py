@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import hmac
-import io
 import json
 import re
 import secrets
@@ -32,13 +31,13 @@ import uuid
 from datetime import datetime, timezone
 
 from omegaconf import DictConfig
-from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fruits.core.config import load_config
 from fruits.core.errors import ConfigError
+from fruits.core.images import TRAINING, RejectedImage, as_jpeg, pixels_only
 from fruits.core.storage import atomic_output, filesystem
 
-SPLIT = "Training"  # contributed photos enlarge what the index answers from
+SPLIT = TRAINING  # contributed photos enlarge what the index answers from
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
 LABEL_PATTERN = re.compile(r"[^\W\d_][^\W_]*(?:[ '-][^\W_]+)*")  # words of letters and digits, one space, ' or - between
 LABEL_LENGTH = (2, 40)
@@ -61,28 +60,12 @@ def normalise_label(text: str, known: list[str]) -> str:
     return " ".join(word[0].upper() + word[1:] for word in label.split(" "))
 
 
-def pixels_only(content: bytes) -> Image.Image:
-    """The photo's pixels, upright, in a new image: no EXIF, GPS, XMP, ICC profile or comment."""
-    try:
-        with Image.open(io.BytesIO(content)) as image:
-            upright = ImageOps.exif_transpose(image).convert("RGB")  # the orientation tag goes with the EXIF
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
-        raise BadContribution(f"cannot read the photo: {err}") from err
-    return Image.frombytes("RGB", upright.size, upright.tobytes())
-
-
-def as_jpeg(pixels: Image.Image, side: int) -> bytes:
-    """pixels as a JPEG whose longest side is at most side px."""
-    copy = pixels.copy()
-    copy.thumbnail((side, side))
-    out = io.BytesIO()
-    copy.save(out, "JPEG", quality=92)
-    return out.getvalue()
-
-
 def clean_photo(content: bytes, max_side: int, thumbnail_side: int) -> tuple[bytes, bytes]:
     """(photo, thumbnail) as JPEG holding the pixels only, upright, the photo at most max_side px."""
-    pixels = pixels_only(content)
+    try:
+        pixels = pixels_only(content)
+    except RejectedImage as err:
+        raise BadContribution(f"cannot read the photo: {err}") from err
     return as_jpeg(pixels, max_side), as_jpeg(pixels, thumbnail_side)
 
 

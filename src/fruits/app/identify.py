@@ -24,10 +24,10 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
-from fruits.app.contributions import as_jpeg, pixels_only
+from fruits.app.answer import Answer
 from fruits.core import engines, logs
 from fruits.core.config import load_config
-from fruits.core.images import RejectedImage, prepare
+from fruits.core.images import RejectedImage, as_jpeg, pixels_only, prepare
 from fruits.core.storage import filesystem
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
 from fruits.core.projection import Projection, read_projection
@@ -187,7 +187,8 @@ class Identifier:
 
     def thumbnail(self, path: str) -> bytes:
         """A Training image of the current index (its path as the index names it) as a small JPEG of its
-        pixels only; FileNotFoundError for any other path, or one erased since the index was built."""
+        pixels only; FileNotFoundError for any other path, or one erased since the index was built;
+        RejectedImage for a file there that is not a readable image."""
         if path not in self.current.paths:  # never a path the index does not hold: no traversal, no listing
             raise FileNotFoundError(path)
         fs, root = filesystem(self.cfg.env.paths.images, self.cfg)
@@ -203,12 +204,13 @@ class Identifier:
         return (snapshot or self.current).projection.project(self.extract(array[None]))[0]
 
     def identify(self, content: bytes, language: str = LANGUAGES[0]) -> dict:
-        """The answer for one photo, its card in language (JSON-ready; the service returns it as is)."""
+        """The answer for one photo, its card in language: built through the one schema (answer.Answer),
+        returned JSON-ready (the service returns it as is)."""
         snapshot = self.current  # one read: the whole answer comes from one index run
         found = snapshot.search.search(self.vector(content, snapshot)[None], self.neighbours)
         result = vote(snapshot.index.labels, snapshot.index.paths, found.distances[0], found.indices[0])
         top = list(zip(result.labels, result.scores, strict=True))[: self.top]
-        return {
+        return Answer(**{
             # not sure: farther from every Training image than the index's calibrated distance (a fruit it may
             # lack); the label is then only the closest guess
             "sure": bool(found.distances[0][0] <= snapshot.index.abstain_distance),
@@ -220,7 +222,7 @@ class Identifier:
             "card": self.cards.card(top[0][0], language),
             "model": self.model,
             "index_version": snapshot.version,
-        }
+        }).model_dump()
 
 
 def render(answer: dict) -> str:

@@ -44,6 +44,8 @@ from fruits.app.contributions import BadContribution, ContributionStore, normali
 from fruits.app.identify import BadPhoto, Identifier, preferred_language
 from fruits.core import logs
 from fruits.core.config import load_config
+from fruits.app.answer import Answer
+from fruits.core.images import RejectedImage
 from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
@@ -51,43 +53,6 @@ log = logging.getLogger(__name__)
 ACCEPTED_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp", "image/tiff")
 MULTIPART_OVERHEAD = 16 * 1024  # bytes of form boundaries and part headers around the photo
 SETTINGS_VARIABLE = "FRUITS_SERVICE_SETTINGS"  # how `make serve` hands --params and overrides to each worker
-
-
-class Name(BaseModel):
-    en: str
-    fr: str
-
-
-class Card(BaseModel):
-    key: str | None  # the card's label (None: no card for this fruit yet)
-    language: str  # of season and text: en or fr, as the request's Accept-Language prefers
-    name: Name
-    family: str | None
-    season: str | None
-    text: str
-
-
-class Guess(BaseModel):
-    label: str
-    score: float  # share of the neighbours' vote, 0-1
-    card_key: str | None
-
-
-class Neighbour(BaseModel):
-    label: str
-    distance: float
-    path: str
-
-
-class Answer(BaseModel):
-    sure: bool  # False: farther from every Training image than the index's calibrated distance (a fruit it may lack)
-    label: str  # the first answer (when not sure: the closest guess)
-    confidence: float  # the first label's share of the vote, 0-1
-    top: list[Guess]
-    neighbours: list[Neighbour]
-    card: Card
-    model: str
-    index_version: str  # the index that answered (GET /health names the current one)
 
 
 class ModelAnswer(BaseModel):
@@ -221,12 +186,15 @@ def index_routes() -> APIRouter:
 
     @router.get("/images/{path:path}", response_class=Response, responses={
         200: {"content": {"image/jpeg": {}}, "description": "the image, at most contributions.thumbnail_px"},
-        404: {"description": "not a Training image of the current index (or erased since it was built)"}})
+        404: {"description": "not a Training image of the current index (or erased since it was built)"},
+        422: {"description": "the index's file there is not a readable image"}})
     async def image(path: str, request: Request) -> Response:
         try:
             content = await run_in_threadpool(request.app.state.identifier.thumbnail, path)
         except FileNotFoundError:
             raise HTTPException(404, "no such image in the index") from None
+        except RejectedImage as err:
+            raise HTTPException(422, f"the index's image {path} cannot be read: {err}") from None
         # private and short-lived: an image erased from the collection must not live on in shared caches
         return Response(content, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=300"})
 

@@ -10,7 +10,8 @@ from pathlib import PurePosixPath
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-SPLITS = ("Training", "Test")
+TRAINING, TEST = "Training", "Test"  # the Fruits-360 splits: <split>/<label>/<file>
+SPLITS = (TRAINING, TEST)
 CONTRIBUTED_PREFIX = "contributed_"  # the file name of an app user's approved photo in the images folder
 WHITE = (255, 255, 255)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
@@ -52,6 +53,28 @@ def spread_over_rotation(names: list[str], n: int | None) -> list[str]:
     if n is None or n >= len(ordered):
         return ordered
     return [ordered[(2 * i + 1) * len(ordered) // (2 * n)] for i in range(n)]
+
+
+def pixels_only(content: bytes) -> Image.Image:
+    """The photo's pixels, upright, in a new image: no EXIF, GPS, XMP, ICC profile or comment (what the
+    app stores of a contribution and serves of the collection); raises RejectedImage."""
+    from PIL import ImageOps
+
+    try:
+        with Image.open(io.BytesIO(content)) as image:
+            upright = ImageOps.exif_transpose(image).convert("RGB")  # the orientation tag goes with the EXIF
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as err:
+        raise RejectedImage(str(err)) from err
+    return Image.frombytes("RGB", upright.size, upright.tobytes())
+
+
+def as_jpeg(pixels: Image.Image, side: int) -> bytes:
+    """pixels as a JPEG whose longest side is at most side px."""
+    copy = pixels.copy()
+    copy.thumbnail((side, side))
+    out = io.BytesIO()
+    copy.save(out, "JPEG", quality=92)
+    return out.getvalue()
 
 
 def decode_image(content: bytes | None) -> Image.Image:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 
-from fruits.core.images import FRAME_PATTERN
+from fruits.core.images import FRAME_PATTERN, TRAINING
 
 HASH_DIGITS = 8  # a Test row's place in the accuracy sample: the first 8 hex digits of sha256(path)
 HASH_RANGE = 16**HASH_DIGITS
@@ -62,7 +62,7 @@ def hard_split(vectors, arc: float):
     from pyspark.sql import functions as F
 
     framed = on_the_turn(vectors)
-    training = framed.where((F.col("split") == "Training") & (F.col("film") == "") & (F.col("turn") < arc))
+    training = framed.where((F.col("split") == TRAINING) & (F.col("film") == "") & (F.col("turn") < arc))
     return training, framed.where(F.col("film") != "")
 
 

@@ -21,6 +21,7 @@ ONLY_WITH = {"env.paths.shards": ("data.layout", "parquet")}
 TABLES = ("data.root", "env.paths.images", "env.paths.shards", "env.paths.features", "env.paths.rejects",
           "env.paths.pca_vectors")
 EMR_PARAMS = "emr/params.yaml"
+SAMPLE_MANIFEST = "MANIFEST.json"  # the sample stage's account of its source, in data.root (ingest reads it)
 EMR_PIPELINE = "emr/dvc.yaml"
 
 

@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 
 from fruits.core import tables
 from fruits.core.config import stage_config
-from fruits.core.images import CONTRIBUTED_PREFIX
+from fruits.core.images import CONTRIBUTED_PREFIX, TEST, TRAINING
 from fruits.core.measures import (
     abstain_thresholds,
     abstention,
@@ -176,10 +176,10 @@ def run(cfg: DictConfig, spark=None) -> dict:
     spark = spark or get_session(cfg)
     started, settings = time.perf_counter(), cfg.identify
     vectors = extract(spark, cfg)
-    index = build_index(vectors.where(vectors.split == "Training"), projection_sha256)
+    index = build_index(vectors.where(vectors.split == TRAINING), projection_sha256)
     k = index.vectors.shape[1]
     curve = components_curve(k, settings.curve_components)
-    test_run = answers_on_test_photos(spark, vectors.where(vectors.split == "Test"), index, settings, curve)
+    test_run = answers_on_test_photos(spark, vectors.where(vectors.split == TEST), index, settings, curve)
     index = replace(index, abstain_distance=test_run["abstain_distance"])
     hard_run = hard_protocol(spark, vectors, settings, curve, index.abstain_distance)
     metrics = {

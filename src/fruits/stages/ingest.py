@@ -31,6 +31,7 @@ from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
 from fruits.core.ids import stamped_id
 from fruits.core.images import CONTRIBUTED_PREFIX, RejectedImage, parse_image_path
+from fruits.core.registry import SAMPLE_MANIFEST
 from fruits.core.storage import (
     ROW_GROUP_IMAGES,
     ListedFile,
@@ -300,7 +301,7 @@ def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict[str, str], dict]:
 def source_accounting(cfg: DictConfig) -> dict:
     """Where the images come from and what their source held (the sample stage's manifest): every file
     of the source is an image here, an ignored file (listed with its reason) or left out of the subset."""
-    manifest_file = Path(cfg.data.root) / "MANIFEST.json"
+    manifest_file = Path(cfg.data.root) / SAMPLE_MANIFEST
     if not manifest_file.exists():
         return {"origin": f"images found in {cfg.data.root}"}
     manifest = json.loads(manifest_file.read_text())

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 
 from fruits.core import tables
 from fruits.core.config import stage_config
+from fruits.core.images import TRAINING
 from fruits.core.projection import Projection, save_projection
 from fruits.core.spark import get_session
 from fruits.core.storage import file_digest, write_record, write_text
@@ -138,7 +139,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
     spark = spark or get_session(cfg)
     started = time.perf_counter()
     features = extract(spark, cfg)
-    train = features.where(F.col("split") == "Training")
+    train = features.where(F.col("split") == TRAINING)
     rows_fitted = train.count()
     if rows_fitted < 2:
         raise ValueError(f"pca needs at least 2 Training rows in {cfg.env.paths.features}, found {rows_fitted}")

@@ -19,6 +19,7 @@ from omegaconf import DictConfig
 from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.costs import alternatives, emr_estimate, s3_reads
+from fruits.core.images import TEST, TRAINING
 from fruits.core.critique import answered_test_images, critique, right_share, scale_predictions, source_accounting
 from fruits.core.storage import filesystem
 from fruits.core.registry import params_of
@@ -115,8 +116,8 @@ def summary_sections(facts: dict, cfg: DictConfig) -> list[Section]:
         per_label.setdefault(label, {})[split] = count
     run = featurize_m["run"]
     return [header,
-            Section("Images per label and split", [("table", ["label", "Training", "Test"], [
-                [label, c.get("Training", 0), c.get("Test", 0)] for label, c in sorted(per_label.items())])]),
+            Section("Images per label and split", [("table", ["label", TRAINING, TEST], [
+                [label, c.get(TRAINING, 0), c.get(TEST, 0)] for label, c in sorted(per_label.items())])]),
             Section("Rejects", [("table", ["reason", "files"], sorted(facts["rejects"]))] if facts["rejects"]
                     else [("p", "No file was rejected.")]),
             *([Section("Ignored source files", [("table", ["file", "reason"], sorted(ignored.items())[:IGNORED_SHOWN])])]

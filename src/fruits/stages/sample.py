@@ -30,7 +30,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
-from fruits.core.images import CONTRIBUTED_PREFIX, SPLITS, spread_over_rotation
+from fruits.core.images import CONTRIBUTED_PREFIX, SPLITS, TEST, TRAINING, spread_over_rotation
+from fruits.core.registry import SAMPLE_MANIFEST
 from fruits.core.storage import atomic_output, write_json
 from fruits.core.logs import run_command
 
@@ -280,7 +281,7 @@ def extract(cfg: DictConfig, scratch: Path) -> Path | None:
 def transform(cfg: DictConfig, source: Path | None, staging: Path) -> dict:
     """Write the subset under staging (copied from source, or generated); its manifest."""
     data = cfg.data
-    per_split = {"Training": data.train_per_label, "Test": data.test_per_label}
+    per_split = {TRAINING: data.train_per_label, TEST: data.test_per_label}
     if source is None:
         count = generate(staging, list(data.labels), per_split, data.image_size, data.seed)
         origin = f"generated offline (seed {data.seed}): synthetic fruit-like images, not photos"
@@ -292,8 +293,8 @@ def transform(cfg: DictConfig, source: Path | None, staging: Path) -> dict:
     accounting.update(images=accounting["images"] + contributed,
                       source_files=accounting["source_files"] + contributed)
     manifest = {"origin": origin, **accounting, "contributed": contributed,
-                "labels": sorted(p.name for p in (staging / "Training").iterdir() if p.is_dir())}
-    write_json(staging / "MANIFEST.json", manifest)
+                "labels": sorted(p.name for p in (staging / TRAINING).iterdir() if p.is_dir())}
+    write_json(staging / SAMPLE_MANIFEST, manifest)
     return manifest
 
 
