@@ -39,6 +39,16 @@ def photo(cfg, split="Test", label="Kiwi") -> Path:
     return sorted((Path(cfg.data.root) / split / label).glob("*.jpg"))[0]
 
 
+def test_the_page_and_its_real_example_photo(client):
+    from fruits.core.config import PROJECT_ROOT
+
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="example"' in page.text and "CC BY-SA 4.0" in page.text
+    example = client.get("/example.jpg")
+    assert example.status_code == 200 and example.headers["content-type"] == "image/jpeg"
+    assert example.content == (PROJECT_ROOT / "samples/fruits360/Test/Banana 1/r_50_100.jpg").read_bytes()
+
+
 def test_health_and_a_good_photo(client, app_cfg):  # noqa: F811
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["index_vectors"] == 24 and health["labels"] == 4

@@ -134,20 +134,26 @@ def create_app(cfg: DictConfig | None = None) -> FastAPI:
     app.include_router(index_routes())
     app.include_router(contribution_routes(cfg))
 
-    page = resources.files("fruits.app").joinpath("static/index.html").read_text(encoding="utf-8")
+    app.include_router(page_routes())
+    return app
 
-    # A real photo to try the page with: a Fruits-360 Test photo of the demo's sample (samples/SOURCE.md).
-    example = resources.files("fruits.app").joinpath("static/example.jpg").read_bytes()
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+def page_routes() -> APIRouter:
+    """GET / (the one-page UI) and GET /example.jpg, a real photo to try it with: a Fruits-360 Test photo
+    of the demo's sample (samples/SOURCE.md), credited on the page."""
+    router = APIRouter(include_in_schema=False)
+    static = resources.files("fruits.app").joinpath("static")
+    page, example = static.joinpath("index.html").read_text(encoding="utf-8"), static.joinpath("example.jpg").read_bytes()
+
+    @router.get("/", response_class=HTMLResponse)
     def home() -> str:
         return page
 
-    @app.get("/example.jpg", response_class=Response, include_in_schema=False)
+    @router.get("/example.jpg", response_class=Response)
     def example_photo() -> Response:
         return Response(example, media_type="image/jpeg")
 
-    return app
+    return router
 
 
 def watch_index(identifier: Identifier, seconds: float, stop: threading.Event) -> None:
