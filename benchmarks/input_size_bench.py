@@ -43,8 +43,7 @@ def one_size(spark, size: int, overrides: list[str]) -> dict:
         weights.run(cfg)
     provenance = json.loads(Path(cfg.env.paths.provenance).read_text())
     files = sorted(Path(cfg.data.root).glob("*/*/*.jpg"))
-    values = {"onnx": cfg.env.paths.onnx, "weights": cfg.env.paths.weights, "size": size, "alpha": cfg.model.alpha,
-              "batch": cfg.featurize.batch_size}
+    values = {"cfg": cfg, "size": size, "batch": cfg.featurize.batch_size}  # what featurize_bench.ceiling builds from
     repeated = files * max(1, MODEL_ONLY_IMAGES // len(files))  # long enough to time, whatever the sample size
     model_only = ceiling(cfg.model.engine, values, repeated, os.cpu_count(), 1, decode=False)
     runs = []

@@ -3,6 +3,7 @@ grimp and import-linter see them), rooms of bounded size, and no private API of 
 
 import ast
 import re
+from pathlib import Path
 
 import grimp
 import pytest
@@ -14,35 +15,14 @@ MODULE_LINES, FUNCTION_LINES = 400, 60
 
 
 def cycles(graph) -> list[list[str]]:
-    """The import circles of the graph (Tarjan's strongly connected components of more than one module)."""
-    index, low, stack, on_stack, found, counter = {}, {}, [], set(), [], [0]
+    """The import circles of the graph: its strongly connected components of more than one module (networkx)."""
+    import networkx
 
-    def visit(module):
-        index[module] = low[module] = counter[0]
-        counter[0] += 1
-        stack.append(module)
-        on_stack.add(module)
-        for imported in graph.find_modules_directly_imported_by(module):
-            if imported not in index:
-                visit(imported)
-                low[module] = min(low[module], low[imported])
-            elif imported in on_stack:
-                low[module] = min(low[module], index[imported])
-        if low[module] == index[module]:
-            component = []
-            while True:
-                member = stack.pop()
-                on_stack.discard(member)
-                component.append(member)
-                if member == module:
-                    break
-            if len(component) > 1:
-                found.append(sorted(component))
-
-    for module in sorted(graph.modules):
-        if module not in index:
-            visit(module)
-    return found
+    imports = networkx.DiGraph()
+    imports.add_nodes_from(graph.modules)
+    imports.add_edges_from((module, imported) for module in graph.modules
+                           for imported in graph.find_modules_directly_imported_by(module))
+    return sorted(sorted(component) for component in networkx.strongly_connected_components(imports) if len(component) > 1)
 
 
 def test_no_import_circle_among_the_package_modules():
@@ -82,3 +62,13 @@ PRIVATE_APIS = re.compile(r"_strip_protocol|_get_node|path_importer_cache|to_arr
 def test_no_private_library_api_nor_test_switch_in_src(path):
     hits = [line for line in path.read_text().splitlines() if PRIVATE_APIS.search(line)]
     assert not hits, f"{path.name}: {hits}"
+
+
+def test_no_test_module_imports_another_nor_conftest_nor_a_benchmark():
+    """Shared helpers live in tests/helpers/, fixtures in conftest.py (pytest gives them): a test module
+    stands alone."""
+    tests = Path(__file__).parent
+    modules = {p.stem for p in tests.glob("*.py")} | {p.stem for p in (PROJECT_ROOT / "benchmarks").glob("*.py")}
+    pattern = re.compile(r"^\s*(?:from|import)\s+(?:tests\.)?(\w+)", re.M)
+    offending = {p.name: sorted(set(pattern.findall(p.read_text())) & modules) for p in tests.glob("*.py")}
+    assert not {name: found for name, found in offending.items() if found}

@@ -6,7 +6,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import make_cfg
+from helpers.project import make_cfg
 
 from fruits.core import spark as spark_setup
 

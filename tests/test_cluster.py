@@ -14,7 +14,7 @@ import boto3
 import pyspark
 import pytest
 from botocore.stub import Stubber
-from conftest import make_cfg
+from helpers.project import make_cfg
 
 from fruits.cloud import cluster, steps
 from fruits.core.config import PROJECT_ROOT, compose
@@ -247,7 +247,7 @@ def test_local_state_and_secrets_are_git_ignored():
 
 def test_a_run_folder_in_s3_round_trips_config_inputs_and_outputs(spark, tmp_path, s3_endpoint, monkeypatch):
     """Client side prepare_run -> cluster side run_on_cluster (reads everything from S3) -> fetch_outputs."""
-    from test_pca import synthetic_features, write_features
+    from helpers.data import synthetic_features, write_features
 
     from fruits.cloud import bucket
 

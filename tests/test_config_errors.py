@@ -14,7 +14,7 @@ from fruits.core.errors import ConfigError
 from fruits.core.tables import NoTable
 from fruits.stages import featurize, index, ingest, pca, report
 
-from conftest import make_cfg
+from helpers.project import make_cfg
 
 STAGES = {"featurize": featurize, "pca": pca, "index": index, "report": report, "ingest": ingest}
 

@@ -7,33 +7,18 @@ import subprocess
 import sys
 
 import pytest
-from PIL import Image, ImageCms
+from PIL import Image
 from PIL.ExifTags import IFD
 
 from fruits.app.contributions import BadContribution, ContributionStore, clean_photo, normalise_label
 from fruits.core.config import PROJECT_ROOT
 from fruits.core.errors import ConfigError
 
-from conftest import make_cfg
+from helpers.project import make_cfg
+from helpers.data import phone_photo
 
 KNOWN = ["Apple Red", "Banana", "Kiwi", "Pear"]
 ANSWER = {"label": "Kiwi", "confidence": 0.8}
-
-
-def phone_photo() -> bytes:
-    """A JPEG as a phone writes it: GPS position, maker, device, time, orientation, XMP, ICC, comment."""
-    exif = Image.Exif()
-    exif[0x010F], exif[0x0110], exif[0x0132] = "FruitPhone Inc", "FruitPhone 15 Pro", "2026:11:30 12:34:56"
-    exif[0x0112] = 6  # stored sideways: the viewer turns it 90 degrees clockwise
-    gps = exif.get_ifd(IFD.GPSInfo)
-    gps.update({1: "N", 2: (48.0, 51.0, 24.12), 3: "E", 4: (2.0, 21.0, 7.99)})  # Paris
-    exif.get_ifd(IFD.Exif)[0x927C] = b"MAKERNOTE-SERIAL-0042"
-    xmp = b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:Description GPSLatitude="48,51.402N"/></x:xmpmeta>'
-    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
-    out = io.BytesIO()
-    Image.new("RGB", (120, 80), (120, 200, 60)).save(out, "JPEG", exif=exif, xmp=xmp, icc_profile=icc,
-                                                      comment=b"taken at 12 rue des Fruits")
-    return out.getvalue()
 
 
 def test_the_stored_photo_keeps_its_pixels_upright_and_nothing_else():

@@ -16,8 +16,8 @@ from fruits.core import tables
 from fruits.core.projection import checked_projection_sha256, load_projection
 from fruits.stages import featurize, index, pca
 
-from conftest import kill_midway, make_cfg
-from test_pca import synthetic_features, write_features
+from helpers.project import kill_midway, make_cfg
+from helpers.data import synthetic_features, write_features
 
 
 def vectors_of(spark, cfg) -> dict[str, list[float]]:
@@ -79,14 +79,14 @@ def test_the_index_refuses_a_projection_that_is_not_the_one_of_the_committed_vec
 @pytest.mark.slow
 def test_a_worker_that_crashes_midway_is_retried_without_duplicate_or_missing_rows(tiny_cfg, tmp_path, spark):
     """local[2,2]: two cores, a task may fail twice. A Python worker exits (os._exit) in partition 1's
-    first attempt after sending its first batch (injected by tests/crashing_featurize.py, not by the
+    first attempt after sending its first batch (injected by tests/helpers/crashing_featurize.py, not by the
     stage); Spark retries the task; the tables hold each image once."""
     tiny_cfg.env.spark.master = "local[2,2]"
     tiny_cfg.featurize.images_per_partition = 4  # 8 partitions of 4 images, in Arrow batches of 2
     tiny_cfg.env.spark.conf["spark.sql.execution.arrow.maxRecordsPerBatch"] = "2"
     params = tmp_path / "params.yaml"
     OmegaConf.save(tiny_cfg, params)
-    crashing = Path(__file__).with_name("crashing_featurize.py")  # the stage, its Arrow function wrapped
+    crashing = Path(__file__).parent / "helpers" / "crashing_featurize.py"  # the stage, its Arrow function wrapped
     done = subprocess.run([sys.executable, str(crashing), "--params", str(params)],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -13,7 +13,7 @@ from fruits.core import backbone, increments, listing, tables
 from fruits.stages import featurize, weights
 from fruits.stages.sample import draw_fruit
 
-from conftest import TINY_SIZE, make_cfg, reference_features
+from helpers.project import TINY_SIZE, make_cfg, reference_features
 
 
 # --- pure parts, no Spark -------------------------------------------------------------------------

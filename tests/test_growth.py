@@ -11,7 +11,7 @@ from fruits.core import backbone, tables
 from fruits.stages import featurize, ingest, weights
 from fruits.stages.sample import draw_fruit
 
-from conftest import TINY_SIZE, kill_midway, make_cfg
+from helpers.project import TINY_SIZE, kill_midway, make_cfg
 
 
 def jpeg(label: str, seed: int) -> bytes:

@@ -4,11 +4,9 @@ parser give a result or a reason, never a crash of the batch, and memory stays b
 from __future__ import annotations
 
 import io
-import struct
 import subprocess
 import sys
 import unicodedata
-import zlib
 
 import numpy as np
 import pytest
@@ -20,6 +18,7 @@ from fruits.core.images import MAX_PIXELS, RejectedImage, parse_image_path, prep
 from fruits.core.listing import walk
 from fruits.core.storage import ListedFile
 from fruits.stages.featurize import featurize_batch
+from helpers.data import gif_claiming, png_claiming
 
 SIZE = 32
 MODES = ["1", "L", "P", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "HSV", "I", "F", "LA", "PA", "RGBX", "RGBa",
@@ -88,21 +87,6 @@ def test_every_pillow_mode_decodes_to_rgb(mode, width, height):
     assert array.shape == (SIZE, SIZE, 3)
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny PNG whose header declares width x height pixels (its data is one compressed empty row)."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
-
-
-def gif_claiming(width: int, height: int) -> bytes:
-    return (b"GIF89a" + struct.pack("<HH", width, height) + b"\x00\x00\x00" + b"," + struct.pack("<HHHH", 0, 0, width, height)
-            + b"\x00\x02\x02\x44\x01\x00;")
-
-
 @settings(max_examples=40, deadline=None)
 @given(st.integers(7_000, 65_535), st.integers(7_000, 65_535), st.sampled_from([png_claiming, gif_claiming]))
 def test_declared_dimensions_beyond_memory_are_refused_before_decoding(width, height, make):
@@ -117,7 +101,7 @@ def test_decompression_bombs_keep_memory_bounded():
     code = f"""
 import resource, sys
 sys.path[:0] = {sys.path!r}
-from test_hostile_inputs import png_claiming, gif_claiming
+from helpers.data import png_claiming, gif_claiming
 from fruits.core.images import RejectedImage, prepare
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 for make in (png_claiming, gif_claiming):

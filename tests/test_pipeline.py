@@ -16,8 +16,8 @@ from fruits.core import registry
 from fruits.tooling import dvc_pipelines
 from fruits.core.config import PROJECT_ROOT, compose
 
-from clones import exp_show_columns, flat_keys, fresh_clone, run, run_queue
-from conftest import make_cfg
+from helpers.clones import exp_show_columns, flat_keys, fresh_clone, run, run_queue
+from helpers.project import make_cfg
 
 
 def dvc_stages(pipeline: str = "dvc.yaml"):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import make_cfg
+from helpers.project import make_cfg
 
 CHATTER = ("oneDNN", "absl::InitializeLog", "NativeCodeLoader", "loopback address", "SPARK_LOCAL_IP",
            "Setting default log level", "sc.setLogLevel", "VectorBLAS", "py4j", "tf2onnx")

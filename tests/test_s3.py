@@ -16,8 +16,8 @@ from fruits.cloud import bucket
 from fruits.stages import ingest, sample
 from fruits.core.errors import ConfigError
 
-from clones import repo_env, run
-from conftest import make_cfg
+from helpers.clones import repo_env, run
+from helpers.project import make_cfg
 
 
 def s3_cfg(tmp_path, endpoint, *overrides):

@@ -2,7 +2,6 @@
 read and written by local Spark through Hadoop's S3A connector bound to the s3 scheme, as EMR binds
 EMRFS. Incremental featurize, committed tables and pca behave as on local disk."""
 
-import io
 import uuid
 
 import boto3
@@ -12,9 +11,9 @@ import pytest
 from fruits.cloud import bucket
 from fruits.core import tables
 from fruits.stages import featurize, ingest, pca
-from fruits.stages.sample import draw_fruit
+from helpers.data import jpeg
 
-from conftest import S3A_JARS, make_cfg
+from helpers.project import S3A_JARS, make_cfg
 
 
 @pytest.fixture(autouse=True)
@@ -36,12 +35,6 @@ def s3_project(tmp_path, endpoint, tiny_cfg, *overrides):
     cfg.env.paths.pca_vectors = f"{data}/pca"
     bucket.run(cfg)
     return cfg
-
-
-def jpeg(label: str, seed: int) -> bytes:
-    buffer = io.BytesIO()
-    draw_fruit(label, seed).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def features_by_image(spark, cfg) -> dict:

@@ -5,7 +5,7 @@ import shutil
 from fruits.stages import sample
 from fruits.core.images import decode_image
 
-from conftest import make_cfg
+from helpers.project import make_cfg
 
 
 def digest_tree(root):

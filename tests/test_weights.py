@@ -8,7 +8,7 @@ from fruits.core import backbone, engines
 from fruits.core.images import prepare
 from fruits.stages import weights as stage
 
-from conftest import TINY_SIZE, make_cfg, reference_features
+from helpers.project import TINY_SIZE, make_cfg, reference_features
 
 
 def sample_contents(root: Path, split: str = "Training") -> list[bytes]:

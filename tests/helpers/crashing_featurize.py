@@ -1,6 +1,6 @@
 """The featurize stage with a fault injected from outside its code: a Python worker dies (os._exit)
 in the first attempt of partition CRASH_PARTITION, after its first Arrow batch. Run as a script
-(`python tests/crashing_featurize.py --params FILE`): it wraps the stage's Arrow function on the
+(`python tests/helpers/crashing_featurize.py --params FILE`): it wraps the stage's Arrow function on the
 driver, and Spark ships the wrapper by value (it lives in __main__), so production code holds no hook."""
 
 from __future__ import annotations
