@@ -42,7 +42,7 @@ $(STAMP): requirements/*.txt pyproject.toml
 install: $(STAMP) jvm-archive ## Create the virtual environment, install the pinned dependencies, archive Spark's classes
 
 jvm-archive: $(STAMP) ## Archive the classes Spark's JVM loads (JDK AppCDS, .cache/jvm): every stage's JVM starts ~2.5 s sooner
-	$(PY) -m fruits.core.spark
+	$(PY) -m fruits.tooling.jvm_archive
 
 # Tests only: local Spark reads s3:// through Hadoop's S3A connector (EMR has its own, EMRFS). Its jars
 # are not on PyPI alone; the SageMaker Spark SDK's source archive carries hadoop-aws 3.3.1 and the AWS

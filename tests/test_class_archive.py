@@ -1,4 +1,5 @@
-"""Spark's JVM class archive (fruits.core.spark: class_archive, archive_option, build_class_archive)."""
+"""Spark's JVM class archive: fruits.core.spark maps it (class_archive, archive_option), fruits.tooling.jvm_archive
+builds it."""
 
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_no_archive_when_the_env_names_no_folder(tmp_path):
 @pytest.mark.slow
 def test_a_built_archive_is_what_the_next_jvm_maps_spark_from(tmp_path):
     folder = tmp_path / "jvm"
-    built = subprocess.run([sys.executable, "-m", "fruits.core.spark", f"env.paths.class_archives={folder}"],
+    built = subprocess.run([sys.executable, "-m", "fruits.tooling.jvm_archive", f"env.paths.class_archives={folder}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     archives = list(folder.iterdir())

@@ -15,9 +15,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fruits.core import logs
-from fruits.core.config import load_config
-from fruits.core.errors import ConfigError
-from fruits.core.storage import atomic_output
 
 log = logging.getLogger(__name__)
 
@@ -183,75 +180,3 @@ def progress_line(label: str, done: float, total: int, seconds: float) -> str:
 def format_seconds(seconds: float) -> str:
     minutes, rest = divmod(round(seconds), 60)
     return f"{minutes} min {rest} s" if minutes else f"{rest} s"
-
-
-def archive_workload(spark, folder: Path) -> None:
-    """What the stages do, small: list and read files (binaryFile), run an Arrow Python function, write
-    and read Parquet, aggregate, fit a PCA: the classes these load are the ones the archive keeps."""
-    import pyarrow as pa
-    from pyspark.ml.feature import PCA
-    from pyspark.ml.linalg import Vectors
-    from pyspark.sql import functions as F
-
-    images = folder / "images" / "Training" / "Apple"
-    images.mkdir(parents=True, exist_ok=True)
-    for number in range(8):
-        (images / f"{number}.jpg").write_bytes(bytes(range(number + 1)))
-
-    def sizes(batches):
-        for batch in batches:
-            yield pa.RecordBatch.from_pydict({"path": batch.column("path"),
-                                              "bytes": pa.compute.binary_length(batch.column("content"))})
-
-    files = spark.read.format("binaryFile").option("recursiveFileLookup", "true").load(str(folder / "images"))
-    files.select("path", "content").mapInArrow(sizes, "path string, bytes int").write.parquet(str(folder / "table"))
-    spark.read.parquet(str(folder / "table")).groupBy("bytes").agg(F.count("path")).collect()
-    vectors = spark.createDataFrame([(Vectors.dense([float(i), float(i % 3), 1.0]),) for i in range(8)], ["features"])
-    PCA(k=2, inputCol="features").fit(vectors).transform(vectors).collect()
-
-
-def build_class_archive(cfg: DictConfig) -> Path:
-    """Write this machine's class archive (JDK 17 dynamic AppCDS): spark-submit runs archive_workload
-    in a JVM started with -XX:ArchiveClassesAtExit, which writes the classes it loaded as it exits;
-    spark-submit is that JVM, so it returns once the archive is written. Written under a temporary
-    name, renamed when complete."""
-    archive, submit = class_archive(cfg), shutil.which("spark-submit")
-    if archive is None:
-        raise ConfigError("env.paths.class_archives is not set (or no java found): no class archive to build")
-    if archive.is_file():
-        return archive
-    if submit is None:
-        raise RuntimeError("spark-submit is not on PATH (pyspark installs it beside the interpreter)")
-    with atomic_output(archive) as partial:  # a failed build leaves nothing a later JVM could map
-        run_archive_workload(cfg, submit, partial)
-    return archive
-
-
-def run_archive_workload(cfg: DictConfig, submit: str, partial: Path) -> None:
-    """spark-submit archive_workload in a JVM that writes its class archive to partial as it exits."""
-    import subprocess
-    import tempfile
-
-    java_options = " ".join(part for part in (cfg.env.spark.get("featurize_java_options"),
-                                              f"-XX:ArchiveClassesAtExit={partial.resolve()}") if part)
-    environment = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
-    if not logs.verbose():
-        environment.setdefault("SPARK_SUBMIT_OPTS", f"-Dlog4j2.configurationFile={logs.SPARK_LOG_CONFIG.as_uri()}")
-    try:
-        with tempfile.TemporaryDirectory() as work:
-            script = Path(work) / "workload.py"
-            script.write_text("import sys\nfrom pathlib import Path\nfrom pyspark.sql import SparkSession\n"
-                              "from fruits.core.spark import archive_workload\n"
-                              "spark = SparkSession.builder.getOrCreate()\n"
-                              "archive_workload(spark, Path(sys.argv[1]))\nspark.stop()\n")
-            subprocess.run([submit, "--master", cfg.env.spark.master or "local[2]", "--driver-java-options", java_options,
-                            str(script), work], env=environment, check=True, capture_output=True, text=True)
-        if not partial.is_file() or partial.stat().st_size == 0:
-            raise RuntimeError(f"the JVM wrote no class archive at {partial}")
-    except subprocess.CalledProcessError as err:
-        raise RuntimeError(f"the class archive's workload failed:\n{err.stderr[-3000:]}") from None
-
-
-if __name__ == "__main__":
-    archive = build_class_archive(load_config(sys.argv[1:]))
-    print(f"class archive: {archive} ({archive.stat().st_size >> 20} MiB)")
