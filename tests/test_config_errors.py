@@ -38,13 +38,11 @@ SETTINGS = [
     ("wrong type", ["pca.k=fifty"], r"pca.k='fifty' must be a number"),
     ("wrong type, list", ["data.extensions=jpg"], r"data.extensions='jpg' must be a list"),
     ("not a whole number", ["pca.k=2.5"], r"pca.k=2.5 must be a whole number"),
-    ("k above the dimension", ["pca.k=1281"], r"pca.k=1281 is larger than the feature dimension 1280"),
     ("k below 1", ["pca.k=0"], r"pca.k=0 must be a positive integer"),
     ("variance above 1", ["pca.variance=1.5"], r"pca.variance=1.5 must be a share in \(0, 1\]"),
     ("variance 0", ["pca.variance=0"], r"pca.variance=0 must be a share in \(0, 1\]"),
     ("storage region", ["storage=s3", "storage.region=us-east-1"], r"storage.region=us-east-1 is outside the EU"),
     ("cluster region", ["cluster.region=ap-south-1"], r"cluster.region=ap-south-1 is outside the EU"),
-    ("unknown engine", ["model.engine=pytorch"], r"model.engine=pytorch is not one of tensorflow, onnxruntime"),
     ("unknown layout", ["data.layout=zip"], r"data.layout=zip is not one of files, parquet"),
     ("input size", ["model.input_size=100"], r"model.input_size=100 is not supported"),
     ("empty bucket name", ["storage=s3", "storage.bucket=''"], r"storage.bucket is empty"),
@@ -60,6 +58,20 @@ SETTINGS = [
 def test_a_wrong_setting_is_named_before_any_work(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(overrides)
+
+
+@pytest.mark.parametrize("stage, overrides, message", [
+    ("pca", ["pca.k=1281"], r"pca.k=1281 is larger than the feature dimension 1280"),
+    ("featurize", ["model.engine=pytorch"], r"model.engine=pytorch is not one of tensorflow, onnxruntime"),
+], ids=["k above the dimension: pca", "unknown engine: featurize"])
+def test_a_setting_its_owner_checks_is_named_by_the_stage_before_any_work(tiny_cfg, stage, overrides, message):
+    """config knows no model: the pca stage checks k against the backbone's dimension, the engines their
+    names; each before Spark starts (spark_trap)."""
+    cfg = load_config(overrides)  # accepted by config: not its to judge
+    for key in ("data", "env"):
+        cfg[key] = tiny_cfg[key]
+    with pytest.raises(ConfigError, match=message):
+        STAGES[stage].run(cfg)
 
 
 def test_a_dvc_remote_outside_the_eu_is_refused(tmp_path, monkeypatch):

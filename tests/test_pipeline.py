@@ -62,6 +62,24 @@ def test_each_stage_depends_on_every_package_module_it_imports(path):
 
 
 @pytest.mark.parametrize("path", ["dvc.yaml", registry.EMR_PIPELINE])
+def test_touching_the_backbone_invalidates_only_weights_and_what_follows_it(path):
+    """config knows no model: the stages before weights (sample, ingest) do not depend on the backbone's
+    code, so editing the ONNX export re-runs weights and its descendants only."""
+    written_by = registry.producers(registry.STAGES.values())
+    after_weights, frontier = {"weights"}, ["weights"]
+    while frontier:  # the stages that read, directly or not, what weights writes
+        done = frontier.pop()
+        for stage in registry.STAGES.values():
+            reads = set(stage.inputs) | set(stage.params)
+            if stage.name not in after_weights and any(written_by.get(key) is registry.stage(done) for key in reads):
+                after_weights.add(stage.name)
+                frontier.append(stage.name)
+    touched = {name for name, entry in dvc_stages(path).items() if "src/fruits/core/backbone.py" in entry["deps"]}
+    assert "weights" in touched and touched <= after_weights, (touched, after_weights)
+    assert not touched & {"sample", "ingest"}
+
+
+@pytest.mark.parametrize("path", ["dvc.yaml", registry.EMR_PIPELINE])
 def test_every_listed_param_and_path_exists(path):
     params = yaml.safe_load((PROJECT_ROOT / path).parent.joinpath("params.yaml").read_text())
     for name, entry in dvc_stages(path).items():

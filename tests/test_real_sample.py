@@ -32,6 +32,17 @@ def test_every_kept_photo_is_listed_with_its_sha256_beside_the_licence_and_attri
     assert sum((SAMPLES / name).stat().st_size for name in kept) < 6 * 2**20
 
 
+def test_the_sample_s_manifest_says_the_photos_are_real_and_where_their_licence_is(tmp_path):
+    from fruits.stages import sample
+
+    cfg = compose([f"env.paths.root={tmp_path}", f"data.root={tmp_path / 'images'}", f"env.paths.approved={tmp_path / 'a'}",
+                   "data.train_per_label=2", "data.test_per_label=1"])
+    manifest = sample.run(cfg)
+    assert manifest["origin"] == ("Fruits-360 images from samples/fruits360 (real photos; attribution and licence: "
+                                  "samples/SOURCE.md)")
+    assert manifest["images"] == 30 and manifest["not_selected"] == 880 - 30
+
+
 def test_the_demo_runs_on_the_kept_real_photos_with_their_real_labels():
     data = compose().data
     assert (PROJECT_ROOT / data.source).resolve() == (SAMPLES / "fruits360").resolve()

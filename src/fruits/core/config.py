@@ -5,7 +5,9 @@ config with `load_config`: the params file as DVC composed it, then the command 
 Hydra's own grammar. A group choice (`storage=s3`) re-composes that group from `conf/` and keeps every
 value the params file holds outside it; values derived by interpolation (`env.paths.images:
 ${data.root}`) are derived again, so an override of `data.root` moves the images path too. The result
-is validated once, here; every error names the setting.
+is validated once, here, for what config owns (types, regions, paths, shares); a setting whose meaning
+lives with its owner is checked there before any work (model.engine by the engines, pca.k against the
+feature dimension by the pca stage), so that config knows no model. Every error names the setting.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
-from fruits.core import engines, logs
-from fruits.core.backbone import FEATURE_DIM
+from fruits.core import logs
 from fruits.core.errors import ConfigError, check_region
 
 PROJECT_ROOT = Path(__file__).resolve().parents[3]
@@ -233,7 +234,6 @@ def validate(cfg: DictConfig) -> DictConfig:
     for setting in REGION_SETTINGS:
         check_region(setting, OmegaConf.select(cfg, setting))
     check_dvc_remotes(Path.cwd())
-    engines.engine(cfg.model.engine)  # the engines know their names
     if cfg.data.layout not in LAYOUTS:
         raise ConfigError(f"data.layout={cfg.data.layout} is not one of {', '.join(LAYOUTS)}")
     size = cfg.model.input_size
@@ -266,8 +266,6 @@ def validate(cfg: DictConfig) -> DictConfig:
     if not (cfg.identify.index_poll_seconds or 0) > 0:
         raise ConfigError(f"identify.index_poll_seconds={cfg.identify.index_poll_seconds} must be a positive number "
                           "of seconds (how often the service looks for a new index)")
-    if variance is None and k > FEATURE_DIM:
-        raise ConfigError(f"pca.k={k} is larger than the feature dimension {FEATURE_DIM}: use at most {FEATURE_DIM}")
     if cfg.storage.name == "s3" and not cfg.storage.bucket:
         raise ConfigError("storage.bucket is empty; storage=s3 needs a bucket name")
     if not isinstance(cfg.data.extensions, ListConfig) or not cfg.data.extensions:

@@ -18,7 +18,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from fruits.core import tables
+from fruits.core.backbone import FEATURE_DIM
 from fruits.core.config import stage_config
+from fruits.core.errors import ConfigError
 from fruits.core.images import TRAINING
 from fruits.core.projection import Projection, save_projection
 from fruits.core.spark import get_session
@@ -132,9 +134,16 @@ def load(vectors, projection: Projection, curve, cfg: DictConfig) -> str:
     return version
 
 
+def check_k(settings: DictConfig) -> None:
+    """pca.k within the features' dimension (the backbone's), refused before any work."""
+    if settings.variance is None and settings.k > FEATURE_DIM:
+        raise ConfigError(f"pca.k={settings.k} is larger than the feature dimension {FEATURE_DIM}: use at most {FEATURE_DIM}")
+
+
 def run(cfg: DictConfig, spark=None) -> dict:
     from pyspark.sql import functions as F
 
+    check_k(cfg.pca)
     tables.require("env.paths.features", cfg, "featurize")
     spark = spark or get_session(cfg)
     started = time.perf_counter()

@@ -278,6 +278,15 @@ def extract(cfg: DictConfig, scratch: Path) -> Path | None:
     return find_fruits360_root(source)
 
 
+def attribution(source: Path) -> str:
+    """Where the source's attribution and licence are written (a SOURCE.md in it or beside it), for the
+    manifest's origin; "" where there is none (an archive names its own)."""
+    for notes in (source / "SOURCE.md", source.parent / "SOURCE.md"):
+        if notes.is_file():
+            return f" (real photos; attribution and licence: {notes})"
+    return ""
+
+
 def transform(cfg: DictConfig, source: Path | None, staging: Path) -> dict:
     """Write the subset under staging (copied from source, or generated); its manifest."""
     data = cfg.data
@@ -288,7 +297,7 @@ def transform(cfg: DictConfig, source: Path | None, staging: Path) -> dict:
         accounting = {"images": count, "source_files": count, "ignored": {}, "not_selected": 0, "outside_layout": 0}
     else:
         accounting = copy_subset(source, staging, data.labels and list(data.labels), per_split, data.extensions)
-        origin = f"Fruits-360 images from {data.source}"
+        origin = f"Fruits-360 images from {data.source}" + attribution(Path(data.source))
     contributed = add_contributions(Path(cfg.env.paths.approved), staging, data.extensions)
     accounting.update(images=accounting["images"] + contributed,
                       source_files=accounting["source_files"] + contributed)
