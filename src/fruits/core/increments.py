@@ -32,9 +32,15 @@ class TablePair(NamedTuple):
     reject_columns: list[str]
 
 
-def read_previous(spark, cfg: DictConfig, pair: TablePair, identity: str):
-    """(results, rejects, their rows' path and identity) of the last run, if it used this identity;
-    None otherwise (first run, another model, or tables written before rows had an identity).
+class Previous(NamedTuple):
+    """The last run's committed tables, and their rows' path and identity (what the plan compares)."""
+    results: object
+    rejects: object
+    rows: object
+
+
+def read_previous(spark, cfg: DictConfig, pair: TablePair, identity: str) -> Previous | None:
+    """The last run's tables (Previous), if it used this identity; None otherwise (first run, another model, or tables written before rows had an identity).
 
     Both tables must be the versions one run committed: a run killed between its two commits is
     treated as no previous run (everything is recomputed; nothing wrong is reused)."""
@@ -57,7 +63,7 @@ def read_previous(spark, cfg: DictConfig, pair: TablePair, identity: str):
         return None
     # Rows without a checksum are the walk's rejects (files Spark never lists): found again every run,
     # so they take no part in the plan (else they would count as deleted each time).
-    return results, rejects, rows.where(F.col("checksum").isNotNull())
+    return Previous(results, rejects, rows.where(F.col("checksum").isNotNull()))
 
 
 def plan(listing, previous):
@@ -115,23 +121,22 @@ def plan_run(spark, cfg: DictConfig, images, listing, listed: int, previous) -> 
                    fresh.where(F.col("previous_checksum").isNotNull()).count(), hashed, len(fresh_paths))
 
 
-def merge(pair: TablePair, previous_tables, reused, computed, listing, identity: str):
+def merge(pair: TablePair, previous: Previous | None, reused, computed, listing, identity: str):
     """The new (results, rejects): the rows computed now (with the size and date of what was read),
     plus the previous rows of reused paths with their size and date in this listing (a shard listing
     has no date)."""
     from pyspark.sql import functions as F
 
     results, rejects = split_results(pair, computed.withColumn("model", F.lit(identity)))
-    if previous_tables is None:
+    if previous is None:
         return results, rejects
     stamp = listing.select("path", "size", "modified")
 
     def kept(old, columns):
         return old.drop("size", "modified").join(reused, "path").join(stamp, "path").select(*columns)
 
-    old_results, old_rejects = previous_tables
-    return (results.unionByName(kept(old_results, pair.result_columns)),
-            rejects.unionByName(kept(old_rejects, pair.reject_columns)))
+    return (results.unionByName(kept(previous.results, pair.result_columns)),
+            rejects.unionByName(kept(previous.rejects, pair.reject_columns)))
 
 
 def split_results(pair: TablePair, computed):

@@ -232,6 +232,17 @@ def size_listing(spark, cfg: DictConfig, listed, walked: listing.Walk, first_run
                                   F.coalesce(F.max("size"), F.lit(0))).first())
 
 
+class Inputs(NamedTuple):
+    """What extract found: the images (None for shards), their listing, what Spark's listing skips
+    (walked), the previous run's tables (None: first run or another model), the listing's size, the plan."""
+    images: object
+    listed_rows: object
+    walked: listing.Walk
+    previous: increments.Previous | None
+    sizes: Listed
+    work: increments.RunPlan
+
+
 class Outcome(NamedTuple):
     """What one run did, counted before its commit (the plan reads the tables the commit replaces)."""
     listed: int
@@ -240,13 +251,44 @@ class Outcome(NamedTuple):
     rejected_now: int
     partitions: int
     version: str  # of both tables, as committed
+    model: str  # the model's identity (engines.model_identity): rows of another are recomputed
+    seconds: float = 0.0
+    builds: dict | None = None  # model builds per Python worker (pid: count), once the run has ended
 
 
-def compute_and_commit(spark, cfg: DictConfig, work: increments.RunPlan, computed, previous, listed_rows,
-                       sizes: Listed, unreadable: list, identity: str) -> Outcome:
+class Committed(NamedTuple):
+    """The committed tables, read back (Parquet footers and one small column, no Spark job)."""
+    featurized: int
+    reasons: dict  # reject reason: files
+
+
+def extract(spark, cfg: DictConfig, identity: str) -> Inputs:
+    """The listing (once: the listing and the reads come from one frame), what Spark's file source skips
+    (empty files, hidden names: a streaming walk finds them so that nothing is lost), the previous run's
+    tables, and the plan: what is reused, what goes through the model. The frames it persists are
+    released by run."""
+    from pyspark import StorageLevel
+
+    shards = cfg.data.layout == "parquet"
+    images = None if shards else listing.image_files(spark, cfg)
+    listed_rows = (listing.extract_shard_index(spark, cfg) if shards else listing.listing(images)).persist(
+        StorageLevel.MEMORY_AND_DISK)
+    walked = listing.Walk([], 0, 0, 0) if shards else listing.walk(  # shards hold every file ingest saw
+        iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
+    previous = increments.read_previous(spark, cfg, table_pair(cfg), identity)
+    sizes = size_listing(spark, cfg, listed_rows, walked, previous is None, shards)
+    work = increments.plan_run(spark, cfg, images, listed_rows,
+                               walked.readable if sizes.images is None else sizes.images,
+                               previous.rows if previous else None)
+    return Inputs(images, listed_rows, walked, previous, sizes, work._replace(
+        reused=work.reused.persist(StorageLevel.MEMORY_AND_DISK)))
+
+
+def compute_and_commit(spark, cfg: DictConfig, inputs: Inputs, computed, identity: str) -> Outcome:
     """Run the model over what the plan computes, merge with what it reuses, write and commit."""
     from pyspark.sql import functions as F
 
+    work, previous, sizes = inputs.work, inputs.previous, inputs.sizes
     reused_count = 0 if previous is None else work.reused.count()
     settings = listing.partition_settings(work.computing, sizes.total_bytes, sizes.largest,
                                           spark.sparkContext.defaultParallelism, cfg.featurize.images_per_partition,
@@ -255,9 +297,9 @@ def compute_and_commit(spark, cfg: DictConfig, work: increments.RunPlan, compute
         partitions = work.to_compute.rdd.getNumPartitions()
         with Progress(spark, "featurize", work.computing, partitions, cfg.featurize.progress_seconds):
             computed_count, rejected_now = computed.agg(F.count(F.lit(1)), F.count("reject_reason")).first()
+    unreadable = inputs.walked.unreadable
     rejected_now += len(unreadable)
-    features, rejects = increments.merge(table_pair(cfg), previous and previous[:2], work.reused, computed,
-                                         listed_rows, identity)
+    features, rejects = increments.merge(table_pair(cfg), previous, work.reused, computed, inputs.listed_rows, identity)
     unreadable_rows = spark.createDataFrame(
         [(path, reason, None, None, None, identity) for path, reason in unreadable],
         "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
@@ -265,7 +307,7 @@ def compute_and_commit(spark, cfg: DictConfig, work: increments.RunPlan, compute
     no_rejects = rejected_now == 0 and (previous is None or tables.row_count(cfg.env.paths.rejects, cfg) == 0)
     version = load(features, rejects.unionByName(unreadable_rows), cfg, computed_count + reused_count, no_rejects)
     listed = computed_count if sizes.images is None else sizes.images  # a first run: what went through the model
-    return Outcome(listed, reused_count, computed_count, rejected_now, partitions, version)
+    return Outcome(listed, reused_count, computed_count, rejected_now, partitions, version, identity)
 
 
 def clean_tables(cfg: DictConfig) -> None:
@@ -284,64 +326,49 @@ def run(cfg: DictConfig, spark=None) -> dict:
     clean_tables(cfg)
     weights, identity = broadcast_weights(spark, cfg)
     builds = spark.sparkContext.accumulator({}, PidCounts())
-    shards = cfg.data.layout == "parquet"
-    images = None if shards else listing.image_files(spark, cfg)  # listed once, for the listing and the reads
-    listed_rows = (listing.extract_shard_index(spark, cfg) if shards else listing.listing(images)).persist(
+    inputs = extract(spark, cfg, identity)
+    computed = transform(inputs.work.to_compute, build_udf(weights, identity, cfg, builds)).persist(
         StorageLevel.MEMORY_AND_DISK)
-    # Spark's file source skips empty files and hidden names: a streaming walk finds them, so that
-    # nothing is lost (only those are held in memory). Shards hold every file ingest saw.
-    walked = listing.Walk([], 0, 0, 0) if shards else listing.walk(
-        iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
-    previous = increments.read_previous(spark, cfg, table_pair(cfg), identity)
-    sizes = size_listing(spark, cfg, listed_rows, walked, previous is None, shards)
-    work = increments.plan_run(spark, cfg, images, listed_rows,
-                               walked.readable if sizes.images is None else sizes.images, previous and previous[2])
-    computed = transform(work.to_compute, build_udf(weights, identity, cfg, builds)).persist(StorageLevel.MEMORY_AND_DISK)
-    reused = work.reused.persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        outcome = compute_and_commit(spark, cfg, work._replace(reused=reused), computed, previous, listed_rows,
-                                     sizes, walked.unreadable, identity)
-        seconds = time.perf_counter() - started
+        outcome = compute_and_commit(spark, cfg, inputs, computed, identity)
+        outcome = outcome._replace(seconds=time.perf_counter() - started, builds=builds.value)
     finally:
-        for frame in (computed, listed_rows, reused, work.hashed, weights):
+        for frame in (computed, inputs.listed_rows, inputs.work.reused, inputs.work.hashed, weights):
             if frame is not None:
                 frame.unpersist()
-    # What was committed, read back (Parquet footers and one small column, no Spark job): the
-    # accounting checks the tables, not the plan.
-    featurized = tables.row_count(cfg.env.paths.features, cfg)
-    reasons = tables.value_counts(cfg.env.paths.rejects, "reject_reason", cfg)
-    check_accounting(outcome.listed + len(walked.unreadable), featurized, sum(reasons.values()))
+    # What was committed, read back: the accounting checks the tables, not the plan.
+    committed = Committed(tables.row_count(cfg.env.paths.features, cfg),
+                          tables.value_counts(cfg.env.paths.rejects, "reject_reason", cfg))
+    check_accounting(outcome.listed + len(inputs.walked.unreadable), committed.featurized, sum(committed.reasons.values()))
     provenance_file = Path(cfg.env.paths.provenance)
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}
-    metrics = stage_metrics(cfg, outcome, work, len(walked.unreadable), featurized, reasons, seconds, identity,
-                            provenance, builds.value, first_run=previous is None)
+    metrics = stage_metrics(cfg, inputs, outcome, committed, provenance)
     write_record(cfg.env.paths.featurize_metrics, cfg.env.paths.featurize_diagnostics, metrics, COMPARED)
     log.info("featurize: %d images (%d new, %d changed, %d deleted, %d reused), %d featurized, %d rejected, "
-             "%.1f img/s computed", metrics["images"], metrics["run"]["new"], work.changed, work.deleted,
-             outcome.reused, featurized, metrics["rejected"], metrics["images_per_second"] or 0)
+             "%.1f img/s computed", metrics["images"], metrics["run"]["new"], inputs.work.changed, inputs.work.deleted,
+             outcome.reused, committed.featurized, metrics["rejected"], metrics["images_per_second"] or 0)
     if provenance.get("warning"):
         log.warning(provenance["warning"])
     return metrics
 
 
-def stage_metrics(cfg: DictConfig, outcome: Outcome, work: increments.RunPlan, unreadable: int, featurized: int,
-                  reasons: dict, seconds: float, identity: str, provenance: dict, builds: dict,
-                  first_run: bool) -> dict:
+def stage_metrics(cfg: DictConfig, inputs: Inputs, outcome: Outcome, committed: Committed, provenance: dict) -> dict:
     """The stage's metrics: the accounting (inputs = featurized + rejected), what this run did, its
     rate, and what computed it."""
+    work, seconds = inputs.work, outcome.seconds
     return {
-        "images": outcome.listed + unreadable,
-        "featurized": featurized,
-        "rejected": sum(reasons.values()),
-        "reject_reasons": reasons,
+        "images": outcome.listed + len(inputs.walked.unreadable),
+        "featurized": committed.featurized,
+        "rejected": sum(committed.reasons.values()),
+        "reject_reasons": committed.reasons,
         "run": {"new": outcome.computed - work.changed, "changed": work.changed, "deleted": work.deleted,
                 "reused": outcome.reused, "computed": outcome.computed, "rejected": outcome.rejected_now,
-                "model_changed_or_first_run": first_run},
+                "model_changed_or_first_run": inputs.previous is None},
         "seconds": round(seconds, 3),
         "images_per_second": round(outcome.computed / seconds, 2) if seconds else None,
         "partitions": outcome.partitions,
-        "model_builds_per_worker": {str(pid): count for pid, count in builds.items()},
-        "model": identity,
+        "model_builds_per_worker": {str(pid): count for pid, count in (outcome.builds or {}).items()},
+        "model": outcome.model,
         "version": outcome.version,
         "layout": cfg.data.layout,
         "engine": cfg.model.engine,
