@@ -20,6 +20,7 @@ from measure import bench_sample, run_stage
 from omegaconf import OmegaConf, open_dict
 
 from fruits.cloud import cluster, locations, steps
+from fruits.cloud.artifacts import package_code
 from fruits.cloud import state as cluster_state
 from fruits.core import tables
 from fruits.core.config import PROJECT_ROOT, load_config
@@ -48,7 +49,7 @@ def local_featurize(cfg) -> float:
     return run_stage("featurize", params)["seconds"]
 
 
-def local_featurize_on_s3(cluster_cfg, local_cfg, running: dict) -> float:
+def local_featurize_on_s3(cluster_cfg, local_cfg, running) -> float:
     """featurize as its own local[2] process (the local env's Spark settings), reading the images the
     cluster read, from the same S3 through the same S3A connector, into tables of its own: the cluster's
     overhead apart from what S3 itself costs."""
@@ -56,12 +57,12 @@ def local_featurize_on_s3(cluster_cfg, local_cfg, running: dict) -> float:
     from fruits.cloud.standalone import S3A_JARS
 
     cfg = cluster_cfg.copy()
-    s3 = running["s3"]
+    s3 = running.s3
     with open_dict(cfg):
         cfg.env.spark = local_cfg.env.spark.copy()
         cfg.env.spark.conf.update({
             "spark.jars": ",".join(str(jar) for jar in sorted(S3A_JARS.glob("*.jar"))),
-            **s3a_connector(s3["region"], s3.get("endpoint"), s3.get("truststore")),
+            **s3a_connector(s3.region, s3.endpoint, s3.truststore),
             "spark.hadoop.fs.s3a.aws.credentials.provider": "com.amazonaws.auth.EnvironmentVariableCredentialsProvider",
         })
         for table in ("features", "rejects"):
@@ -86,8 +87,8 @@ def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
     try:
         result["cluster_start_s"] = timed(lambda: cluster.create(cfg))
         running = cluster_state.read(cfg)
-        result["s3"] = running["s3"]["kind"]
-        os.environ.update(running["s3"]["environment"])  # as `make emr-repro` reads .cluster-env
+        result["s3"] = running.s3.kind
+        os.environ.update(running.s3.environment)  # as `make emr-repro` reads .cluster-env
         result["stages_s"]["ingest (local, upload to S3)"] = timed(lambda: ingest.run(cfg))
         Path(cfg.env.paths.weights).parent.mkdir(parents=True, exist_ok=True)
         for key, path in model_files.items():  # the local run's weights: the same model on both sides
@@ -96,12 +97,12 @@ def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
             result["stages_s"][f"{stage} (step)"] = timed(lambda: steps.submit(cfg, stage))
         result["featurized"] = tables.row_count(locations.keyed(cfg).env.paths.features, cfg)
         result["local_on_s3_featurize_s"] = local_featurize_on_s3(cfg, local_cfg, running)
-        result["node_env_mib"] = folder_mib(Path(running["python"]).parents[2])
-        result["s3a_jars_mib"] = folder_mib(Path(running["run_dir"]) / "jars")
+        result["node_env_mib"] = folder_mib(Path(running.python).parents[2])
+        result["s3a_jars_mib"] = folder_mib(Path(running.run_dir) / "jars")
     finally:
         cluster.down(cfg)
         os.chdir(previous)
-    result["code_zip_kib"] = round(len(cluster.package_code()) / 1024, 1)
+    result["code_zip_kib"] = round(len(package_code()) / 1024, 1)
     return result
 
 

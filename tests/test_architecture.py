@@ -72,3 +72,14 @@ def test_no_test_module_imports_another_nor_conftest_nor_a_benchmark():
     pattern = re.compile(r"^\s*(?:from|import)\s+(?:tests\.)?(\w+)", re.M)
     offending = {p.name: sorted(set(pattern.findall(p.read_text())) & modules) for p in tests.glob("*.py")}
     assert not {name: found for name, found in offending.items() if found}
+
+
+def test_dvc_is_driven_one_way_its_python_api():
+    """src drives DVC through dvc.repo.Repo only (exp apply needs its allow_missing, which the CLI lacks):
+    no `dvc` command line is run from the package."""
+    command = re.compile(r"""["']dvc["']\s*,|-m["']\s*,\s*["']dvc""")
+    hits = {str(p.relative_to(SOURCE)): [line.strip() for line in p.read_text().splitlines() if command.search(line)]
+            for p in SOURCES}
+    assert not {name: lines for name, lines in hits.items() if lines}
+    users = {str(p.relative_to(SOURCE)) for p in SOURCES if "from dvc.repo import Repo" in p.read_text()}
+    assert users == {"cloud/bucket.py", "cloud/purge.py", "tooling/experiments.py"}, users

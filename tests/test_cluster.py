@@ -16,7 +16,8 @@ import pytest
 from botocore.stub import Stubber
 from helpers.project import make_cfg
 
-from fruits.cloud import cluster, steps
+from fruits.cloud import artifacts, cluster, steps
+from fruits.cloud import emr as emr_backend
 from fruits.core.config import PROJECT_ROOT, compose
 from fruits.core.errors import EU_REGIONS, ConfigError
 
@@ -32,14 +33,14 @@ def emr_cfg(tmp_path, *overrides, endpoint=None):
 
 def test_run_job_flow_request_passes_aws_validation_and_has_the_guards(tmp_path):
     cfg = emr_cfg(tmp_path)
-    request = cluster.run_job_flow_request(cfg)
+    request = emr_backend.run_job_flow_request(cfg)
     emr = boto3.client("emr", region_name=cfg.cluster.region, aws_access_key_id="x", aws_secret_access_key="x")
     with Stubber(emr) as stub:
         stub.add_response("run_job_flow", {"JobFlowId": "j-TEST"}, request)
         assert emr.run_job_flow(**request)["JobFlowId"] == "j-TEST"  # botocore validated every field
     assert emr.meta.region_name == "eu-west-3"
     assert request["AutoTerminationPolicy"]["IdleTimeout"] == 3600 >= 60
-    uris = cluster.artifact_uris(cfg)
+    uris = artifacts.artifact_uris(cfg)
     assert request["BootstrapActions"][0]["ScriptBootstrapAction"]["Path"] == uris["bootstrap"]
     assert request["LogUri"].startswith(f"s3://{cfg.storage.bucket}/")
     assert request["SecurityConfiguration"] == cfg.cluster.security_configuration
@@ -50,20 +51,20 @@ def test_run_job_flow_request_passes_aws_validation_and_has_the_guards(tmp_path)
     assert cfg.cluster.spark_version.split(".")[:2] == pyspark.__version__.split(".")[:2]
     spark_env = request["Configurations"][0]["Configurations"][0]["Properties"]
     assert spark_env["PYSPARK_PYTHON"] == "/usr/bin/python3.11"
-    encryption = cluster.security_configuration()["EncryptionConfiguration"]
+    encryption = emr_backend.security_configuration()["EncryptionConfiguration"]
     assert encryption["EnableAtRestEncryption"] is True
 
 
 def test_step_request_passes_aws_validation(tmp_path):
     cfg = emr_cfg(tmp_path)
-    step = steps.step_request(cfg, "featurize", "s3://b/run")
+    step = emr_backend.step_request(cfg, "featurize", "s3://b/run")
     emr = boto3.client("emr", region_name="eu-west-3", aws_access_key_id="x", aws_secret_access_key="x")
     with Stubber(emr) as stub:
         stub.add_response("add_job_flow_steps", {"StepIds": ["s-1"]}, {"JobFlowId": "j-1", "Steps": [step]})
         emr.add_job_flow_steps(JobFlowId="j-1", Steps=[step])
     args = step["HadoopJarStep"]["Args"]
     assert step["HadoopJarStep"]["Jar"] == "command-runner.jar" and args[0] == "spark-submit"
-    assert args[args.index("--py-files") + 1] == cluster.artifact_uris(cfg)["code"]
+    assert args[args.index("--py-files") + 1] == artifacts.artifact_uris(cfg)["code"]
     assert args[-2:] == ["featurize", "s3://b/run"]
 
 
@@ -72,14 +73,14 @@ def test_a_cluster_without_a_sane_idle_timeout_is_refused(tmp_path, timeout):
     cfg = emr_cfg(tmp_path)
     cfg.cluster.idle_timeout_s = timeout
     with pytest.raises(ConfigError, match="idle auto-termination"):
-        cluster.run_job_flow_request(cfg)
+        emr_backend.run_job_flow_request(cfg)
 
 
 def test_a_release_whose_spark_minor_is_not_the_local_pyspark_s_is_refused(tmp_path):
     cfg = emr_cfg(tmp_path)
     cfg.cluster.release_label, cfg.cluster.spark_version = "emr-6.15.0", "3.4.1"
     with pytest.raises(ConfigError, match=r"cluster.spark_version=3.4.1 \(emr-6.15.0\) is not the Spark 3.5"):
-        cluster.run_job_flow_request(cfg)
+        emr_backend.run_job_flow_request(cfg)
 
 
 def test_a_cluster_outside_the_eu_is_refused(tmp_path):
@@ -98,7 +99,18 @@ def test_step_failure_reports_reason_and_log():
         stub.add_response("describe_step", running, {"ClusterId": "j-1", "StepId": "s-1"})
         stub.add_response("describe_step", failed, {"ClusterId": "j-1", "StepId": "s-1"})
         with pytest.raises(RuntimeError, match=r"FAILED: Python exception pca.k=9999 exceeds; log: s3://b/logs/j-1"):
-            steps.wait_for_step(emr, "j-1", "s-1", 0, out=io.StringIO())
+            emr_backend.wait(emr, "step_complete", "step s-1", 60, 0, emr_backend.step_failure("s-1"),
+                             ClusterId="j-1", StepId="s-1")  # boto3's own waiter, through the stub
+
+
+def test_a_step_still_running_at_its_timeout_is_an_error_that_says_so():
+    emr = boto3.client("emr", region_name="eu-west-3", aws_access_key_id="x", aws_secret_access_key="x")
+    with Stubber(emr) as stub:
+        stub.add_response("describe_step", {"Step": {"Name": "fruits pca", "Status": {"State": "RUNNING"}}},
+                          {"ClusterId": "j-1", "StepId": "s-1"})
+        with pytest.raises(RuntimeError, match=r"step s-1: not done after 1 s"):
+            emr_backend.wait(emr, "step_complete", "step s-1", 1, 0, emr_backend.step_failure("s-1"),
+                             ClusterId="j-1", StepId="s-1")
 
 
 def test_lifecycle_create_reuse_status_steps_down(tmp_path, s3_endpoint):
@@ -108,14 +120,14 @@ def test_lifecycle_create_reuse_status_steps_down(tmp_path, s3_endpoint):
     s3 = boto3.client("s3", region_name="eu-west-3", endpoint_url=s3_endpoint)
     keys = {o["Key"] for o in s3.list_objects_v2(Bucket=cfg.storage.bucket)["Contents"]}
     for uri in ("bootstrap", "requirements", "constraints", "code", "entry"):
-        assert cluster.artifact_uris(cfg)[uri].split("/", 3)[3] in keys
+        assert artifacts.artifact_uris(cfg)[uri].split("/", 3)[3] in keys
     assert cluster.create(cfg) == cluster_id  # a running cluster of the project is reused
 
     emr = boto3.client("emr", region_name="eu-west-3", endpoint_url=s3_endpoint)
     described = emr.describe_cluster(ClusterId=cluster_id)["Cluster"]
     assert described["ReleaseLabel"] == cfg.cluster.release_label
     assert {t["Key"]: t["Value"] for t in described["Tags"]}["project"] == "fruits"
-    step_ids = emr.add_job_flow_steps(JobFlowId=cluster_id, Steps=[steps.step_request(cfg, "pca", "s3://b/r")])["StepIds"]
+    step_ids = emr.add_job_flow_steps(JobFlowId=cluster_id, Steps=[emr_backend.step_request(cfg, "pca", "s3://b/r")])["StepIds"]
     assert [s["Id"] for s in emr.list_steps(ClusterId=cluster_id)["Steps"]] == step_ids
 
     state = cluster.status(cfg)
@@ -124,7 +136,7 @@ def test_lifecycle_create_reuse_status_steps_down(tmp_path, s3_endpoint):
 
     assert cluster.down(cfg) == f"cluster {cluster_id} terminated"
     assert emr.describe_cluster(ClusterId=cluster_id)["Cluster"]["Status"]["State"].startswith("TERMINAT")
-    assert cluster.down(cfg) == "no cluster recorded: nothing to terminate"
+    assert cluster.down(cfg) == "no cluster recorded: nothing to stop"
     assert cluster.status(cfg)["state"] == "NONE"
 
 
@@ -132,14 +144,15 @@ def test_plan_prints_the_request_without_calling_aws(capsys, monkeypatch):
     def no_aws(*args, **kwargs):
         raise AssertionError("plan must not call AWS")
 
-    monkeypatch.setattr(cluster, "client", no_aws)
+    monkeypatch.setattr(emr_backend, "client", no_aws)
+    monkeypatch.setattr(boto3, "client", no_aws)
     cluster.main(["plan"])
     request = json.loads(capsys.readouterr().out)
     assert request["AutoTerminationPolicy"]["IdleTimeout"] == 3600 and request["Name"] == "fruits-emr"
 
 
 def test_packaged_code_holds_the_package():
-    names = zipfile.ZipFile(io.BytesIO(cluster.package_code())).namelist()
+    names = zipfile.ZipFile(io.BytesIO(artifacts.package_code())).namelist()
     assert {"fruits/stages/featurize.py", "fruits/cloud/steps.py", "fruits/core/config.py"} <= set(names)
     assert {"fruits/core/templates/report.html.j2", "fruits/core/templates/report.md.j2"} <= set(names)  # read by the report step
     assert not [n for n in names if not n.startswith("fruits/") or n.endswith(".pyc")]

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import re
 import os
 import subprocess
 import sys
@@ -358,10 +359,12 @@ def test_the_purge_leaves_no_old_copy_in_the_dvc_cache_the_remote_or_the_bucket_
              f"storage.endpoint_url={s3_endpoint}"]
     dry = sh(*purge)
     assert f"s3://{name}/{prefix}/: would delete" in dry and "A dry run" in dry, dry
+    assert re.search(r"Removed [1-9]\d* objects from repo cache", dry), dry  # what DVC's gc counted, said
     assert cached(photo_md5) and len(versions(quarantined)) == 2 and len(versions(record)) == 2  # nothing gone
 
     applied = sh(*purge, "--apply")
     assert f"s3://{name}/{prefix}/: deleted" in applied, applied
+    assert re.search(r"Removed [1-9]\d* objects from remote", applied), applied
     assert not cached(photo_md5) and cached(kept_md5)
     assert versions(photo_md5[2:]) == [] and versions(quarantined) == []  # nor in the remote, in any version
     assert [v["IsLatest"] for v in versions(kept_md5[2:])] == [True]

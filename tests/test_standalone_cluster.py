@@ -67,7 +67,7 @@ def cluster_cfg(workdir: Path, endpoint: str, tiny_cfg):
 
 def step_log(cfg, stage: str) -> str:
     """The newest driver log of that stage's step (spark-submit's own output)."""
-    logs = sorted((Path(cluster_state.read(cfg)["run_dir"]) / "logs").glob(f"step-{stage}-*.log"))
+    logs = sorted(cluster_state.read(cfg).logs.glob(f"step-{stage}-*.log"))
     return logs[-1].read_text(errors="replace")
 
 
@@ -151,10 +151,10 @@ def on_cluster(tmp_path_factory, s3_endpoint, tiny_project):
         yield record
     finally:
         os.chdir(previous)
-        state = cluster_state.read(cfg)
+        record = cluster_state.read(cfg)
         cluster.down(cfg)
-        if state:
-            shutil.rmtree(state["run_dir"], ignore_errors=True)
+        if record:
+            shutil.rmtree(record.run_dir, ignore_errors=True)
 
 
 def run_featurize_killing_an_executor(cfg, record: dict) -> None:
@@ -172,8 +172,7 @@ def run_featurize_killing_an_executor(cfg, record: dict) -> None:
 
 
 def run_pca_losing_a_worker(cfg, record: dict) -> None:
-    state = cluster_state.read(cfg)
-    worker = psutil.Process(state["pids"]["worker-2"])
+    worker = psutil.Process(cluster_state.read(cfg).pids["worker-2"])
     started = time.monotonic()
     step = in_background(steps.submit, cfg, "pca")
 
@@ -236,25 +235,25 @@ def test_an_executor_killed_midway_is_replaced_and_its_tasks_retried(on_cluster)
 
     driver = step_log(on_cluster["cfg"], "featurize")
     assert "Lost executor" in driver and "Lost task" in driver, driver[-3000:]
-    master = (Path(cluster_state.read(on_cluster["cfg"])["run_dir"]) / "logs" / "master.log").read_text()
+    master = (cluster_state.read(on_cluster["cfg"]).logs / "master.log").read_text()
     app = re.findall(r"Registered app \S+ with ID (app-\S+)", master)[0]  # the first application: featurize
     assert re.search(rf"Removing executor {app}/\d+ because it is (EXITED|FAILED|KILLED)", master), master[-3000:]
     assert len(set(re.findall(rf"Launching executor {app}/(\d+)", master))) >= 3, "a replacement executor"
 
 
 def test_a_worker_lost_for_good_leaves_the_job_to_the_other(on_cluster):
-    status = standalone.status(on_cluster["cfg"])
+    status = cluster.status(on_cluster["cfg"])
     assert [w["state"] for w in status["workers"]].count("ALIVE") == 1
     metrics = json.loads((on_cluster["workdir"] / on_cluster["cfg"].env.paths.pca_diagnostics).read_text())
     assert metrics["rows_projected"] == 32
 
 
 def test_executors_run_as_an_unprivileged_user_that_cannot_see_the_checkout(on_cluster, tmp_path):
-    state = cluster_state.read(on_cluster["cfg"])
-    answer = Path(state["run_dir"]) / "probe.json"
-    command = ["spark-submit", "--master", state["master"], str(PROJECT_ROOT / "tests" / "helpers" / "cluster_probe.py"),
+    record = cluster_state.read(on_cluster["cfg"])
+    answer = Path(record.run_dir) / "probe.json"
+    command = ["spark-submit", "--master", record.master, str(PROJECT_ROOT / "tests" / "helpers" / "cluster_probe.py"),
                str(PROJECT_ROOT / "README.md"), str(answer)]
-    standalone.run_step(state, command, tmp_path / "probe.log")
+    standalone.run_step(record, command, tmp_path / "probe.log")
     tasks = json.loads(answer.read_text())
     assert len(tasks) == 4
     for task in tasks:
@@ -268,9 +267,9 @@ def test_every_executor_fetched_the_broadcast_model_and_built_it_once_per_python
     """From Spark itself: each executor's own log shows it read the broadcast over the network; the
     stage's accumulator counts one model build per Python worker; no executor can open the model file
     (the driver keeps it in its private temporary folder, and the checkout is hidden)."""
-    state = cluster_state.read(on_cluster["cfg"])
+    record = cluster_state.read(on_cluster["cfg"])
     app_logs = {}
-    for stderr in Path(state["run_dir"]).glob("work-*/app-*/*/stderr"):
+    for stderr in Path(record.run_dir).glob("work-*/app-*/*/stderr"):
         text = stderr.read_text(errors="replace")
         if "fruits" in text or "TorrentBroadcast" in text:
             app_logs[stderr] = text

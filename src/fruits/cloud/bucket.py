@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import subprocess
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -49,14 +47,15 @@ def encryption_rule(kms_key: str | None) -> dict:
     return {"Rules": [{"ApplyServerSideEncryptionByDefault": {"SSEAlgorithm": "AES256"}}]}
 
 
-def ensure_bucket(cfg: DictConfig) -> list[str]:
-    """Create and configure the bucket as needed; returns what was changed (empty: nothing)."""
+def ensure_bucket(cfg: DictConfig, s3=None) -> list[str]:
+    """Create and configure the bucket as needed, through s3 (default: the config's S3 client); returns
+    what was changed (empty: nothing)."""
     from botocore.exceptions import ClientError
 
     bucket, region = cfg.storage.bucket, cfg.storage.region
     if not bucket:
         raise ConfigError("storage.bucket is empty: choose storage=s3 or set storage.bucket")
-    s3 = client("s3", cfg)
+    s3 = s3 or client("s3", cfg)
     changes = []
     if check_location(s3, bucket) is None:
         s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": region})
@@ -121,15 +120,21 @@ def dvc_remote_url(cfg: DictConfig) -> str:
 
 def configure_dvc_remote(cfg: DictConfig, repo: Path = Path(".")) -> None:
     """The DVC remote in the project bucket, default, with its region; a test endpoint goes to
-    .dvc/config.local (never committed). Credentials stay in the environment / AWS profile."""
+    .dvc/config.local (never committed). Credentials stay in the environment / AWS profile. Through
+    DVC's Python API, as the project drives DVC everywhere (`dvc remote add --default` and `modify`)."""
+    from dvc.repo import Repo
 
-    def dvc(*args: str) -> None:
-        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True, text=True)
-
-    dvc("remote", "add", "--default", "--force", "storage", dvc_remote_url(cfg))
-    dvc("remote", "modify", "storage", "region", cfg.storage.region)
-    if cfg.storage.endpoint_url:
-        dvc("remote", "modify", "--local", "storage", "endpointurl", cfg.storage.endpoint_url)
+    with Repo(str(repo)) as dvc:
+        with dvc.config.edit("repo") as conf:
+            conf["remote"]["storage"] = {"url": dvc_remote_url(cfg), "region": str(cfg.storage.region)}
+            conf["core"]["remote"] = "storage"
+        with dvc.config.edit("local") as conf:
+            local = conf["remote"].setdefault("storage", {})
+            local.pop("endpointurl", None)
+            if cfg.storage.endpoint_url:
+                local["endpointurl"] = str(cfg.storage.endpoint_url)
+            if not local:
+                conf["remote"].pop("storage")
 
 
 def run(cfg: DictConfig, dvc_repo: Path | None = None) -> list[str]:

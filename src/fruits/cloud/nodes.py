@@ -14,6 +14,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from fruits.cloud.state import S3Access, StandaloneCluster
 from fruits.core.backbone import TF_ENVIRONMENT
 from fruits.core.config import PROJECT_ROOT
 from fruits.core.errors import ConfigError
@@ -112,7 +113,7 @@ def s3a_connector(region: str, endpoint: str | None = None, truststore: str | Pa
     return conf
 
 
-def spark_defaults(python: Path, run_dir: Path, s3: dict) -> dict[str, str]:
+def spark_defaults(python: Path, run_dir: Path, s3: S3Access) -> dict[str, str]:
     """What EMR's spark-defaults classification and EMRFS give a node, for this cluster."""
     jars = f"{run_dir / 'jars'}/*"
     return {
@@ -124,23 +125,23 @@ def spark_defaults(python: Path, run_dir: Path, s3: dict) -> dict[str, str]:
         "spark.executor.extraClassPath": jars,
         # YARN has an external shuffle service; here executors keep their shuffle files while needed
         "spark.dynamicAllocation.shuffleTracking.enabled": "true",
-        **s3a_connector(s3["region"], s3.get("endpoint"), s3.get("truststore")),
+        **s3a_connector(s3.region, s3.endpoint, s3.truststore),
     }
 
 
-def node_environment(state: dict) -> dict[str, str]:
+def node_environment(record: StandaloneCluster) -> dict[str, str]:
     """The environment of the nodes' processes (daemons, spark-submit): nothing of the checkout's."""
     env = {
         "PATH": "/usr/bin:/bin",
-        "SPARK_HOME": state["spark_home"],
-        "SPARK_CONF_DIR": str(Path(state["run_dir"]) / "conf"),
-        "SPARK_LOCAL_IP": state["host"],
-        "HOME": str(Path(state["run_dir"]) / "home"),
+        "SPARK_HOME": record.spark_home,
+        "SPARK_CONF_DIR": str(Path(record.run_dir) / "conf"),
+        "SPARK_LOCAL_IP": record.host,
+        "HOME": str(Path(record.run_dir) / "home"),
         **TF_ENVIRONMENT,
-        **state["s3"]["environment"],
+        **record.s3.environment,
     }
     if os.environ.get("JAVA_HOME"):
         env["JAVA_HOME"] = os.environ["JAVA_HOME"]
-    if state["s3"]["kind"] != "standin":  # the caller's credentials, as an instance profile gives them on EMR (never written to disk)
+    if record.s3.kind != "standin":  # the caller's credentials, as an instance profile gives them on EMR (never written to disk)
         env.update({k: v for k, v in os.environ.items() if k.startswith("AWS_") and k != "AWS_CA_BUNDLE"})
     return env

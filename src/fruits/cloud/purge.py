@@ -20,7 +20,7 @@ emr/params.yaml`). A dry run by default: what would go, counted; `--apply` delet
 from __future__ import annotations
 
 import argparse
-import subprocess
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,15 +79,32 @@ def purge_bucket(cfg: DictConfig, apply: bool) -> list[OldVersion]:
 
 
 def purge_dvc(repo: Path, cloud: bool, apply: bool) -> str:
-    """`dvc gc --workspace` (and --cloud): keep only what the workspace's outputs use. Its output."""
-    command = ["dvc", "gc", "--workspace", "--force", *(["--cloud"] if cloud else []), *([] if apply else ["--dry"])]
-    done = subprocess.run(command, cwd=repo, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"`{' '.join(command)}` failed in {repo}:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
-    said = (done.stdout + done.stderr).strip() or "nothing to remove"
-    dry = "" if apply else " (a dry run: DVC says 'Removing', nothing is removed)"
-    print(f"DVC cache{' and remote' if cloud else ''}, `{' '.join(command)}`{dry}:\n{said}")
-    return said
+    """DVC's gc over the workspace (and the remote): keep only what the workspace's outputs use. What
+    DVC said. Through DVC's Python API, as the project drives DVC everywhere."""
+    from dvc.repo import Repo
+
+    said: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    loggers = [logging.getLogger(name) for name in ("dvc", "dvc_data")]  # gc's counts; the objects it removes
+    saved = [(found.level, found.propagate) for found in loggers]
+    for found in loggers:
+        found.addHandler(handler)
+        found.setLevel(logging.INFO)  # said at INFO
+        found.propagate = False  # said once, below
+    try:
+        with Repo(str(repo)) as dvc:
+            dvc.gc(workspace=True, force=True, cloud=cloud, dry=not apply)
+    finally:
+        for found, (level, propagate) in zip(loggers, saved):
+            found.removeHandler(handler)
+            found.setLevel(level)
+            found.propagate = propagate
+    command = f"dvc gc --workspace --force{' --cloud' if cloud else ''}{'' if apply else ' --dry'}"
+    dry = "" if apply else " (a dry run: DVC counts what it would remove, nothing is removed)"
+    text = "\n".join(said) or "nothing to remove"
+    print(f"DVC cache{' and remote' if cloud else ''}, as `{command}`{dry}:\n{text}")
+    return text
 
 
 def purge(cfg: DictConfig, repo: Path, apply: bool) -> None:

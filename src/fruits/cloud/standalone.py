@@ -12,6 +12,7 @@ memory), said loudly. Steps are the EMR step's own spark-submit command, with `-
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -20,14 +21,20 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig
 
 from fruits.cloud import nodes
 from fruits.cloud import state as cluster_state
+from fruits.cloud.artifacts import spark_submit_command, upload_artifacts
+from fruits.cloud.bucket import ensure_bucket
+from fruits.cloud.state import S3Access, StandaloneCluster
+from fruits.core.aws import client
 from fruits.core.config import PROJECT_ROOT
 from fruits.core.errors import ConfigError
 
@@ -133,30 +140,41 @@ def prepare_run_dir(settings: DictConfig) -> Path:
     return run_dir
 
 
-def s3_settings(cfg: DictConfig, run_dir: Path) -> dict:
+def s3_access(cfg: DictConfig, run_dir: Path) -> S3Access:
     """Which S3 the cluster and the pipeline use, and the environment that points them there."""
-    kind = s3_choice(cfg)
-    s3 = {"kind": kind, "region": str(cfg.storage.region), "environment": {}, "pid": None}
+    kind, region = s3_choice(cfg), str(cfg.storage.region)
     if kind == "aws":
-        return s3
+        return S3Access(kind, region)
+    environment, pid = {}, None
     if kind == "standin":
-        endpoint, certificate, s3["pid"] = start_standin(cfg, run_dir)
-        s3["environment"] = dict(STANDIN_CREDENTIALS)
+        endpoint, certificate, pid = start_standin(cfg, run_dir)
+        environment.update(STANDIN_CREDENTIALS)
         log.warning("S3 is a LOCAL STAND-IN, not AWS: moto on %s, its data only in that process's memory "
                     "(lost at `make cluster-down`); log %s", endpoint, run_dir / "logs" / "s3-standin.log")
     else:
         endpoint = str(cfg.storage.endpoint_url)
         certificate = Path(os.environ["AWS_CA_BUNDLE"]) if os.environ.get("AWS_CA_BUNDLE") else None
-    s3["endpoint"] = endpoint
-    s3["environment"]["AWS_ENDPOINT_URL_S3"] = endpoint  # boto3, s3fs and the stages follow it
+    environment["AWS_ENDPOINT_URL_S3"] = endpoint  # boto3, s3fs and the stages follow it
+    store = None
     if certificate is not None:
         bundle = run_dir / "tls" / "ca.pem"
         if certificate.resolve() != bundle.resolve():
             shutil.copy2(certificate, bundle)
         bundle.chmod(0o644)
-        s3["environment"]["AWS_CA_BUNDLE"] = str(bundle)
-        s3["truststore"] = str(truststore(run_dir, bundle))
-    return s3
+        environment["AWS_CA_BUNDLE"] = str(bundle)
+        store = str(truststore(run_dir, bundle))
+    return S3Access(kind, region, environment, endpoint, store, pid)
+
+
+def s3_client(cfg: DictConfig, access: S3Access):
+    """A client of the cluster's S3, from its record: this process's environment stays as it is."""
+    env = access.environment
+    options = {"endpoint_url": access.endpoint} if access.endpoint else {}
+    if env.get("AWS_CA_BUNDLE"):
+        options["verify"] = env["AWS_CA_BUNDLE"]
+    if env.get("AWS_ACCESS_KEY_ID"):
+        options.update(aws_access_key_id=env["AWS_ACCESS_KEY_ID"], aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+    return client("s3", cfg, **options)
 
 
 def write_env_file(path: Path, environment: dict[str, str]) -> None:
@@ -176,19 +194,19 @@ def daemon(command: list[str], env: dict[str, str], log_file: Path) -> int:
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True).pid
 
 
-def start(cfg: DictConfig) -> dict:
+def start(cfg: DictConfig) -> StandaloneCluster:
     """Master + workers (+ the S3 stand-in), idempotent: a running cluster of this state is reused."""
     settings = cfg.cluster.standalone
     ui = f"http://{settings.host}:{settings.ui_port}"
     running = cluster_state.read(cfg)
     current_env = nodes.node_env_dir(settings) / "venv" / "bin" / "python"
-    if running and running.get("kind") == "standalone" and alive_workers(running) >= int(settings.workers):
-        if running["python"] == str(current_env):
-            log.info("reusing the running standalone cluster %s", running["master"])
+    if isinstance(running, StandaloneCluster) and alive_workers(running) >= int(settings.workers):
+        if running.python == str(current_env):
+            log.info("reusing the running standalone cluster %s", running.master)
             return running
         log.info("the pins changed since the running cluster started: restarting it with new nodes")
-    if running:
-        down(cfg)
+    if isinstance(running, StandaloneCluster):
+        stop(cfg, running)
     check_port_free(int(settings.master_port), "master_port")
     check_port_free(int(settings.ui_port), "ui_port")
     for n in range(int(settings.workers)):
@@ -200,69 +218,47 @@ def start(cfg: DictConfig) -> dict:
     started = time.monotonic()
     python = nodes.ensure_node_env(cfg)
     run_dir = prepare_run_dir(settings)
-    state = {"kind": "standalone", "master": master_url(settings), "ui": ui, "host": str(settings.host),
-             "run_dir": str(run_dir), "python": str(python), "spark_home": str(nodes.spark_home(python)),
-             "workers": int(settings.workers), "env_file": str(Path(settings.env_file).resolve()), "pids": {}}
-    state["s3"] = s3_settings(cfg, run_dir)
-    write_env_file(Path(state["env_file"]), state["s3"]["environment"])
-    defaults = nodes.spark_defaults(python, run_dir, state["s3"])
+    record = StandaloneCluster(
+        master=master_url(settings), ui=ui, host=str(settings.host), run_dir=str(run_dir), python=str(python),
+        spark_home=str(nodes.spark_home(python)), workers=int(settings.workers),
+        env_file=str(Path(settings.env_file).resolve()), s3=s3_access(cfg, run_dir))
+    write_env_file(Path(record.env_file), record.s3.environment)
+    defaults = nodes.spark_defaults(python, run_dir, record.s3)
     (run_dir / "conf" / "spark-defaults.conf").write_text("".join(f"{k} {v}\n" for k, v in defaults.items()))
-    cluster_state.write(cfg, state)  # from here on, `make cluster-down` can stop what started
-    env, spark_class = nodes.node_environment(state), f"{state['spark_home']}/bin/spark-class"
-    state["pids"]["master"] = daemon([spark_class, "org.apache.spark.deploy.master.Master", "--host", state["host"],
-                                      "--port", str(settings.master_port), "--webui-port", str(settings.ui_port)],
-                                     env, run_dir / "logs" / "master.log")
-    cluster_state.write(cfg, state)
+    cluster_state.write(cfg, record)  # from here on, `make cluster-down` can stop what started
+    env, spark_class = nodes.node_environment(record), f"{record.spark_home}/bin/spark-class"
+    record.pids["master"] = daemon([spark_class, "org.apache.spark.deploy.master.Master", "--host", record.host,
+                                    "--port", str(settings.master_port), "--webui-port", str(settings.ui_port)],
+                                   env, record.logs / "master.log")
+    cluster_state.write(cfg, record)
     wait_until(lambda: master_state(ui) is not None, f"the master ({ui})", float(settings.start_timeout_s))
-    for n in range(1, int(settings.workers) + 1):
+    for n in range(1, record.workers + 1):
         work = run_dir / f"work-{n}"
         work.mkdir(exist_ok=True)
         shutil.chown(work, settings.user)
-        worker = [spark_class, "org.apache.spark.deploy.worker.Worker", state["master"], "--host", state["host"],
+        worker = [spark_class, "org.apache.spark.deploy.worker.Worker", record.master, "--host", record.host,
                   "--cores", str(settings.worker_cores), "--memory", str(settings.worker_memory),
                   "--work-dir", str(work), "--webui-port", str(int(settings.ui_port) + n)]
-        state["pids"][f"worker-{n}"] = daemon(nodes.hidden_from_checkout(worker, settings.user), env,
-                                              run_dir / "logs" / f"worker-{n}.log")
-        cluster_state.write(cfg, state)
-    wait_until(lambda: alive_workers(state) >= state["workers"], f"{state['workers']} workers registered with "
-               f"{state['master']} (logs: {run_dir / 'logs'})", float(settings.start_timeout_s))
-    state["start_seconds"] = round(time.monotonic() - started, 1)
-    cluster_state.write(cfg, state)
-    log.info("standalone cluster %s up: %d workers, UI %s, logs %s (%.0f s)", state["master"], state["workers"],
-             ui, run_dir / "logs", state["start_seconds"])
-    return state
+        record.pids[f"worker-{n}"] = daemon(nodes.hidden_from_checkout(worker, settings.user), env,
+                                            record.logs / f"worker-{n}.log")
+        cluster_state.write(cfg, record)
+    wait_until(lambda: alive_workers(record) >= record.workers, f"{record.workers} workers registered with "
+               f"{record.master} (logs: {record.logs})", float(settings.start_timeout_s))
+    record = dataclasses.replace(record, start_seconds=round(time.monotonic() - started, 1))
+    cluster_state.write(cfg, record)
+    log.info("standalone cluster %s up: %d workers, UI %s, logs %s (%.0f s)", record.master, record.workers,
+             ui, record.logs, record.start_seconds)
+    return record
 
 
-def alive_workers(state: dict) -> int:
-    found = master_state(state["ui"])
+def alive_workers(record: StandaloneCluster) -> int:
+    found = master_state(record.ui)
     return sum(w["state"] == "ALIVE" for w in found["workers"]) if found else 0
 
 
-def status(cfg: DictConfig) -> dict:
-    state = cluster_state.read(cfg)
-    if state is None:
-        return {"kind": "standalone", "state": "NONE", "message": "no cluster recorded: `make cluster` starts one"}
-    found = master_state(state["ui"])
-    if found is None:
-        return {"kind": "standalone", "state": "DOWN", "master": state["master"],
-                "message": f"the master does not answer on {state['ui']}: `make cluster-down`, then `make cluster`"}
-    return {
-        "kind": "standalone", "state": found["status"], "master": state["master"], "ui": state["ui"],
-        "workers": [{"id": w["id"], "state": w["state"], "cores": w["cores"], "memory_mb": w["memory"]}
-                    for w in found["workers"]],
-        "applications": [a["name"] for a in found.get("activeapps", [])],
-        "s3": state["s3"]["kind"] + (f" {state['s3']['endpoint']}" if state["s3"].get("endpoint") else ""),
-        "logs": str(Path(state["run_dir"]) / "logs"),
-        "start_seconds": state.get("start_seconds"),
-    }
-
-
-def down(cfg: DictConfig) -> str:
+def stop(cfg: DictConfig, record: StandaloneCluster) -> str:
     """Stop every process this cluster started (workers, master, stand-in); safe to run twice."""
-    state = cluster_state.read(cfg)
-    if state is None:
-        return "no cluster recorded: nothing to stop"
-    pids = list(state["pids"].values()) + ([state["s3"]["pid"]] if state.get("s3", {}).get("pid") else [])
+    pids = list(record.pids.values()) + ([record.s3.pid] if record.s3.pid else [])
     for pid in pids:
         try:
             os.killpg(pid, signal.SIGTERM)
@@ -274,8 +270,8 @@ def down(cfg: DictConfig) -> str:
     for pid in (p for p in pids if process_alive(p)):
         os.killpg(pid, signal.SIGKILL)
     cluster_state.remove(cfg)
-    Path(state["env_file"]).unlink(missing_ok=True)
-    return f"standalone cluster {state['master']} stopped"
+    Path(record.env_file).unlink(missing_ok=True)
+    return f"standalone cluster {record.master} stopped"
 
 
 def process_alive(pid: int) -> bool:
@@ -292,15 +288,77 @@ def process_alive(pid: int) -> bool:
     return True
 
 
-def run_step(state: dict, command: list[str], log_file: Path) -> None:
-    """The EMR step's spark-submit command line, run here as the step runs on the primary node."""
-    import tempfile
+@dataclass
+class StandaloneStep:
+    """A spark-submit running on this machine, as an EMR step runs on the primary node."""
 
+    process: subprocess.Popen
+    log_file: Path
+    workdir: tempfile.TemporaryDirectory
+    what: str
+
+
+def launch(record: StandaloneCluster, command: list[str], log_file: Path) -> StandaloneStep:
+    """The EMR step's spark-submit command line, started with the nodes' Spark and environment."""
     assert command[0] == "spark-submit", command
-    command = [f"{state['spark_home']}/bin/spark-submit", *command[1:]]
-    with open(log_file, "ab") as out, tempfile.TemporaryDirectory(prefix="fruits-step-") as cwd:
-        done = subprocess.run(command, env=nodes.node_environment(state), cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
-    if done.returncode != 0:
-        tail = log_file.read_text(errors="replace")[-3000:]
-        raise RuntimeError(f"step {' '.join(command[-2:])} failed (spark-submit exit {done.returncode}); "
-                           f"log: {log_file}\n{tail}")
+    command = [f"{record.spark_home}/bin/spark-submit", *command[1:]]
+    workdir = tempfile.TemporaryDirectory(prefix="fruits-step-")
+    with open(log_file, "ab") as out:
+        process = subprocess.Popen(command, env=nodes.node_environment(record), cwd=workdir.name, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    return StandaloneStep(process, log_file, workdir, " ".join(command[-2:]))
+
+
+def finish(step: StandaloneStep) -> None:
+    """Wait for the step; its failure raises with the log's tail."""
+    try:
+        code = step.process.wait()
+    finally:
+        step.workdir.cleanup()
+    if code != 0:
+        tail = step.log_file.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"step {step.what} failed (spark-submit exit {code}); log: {step.log_file}\n{tail}")
+
+
+def run_step(record: StandaloneCluster, command: list[str], log_file: Path) -> None:
+    finish(launch(record, command, log_file))
+
+
+class StandaloneBackend:
+    """Spark's own standalone cluster manager on this machine, in place of EMR's control plane."""
+
+    kind = "standalone"
+
+    def create(self, cfg: DictConfig) -> StandaloneCluster:
+        record = start(cfg)
+        s3 = s3_client(cfg, record.s3)  # the cluster's S3 (the stand-in's, maybe): this process's environment stays
+        ensure_bucket(cfg, s3)
+        upload_artifacts(cfg, s3)
+        return record
+
+    def status(self, cfg: DictConfig, record: StandaloneCluster) -> dict:
+        found = master_state(record.ui)
+        if found is None:
+            return {"kind": self.kind, "state": "DOWN", "master": record.master,
+                    "message": f"the master does not answer on {record.ui}: `make cluster-down`, then `make cluster`"}
+        return {
+            "kind": self.kind, "state": found["status"], "master": record.master, "ui": record.ui,
+            "workers": [{"id": w["id"], "state": w["state"], "cores": w["cores"], "memory_mb": w["memory"]}
+                        for w in found["workers"]],
+            "applications": [a["name"] for a in found.get("activeapps", [])],
+            "s3": record.s3.kind + (f" {record.s3.endpoint}" if record.s3.endpoint else ""),
+            "logs": str(record.logs),
+            "start_seconds": record.start_seconds,
+        }
+
+    def submit_step(self, cfg: DictConfig, record: StandaloneCluster, stage: str, run_uri: str,
+                    run_id: str) -> StandaloneStep:
+        log_file = record.logs / f"step-{run_id}.log"
+        log.info("running %s on %s (spark-submit in client mode; log %s)", stage, record.master, log_file)
+        return launch(record, spark_submit_command(cfg, stage, run_uri, record.master), log_file)
+
+    def wait(self, cfg: DictConfig, record: StandaloneCluster, step: StandaloneStep) -> None:
+        finish(step)
+
+    def destroy(self, cfg: DictConfig, record: StandaloneCluster) -> str:
+        return stop(cfg, record)

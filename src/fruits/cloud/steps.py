@@ -1,10 +1,10 @@
 """The EMR runner: `python -m fruits.cloud.steps <stage> --params emr/params.yaml` runs a Spark stage as
-an EMR step, or with the same spark-submit command on the standalone cluster when that is the one up
-(fruits.cloud.standalone). The stages themselves do not know either exists.
+a step of the cluster that is up, through its backend (fruits.cloud.backend: an EMR step, or the same
+spark-submit command on the standalone cluster). The stages themselves do not know either exists.
 
 The client writes the composed config and the stage's small local inputs (from the stage registry)
-under a run folder in S3, adds a `spark-submit` step (command-runner.jar, the packaged code on
---py-files), waits with a progress line, and brings back the stage's small local outputs (metrics,
+under a run folder in S3, submits the step (`spark-submit`, the packaged code on --py-files), waits
+for it, and brings back the stage's small local outputs (metrics,
 plots, reports, the PCA projection) for DVC. Images and features stay in S3. On failure it raises
 with EMR's reason and the step's log location. On the node, `bootstrap/run_stage.py` calls
 `run_on_cluster`, which runs the stage's own `run(cfg)`.
@@ -14,28 +14,18 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
-import sys
-from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from fruits.cloud import locations, standalone
+from fruits.cloud import backend, locations
 from fruits.cloud import state as cluster_state
-from fruits.cloud.cluster import artifact_uris, current_cluster_id, wait_for
 from fruits.core import logs, registry
-from fruits.core.aws import client
 from fruits.core.config import load_config
 from fruits.core.errors import NoCluster
 from fruits.core.ids import stamped_id
 from fruits.core.storage import copy_file, filesystem
 from fruits.core.logs import run_command
-
-log = logging.getLogger(__name__)
-
-STEP_FAILED = ("CANCELLED", "FAILED", "INTERRUPTED")
-
 
 def stage_files(cfg: DictConfig, name: str) -> tuple[list[str], list[str]]:
     """(small local files the stage reads, small local files it writes), from the stage registry."""
@@ -44,22 +34,6 @@ def stage_files(cfg: DictConfig, name: str) -> tuple[list[str], list[str]]:
         raise ValueError(f"stage {name!r} does not run on the cluster (Spark stages do: "
                          f"{', '.join(s.name for s in registry.STAGES.values() if s.on_cluster)})")
     return registry.small_files(cfg, stage.inputs), registry.small_files(cfg, stage.written())
-
-
-def spark_submit_command(cfg: DictConfig, stage: str, run_uri: str, master: str = "yarn") -> list[str]:
-    """The step's command line, whichever cluster manager runs it (YARN on EMR, spark:// standalone)."""
-    uris = artifact_uris(cfg)
-    return ["spark-submit", "--master", master, "--deploy-mode", "client",
-            "--py-files", uris["code"], uris["entry"], stage, run_uri]
-
-
-def step_request(cfg: DictConfig, stage: str, run_uri: str) -> dict:
-    """The AddJobFlowSteps step: spark-submit through command-runner.jar."""
-    return {
-        "Name": f"fruits {stage}",
-        "ActionOnFailure": "CONTINUE",  # a failed stage must not kill the cluster: fix and re-run
-        "HadoopJarStep": {"Jar": "command-runner.jar", "Args": spark_submit_command(cfg, stage, run_uri)},
-    }
 
 
 def in_run_folder(run_uri: str, part: str, relative: str) -> str:
@@ -103,46 +77,20 @@ def run_on_cluster(stage: str, run_uri: str) -> None:
         copy_file(relative, in_run_folder(run_uri, "outputs", relative), cfg)
 
 
-def wait_for_step(emr, cluster_id: str, step_id: str, poll_seconds: float, out=sys.stderr) -> dict:
-    def describe():
-        step = emr.describe_step(ClusterId=cluster_id, StepId=step_id)["Step"]
-        return step, step["Status"]["State"]
-
-    def failure(step: dict) -> str:
-        details = step["Status"].get("FailureDetails", {})
-        return (f"EMR step {step['Name']} ({step_id}) {step['Status']['State']}: "
-                f"{details.get('Reason', 'no reason given')} {details.get('Message', '')}; "
-                f"log: {details.get('LogFile', 'see the cluster LogUri')}")
-
-    return wait_for(describe, f"step {step_id}", ("COMPLETED",), STEP_FAILED, failure, poll_seconds, out)
-
-
 def submit(cfg: DictConfig, stage: str) -> None:
     """Run the stage on the cluster that `make cluster` recorded (EMR or standalone), then fetch its
     small outputs."""
-    running = cluster_state.read(cfg)
-    if running is None:
+    record = cluster_state.read(cfg)
+    if record is None:
         raise NoCluster("no cluster is recorded: run `make cluster` first (or `make cluster CLUSTER=standalone` "
                         "for one on this machine)")
     cfg = locations.keyed(cfg)  # this experiment's own S3 tables
     run_id = f"{stage}-{stamped_id()}"
     run_uri = f"{cfg.storage.uris.runs}/{run_id}"
     prepare_run(cfg, stage, run_uri)
-    if running.get("kind") == "standalone":
-        log_file = Path(running["run_dir"]) / "logs" / f"step-{run_id}.log"
-        log.info("running %s on %s (spark-submit in client mode; log %s)", stage, running["master"], log_file)
-        standalone.run_step(running, spark_submit_command(cfg, stage, run_uri, running["master"]), log_file)
-    else:
-        submit_to_emr(cfg, stage, run_uri)
+    cluster = backend.of_kind(record.kind)
+    cluster.wait(cfg, record, cluster.submit_step(cfg, record, stage, run_uri, run_id))
     fetch_outputs(cfg, stage, run_uri)
-
-
-def submit_to_emr(cfg: DictConfig, stage: str, run_uri: str) -> None:
-    cluster_id = current_cluster_id(cfg)
-    emr = client("emr", cfg, "cluster.region")
-    step_id = emr.add_job_flow_steps(JobFlowId=cluster_id, Steps=[step_request(cfg, stage, run_uri)])["StepIds"][0]
-    log.info("submitted %s as step %s on %s", stage, step_id, cluster_id)
-    wait_for_step(emr, cluster_id, step_id, cfg.cluster.poll_seconds)
 
 
 def main(argv: list[str] | None = None) -> None:

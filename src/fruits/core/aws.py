@@ -10,17 +10,19 @@ from fruits.core.config import REGION_SETTINGS
 from fruits.core.errors import EU_REGIONS, ConfigError, check_region
 
 
-def client(service: str, cfg: DictConfig, region_setting: str = "storage.region"):
+def client(service: str, cfg: DictConfig, region_setting: str = "storage.region", **options):
+    """options: boto3's own (endpoint_url, verify, credentials) where a caller knows better than the
+    config, e.g. the standalone cluster's S3 stand-in."""
     import boto3
 
     if region_setting not in REGION_SETTINGS:
         raise ValueError(f"{region_setting} is not a region setting the guard checks: {REGION_SETTINGS}")
     region = OmegaConf.select(cfg, region_setting)
     check_region(region_setting, region)  # refuses a non-EU region before any call
-    options = {"region_name": region}
+    options["region_name"] = region
     # A local endpoint (tests): storage.endpoint_url for S3, cluster.endpoint_url for EMR.
     endpoint = cfg.storage.endpoint_url if service == "s3" else cfg.cluster.endpoint_url
-    if endpoint:
+    if endpoint and not options.get("endpoint_url"):
         options["endpoint_url"] = endpoint
     return boto3.client(service, **options)
 
