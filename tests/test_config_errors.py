@@ -4,6 +4,7 @@ no Spark session is started (get_session is replaced by a trap in every module t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -167,29 +168,53 @@ def test_a_missing_bucket_is_named_before_any_image_is_read(tmp_path, s3_endpoin
         ingest.run(cfg)
 
 
-def command(module: str, *args: str, cwd=None):
+def command(module: str, *args: str, cwd=None, env=None):
     import subprocess
     import sys
 
     from fruits.core.config import PROJECT_ROOT
 
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd or PROJECT_ROOT, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
-@pytest.mark.parametrize("module, args, says", [
-    ("fruits.stages.weights", ["model.weights=/nowhere/mobilenet.weights.h5"],
+def without_aws_credentials(tmp_path) -> dict[str, str]:
+    """This process's environment with no AWS credentials anywhere the SDK looks (variables, files, the
+    instance metadata service)."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("AWS_")}
+    env.update(AWS_CONFIG_FILE=str(tmp_path / "no-config"), AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "no-credentials"),
+               AWS_EC2_METADATA_DISABLED="true")
+    return env
+
+
+def with_unreachable_s3(tmp_path) -> dict[str, str]:
+    return {**without_aws_credentials(tmp_path), "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_MAX_ATTEMPTS": "1"}
+
+
+S3_BUCKET = ["storage=s3", "storage.bucket=fruits-any"]
+CLOSED_PORT = "storage.endpoint_url=https://127.0.0.1:9"  # discard: nothing listens there
+
+
+@pytest.mark.parametrize("module, args, environment, says", [
+    ("fruits.stages.weights", ["model.weights=/nowhere/mobilenet.weights.h5"], None,
      "error: model.weights=/nowhere/mobilenet.weights.h5: file not found"),
-    ("fruits.stages.pca", ["pca.k=0"], "error: pca.k=0 must be a positive integer"),
-    ("fruits.cloud.steps", ["featurize"], "error: no cluster is recorded: run `make cluster` first"),
-], ids=["weights not to be had", "a wrong setting", "no cluster up"])
-def test_an_expected_failure_is_one_line_and_a_non_zero_exit_with_the_traceback_under_v(tmp_path, module, args, says):
+    ("fruits.stages.pca", ["pca.k=0"], None, "error: pca.k=0 must be a positive integer"),
+    ("fruits.cloud.steps", ["featurize"], None, "error: no cluster is recorded: run `make cluster` first"),
+    ("fruits.cloud.bucket", S3_BUCKET, without_aws_credentials, "error: no AWS credentials found: set AWS_PROFILE"),
+    ("fruits.cloud.bucket", [*S3_BUCKET, CLOSED_PORT], with_unreachable_s3,
+     'error: AWS unreachable (check the network, or storage.endpoint_url / cluster.endpoint_url): Could not connect '
+     'to the endpoint URL: "https://127.0.0.1:9/'),
+], ids=["weights not to be had", "a wrong setting", "no cluster up", "no credentials", "S3 unreachable"])
+def test_an_expected_failure_is_one_line_and_a_non_zero_exit_with_the_traceback_under_v(tmp_path, module, args,
+                                                                                          environment, says):
     """What a person meets on the command line: one line that says what to do, exit status 2; -v adds the
     traceback (a bug, any other exception, keeps its traceback always)."""
     cluster_state = [] if module != "fruits.cloud.steps" else [f"cluster.state_file={tmp_path / 'none.json'}"]
-    done = command(module, *args, *cluster_state, f"env.paths.root={tmp_path}")
+    env = environment(tmp_path) if environment else None
+    done = command(module, *args, *cluster_state, f"env.paths.root={tmp_path}", env=env)
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:") or "Traceback" in line]
     assert done.returncode == 2 and lines and lines[0].startswith(says), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and lines[0].endswith("(-v for the traceback)")
-    verbose = command(module, *args, *cluster_state, f"env.paths.root={tmp_path}", "-v")
+    verbose = command(module, *args, *cluster_state, f"env.paths.root={tmp_path}", "-v", env=env)
     assert verbose.returncode != 0 and "Traceback" in verbose.stderr

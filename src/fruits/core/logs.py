@@ -87,10 +87,31 @@ AWS_SET_UP_ERRORS = ("NoCredentialsError", "PartialCredentialsError", "NoRegionE
                      "ConnectTimeoutError", "CredentialRetrievalError")
 
 
+AWS_HINTS = {
+    "NoCredentialsError": "no AWS credentials found: set AWS_PROFILE (or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), "
+                          "or run `aws configure`; without an AWS account, `make cluster CLUSTER=standalone` uses a local S3 stand-in",
+    "PartialCredentialsError": "incomplete AWS credentials: check AWS_PROFILE or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY",
+    "EndpointConnectionError": "AWS unreachable (check the network, or storage.endpoint_url / cluster.endpoint_url)",
+    "ConnectTimeoutError": "AWS unreachable (check the network, or storage.endpoint_url / cluster.endpoint_url)",
+}
+
+
+def aws_set_up_error(err: BaseException) -> str | None:
+    """The name of the AWS SDK's set-up error err is, if it is one."""
+    return next((kind.__name__ for kind in type(err).__mro__
+                 if kind.__module__.startswith("botocore") and kind.__name__ in AWS_SET_UP_ERRORS), None)
+
+
 def expected(err: BaseException) -> bool:
     """A failure a person meets and mends (errors.ExpectedFailure, a missing file or table, AWS set-up)."""
-    aws = any(kind.__module__.startswith("botocore") and kind.__name__ in AWS_SET_UP_ERRORS for kind in type(err).__mro__)
-    return isinstance(err, (ExpectedFailure, FileNotFoundError)) or aws
+    return isinstance(err, (ExpectedFailure, FileNotFoundError)) or aws_set_up_error(err) is not None
+
+
+def one_line(err: BaseException) -> str:
+    """What a person reads: the error's own words, after what to do about it for the AWS SDK's."""
+    said = " ".join(str(err).split()) or type(err).__name__
+    hint = AWS_HINTS.get(aws_set_up_error(err) or "")
+    return f"{hint}: {said}" if hint else said
 
 
 def run_command(main, argv: list[str] | None = None) -> None:
@@ -101,6 +122,5 @@ def run_command(main, argv: list[str] | None = None) -> None:
     except Exception as err:
         if not expected(err) or verbose():
             raise
-        message = " ".join(str(err).split()) or type(err).__name__
-        print(f"error: {message} (-v for the traceback)", file=sys.stderr)
+        print(f"error: {one_line(err)} (-v for the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
