@@ -163,11 +163,16 @@ lint-imports: $(STAMP) ## Check the layer contracts (core < stages < cloud; app 
 secrets: $(STAMP) ## Scan every tracked file for secrets (detect-secrets; known non-secrets in .secrets.baseline)
 	git ls-files -z | xargs -0 $(VENV)/bin/detect-secrets-hook --baseline .secrets.baseline
 
-test: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the secret scan, then the whole test suite (slow tests included)
-	$(PY) -m pytest --durations=25
+# Two pytest processes (pytest-xdist): the 2-core machines idle while JVMs start and steps wait. A
+# module's tests stay on one process (--dist loadscope). TEST_WORKERS=0: one process, as before.
+TEST_WORKERS ?= 2
+PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
+
+test: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the secret scan, then the whole test suite (slow tests included) on TEST_WORKERS=2 processes
+	$(PYTEST) --durations=25
 
 test-fast: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the tests that are neither slow nor reach a registry
-	$(PY) -m pytest -m "not slow and not network"
+	$(PYTEST) -m "not slow and not network"
 
 bench: $(STAMP) jvm-archive ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)
 	$(PY) benchmarks/featurize_bench.py

@@ -19,6 +19,18 @@ if not hasattr(np, "NaN"):
 from helpers.project import TINY_SIZE, S3Address, make_cfg, run_stages, s3a_settings  # noqa: E402
 
 
+# `make test` shares the suite between two processes (pytest-xdist, --dist loadscope: a module's tests stay
+# on one worker, so its module fixtures, one cluster or one pipeline run, are built once). The longest
+# modules (the durations of a fresh-clone run: about 300, 200 and 120 s) go first, so that they run
+# beside the short ones instead of ending the run alone on one worker.
+LONGEST_FIRST = ("test_standalone_cluster.py", "test_pipeline.py", "test_source_folder.py")
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the others keep their order
+
+
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory, s3_address):
     """The suite's local[2] session, able to reach the S3 endpoint (which starts only when a test asks
