@@ -56,13 +56,15 @@ def test_default_region_is_paris():
 def test_overrides_use_hydra_grammar_and_refuse_unknown_keys(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text(composed_yaml())
-    with pytest.raises(ConfigError, match="unknown setting 'pca.kk'"):
+    with pytest.raises(ConfigError, match=r"Could not override 'pca.kk'. To append to your config use \+pca.kk=3"):
         load_config(["pca.kk=3"], params)
+    with pytest.raises(ConfigError, match=r"Could not append to config. An item is already at 'pca.k'"):
+        load_config(["+pca.k=3"], params)
     assert load_config(["+pca.note=hello"], params).pca.note == "hello"
     assert load_config(["pca.k=50"], params).pca.k == 50  # typed, not the string "50"
     labels = load_config(["data.labels=[Apple Red,'Pêche plate']"], params).data.labels
     assert list(labels) == ["Apple Red", "Pêche plate"]
-    assert "kms_key_id" not in load_config(["~storage.kms_key_id"], params).storage
+    assert "note" not in load_config(["+pca.note=hello", "~pca.note"], params).pca  # in order, as Hydra applies them
     with pytest.raises(ConfigError, match="cannot parse overrides.*pca.k"):
         load_config(["pca.k"], params)
     with pytest.raises(ConfigError, match="is a sweep"):

@@ -35,7 +35,7 @@ def spark_trap(monkeypatch):
 
 # Settings refused by load_config, as `python -m fruits.stages.<stage> key=value` would pass them.
 SETTINGS = [
-    ("unknown key", ["pca.kk=3"], r"unknown setting 'pca.kk' \(use \+pca.kk=... to add a new key\)"),
+    ("unknown key", ["pca.kk=3"], r"Could not override 'pca.kk'. To append to your config use \+pca.kk=3"),
     ("wrong type", ["pca.k=fifty"], r"pca.k='fifty' must be a number"),
     ("wrong type, list", ["data.extensions=jpg"], r"data.extensions='jpg' must be a list"),
     ("not a whole number", ["pca.k=2.5"], r"pca.k=2.5 must be a whole number"),

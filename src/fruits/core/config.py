@@ -1,8 +1,8 @@
 """One config tree for every stage, and one way to load it.
 
 `conf/` is the source; DVC (or `make params`) composes it into `params.yaml`. A stage loads its
-config with `load_config`: the params file as DVC composed it, then the command line's overrides in
-Hydra's own grammar. A group choice (`storage=s3`) re-composes that group from `conf/` and keeps every
+config with `load_config`: the params file as DVC composed it, then the command line's overrides,
+parsed and applied by Hydra itself (the params file is Hydra's primary config for that call). A group choice (`storage=s3`) re-composes that group from `conf/` and keeps every
 value the params file holds outside it; values derived by interpolation (`env.paths.images:
 ${data.root}`) are derived again, so an override of `data.root` moves the images path too. The result
 is validated once, here, for what config owns (types, regions, paths, shares); a setting whose meaning
@@ -128,26 +128,26 @@ def rebuild(base: DictConfig, choices: dict[str, str]) -> DictConfig:
     return skeleton
 
 
-def apply_overrides(cfg: DictConfig, overrides) -> DictConfig:
-    """Parsed key=value overrides on a composed config: an unknown key is refused (a typo must not be
-    ignored silently); `+key=value` adds one, `~key` deletes one."""
-    for override in overrides:
-        key = override.key_or_group
-        exists = OmegaConf.select(cfg, key, default="__absent__") != "__absent__"
-        if override.is_delete():
-            if not exists:
-                raise ConfigError(f"cannot delete unknown setting {key!r}")
-            parent_key, _, leaf = key.rpartition(".")
-            with open_dict(cfg):
-                del (OmegaConf.select(cfg, parent_key) if parent_key else cfg)[leaf]
-            continue
-        if not exists and not override.is_add() and not override.is_force_add():
-            raise ConfigError(f"unknown setting {key!r} (use +{key}=... to add a new key)")
-        if exists and override.is_add():
-            raise ConfigError(f"setting {key!r} already exists: use {key}=... to change it")
-        with open_dict(cfg):
-            OmegaConf.update(cfg, key, override.value(), merge=False, force_add=True)
-    return cfg
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Hydra's own overriding (key=value, +key=value, ~key and its rules: an unknown key is refused, a typo
+    is never ignored) on a composed config: the config is Hydra's primary config for this one call."""
+    import tempfile
+
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not overrides:
+        return cfg
+    with tempfile.TemporaryDirectory(prefix="fruits-config-") as folder:
+        (Path(folder) / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # interpolations kept
+        try:
+            with initialize_config_dir(folder, version_base=None):
+                return hydra_compose(config_name="config", overrides=list(overrides))
+        except (HydraException, OmegaConfBaseException) as err:
+            said = " ".join(str(err).split())
+            raise ConfigError(f"overrides {list(overrides)}: {said}") from None
 
 
 def read_params(params_file: str | Path | None) -> DictConfig | None:
@@ -164,15 +164,13 @@ def load_config(overrides: Sequence[str] = (), params_file: str | Path | None = 
     none), group choices, then value overrides; validated once."""
     parsed = parse_overrides(overrides)
     choices = {o.key_or_group: str(o.value()) for o in parsed if is_group_choice(o)}
-    values = [o for o in parsed if not is_group_choice(o)]
+    values = [o.input_line for o in parsed if not is_group_choice(o)]
     base = read_params(params_file)
-    if base is None:
-        cfg = compose_unresolved([f"{group}={option}" for group, option in choices.items()])
-    elif choices or values:
-        cfg = rebuild(base, choices)  # derived values follow the overrides
+    if base is None:  # conf/ itself: Hydra composes the choices and applies the values in one call
+        cfg = compose_unresolved([*(f"{group}={option}" for group, option in choices.items()), *values])
     else:
-        cfg = base
-    cfg = apply_overrides(cfg, values)
+        cfg = rebuild(base, choices) if choices or values else base  # derived values follow the overrides
+        cfg = apply_overrides(cfg, values)
     OmegaConf.resolve(cfg)
     return validate(cfg)
 
