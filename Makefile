@@ -180,7 +180,7 @@ bench: $(STAMP) jvm-archive ## Featurize speed: single process vs Spark vs the n
 bench-growth: $(STAMP) ## Growth: incremental vs full featurize; listing time and driver memory at 10k/100k files
 	$(PY) benchmarks/growth_bench.py
 
-bench-sizes: $(STAMP) ## Input size trade-off on the real sample: img/s, and the app's accuracy (Test photos, hard protocol) at 96-224 px
+bench-sizes: $(STAMP) ## Input size x precision (fp32, int8) on the real sample: img/s, fraction of the model ceiling, accuracy, cosine to fp32
 	$(PY) benchmarks/input_size_bench.py
 
 bench-scale: $(STAMP) jvm-archive ## How time and memory grow: stages on 1k/5k/20k images, fits, EMR and Serverless predictions

@@ -1,10 +1,11 @@
-"""Input size as a trade-off: `make bench-sizes`.
+"""Input size and precision as a trade-off: `make bench-sizes`.
 
-For model.input_size in 96, 128, 160, 224 (Keras publishes ImageNet weights for each): the model-only
-throughput of the configured engine on all cores (N processes x 1 thread, as Spark runs it), warm
-featurize on the sample, and the app's accuracy as the index stage measures it (its own run at each
-size): knn_accuracy on the Test photos and knn_accuracy_hard (the hard protocol: the fruit's other films
-against an arc of its first one), each with its 95 % interval, so a user can pick a size.
+For model.input_size in 96, 112, 128, 160, 224 and model.precision fp32 and int8 (onnxruntime's static
+QDQ graph): the model-only throughput of the configured engine on all cores (N processes x 1 thread, as
+Spark runs it), warm featurize on the sample and its fraction of that ceiling, the app's accuracy as the
+index stage measures it (its own run at each point): knn_accuracy on the Test photos and
+knn_accuracy_hard (the hard protocol: the fruit's other films against an arc of its first one), each
+with its 95 % interval, and for int8 the cosine of each photo's features to fp32's at the same size.
 
 The images: the real Fruits-360 photos of the demo's sample (samples/fruits360: 10 labels x 64 Training
 + 24 Test). The weights are those the weights stage gives at each size (offline here: the same stand-in
@@ -27,18 +28,44 @@ from fruits.stages import featurize, index, pca, sample, weights
 from featurize_bench import ceiling
 from measure import write_results
 
-SIZES = (96, 128, 160, 224)
+SIZES = (96, 112, 128, 160, 224)
+PRECISIONS = ("fp32", "int8")
 ROOT = Path("bench/sizes")
 MODEL_ONLY_IMAGES = 1920
 DATA = [f"data.root={ROOT}/sample"]
+
+
+def cosine_cell(row: dict) -> str:
+    return f"{row['cosine_to_fp32_median']}, {row['cosine_to_fp32_min']}" if "cosine_to_fp32_median" in row else "-"
 
 
 def interval(values) -> str:
     return f"{values[0]:.3f}-{values[1]:.3f}" if values else "-"
 
 
-def one_size(spark, size: int, overrides: list[str]) -> dict:
-    cfg = load_config([f"model.input_size={size}", f"env.paths.root={ROOT}/{size}", *DATA, *overrides])
+def cosines(cfg, reference) -> list[float]:
+    """Per photo, the cosine of its features to those of the reference config (same photos, fp32)."""
+    import numpy as np
+
+    from fruits.core import tables
+
+    def by_path(c):
+        frame = tables.arrow_dataset(c.env.paths.features, c).to_table(columns=["path", "features"]).to_pandas()
+        return dict(zip(frame["path"], frame["features"]))
+
+    ours, theirs = by_path(cfg), by_path(reference)
+    a = np.stack([np.asarray(ours[p]) for p in sorted(ours)])
+    b = np.stack([np.asarray(theirs[p]) for p in sorted(ours)])
+    return ((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).tolist()
+
+
+def point_config(size: int, precision: str, overrides: list[str]):
+    return load_config([f"model.input_size={size}", f"model.precision={precision}",
+                        f"env.paths.root={ROOT}/{size}-{precision}", *DATA, *overrides])
+
+
+def one_size(spark, size: int, precision: str, overrides: list[str]) -> dict:
+    cfg = point_config(size, precision, overrides)
     if not Path(cfg.env.paths.onnx).exists():
         weights.run(cfg)
     provenance = json.loads(Path(cfg.env.paths.provenance).read_text())
@@ -54,38 +81,62 @@ def one_size(spark, size: int, overrides: list[str]) -> dict:
     warm = max(runs[1:], key=lambda m: m["images_per_second"])
     pca_metrics = pca.run(cfg, spark)
     measured = index.run(cfg, spark)
-    row = {"input_size": size, "engine": cfg.model.engine, "model_only_images_per_second": model_only["images_per_second"],
-           "featurize_warm_images_per_second": warm["images_per_second"], "k": pca_metrics["k"],
+    row = {"input_size": size, "precision": precision, "engine": cfg.model.engine,
+           "model_only_images_per_second": model_only["images_per_second"],
+           "featurize_warm_images_per_second": warm["images_per_second"],
+           "fraction_of_ceiling": round(warm["images_per_second"] / model_only["images_per_second"], 3),
+           "k": pca_metrics["k"],
            "explained_variance_at_k": pca_metrics["explained_variance_at_k"],
            **{key: measured[key] for key in ("knn_accuracy", "knn_accuracy_interval_95", "knn_accuracy_hard",
                                              "knn_accuracy_hard_interval_95", "hard_queries", "abstained_known",
                                              "abstained_held_back")},
            "train_images": measured["training_vectors"], "test_images": measured["test_rows"],
-           "weights": provenance.get("warning") or provenance.get("source")}
-    print(f"  {size:3d} px: model {row['model_only_images_per_second']:6.1f} img/s, featurize "
-          f"{row['featurize_warm_images_per_second']:6.1f} img/s, knn_accuracy {row['knn_accuracy']:.3f}, hard "
-          f"{row['knn_accuracy_hard']:.3f} (k={row['k']})", flush=True)
+           "weights": provenance.get("warning") or provenance.get("source"),
+           "quantization": provenance.get("quantization")}
+    if precision != "fp32":
+        found = cosines(cfg, point_config(size, "fp32", overrides))
+        row.update(cosine_to_fp32_median=round(float(sorted(found)[len(found) // 2]), 4),
+                   cosine_to_fp32_min=round(float(min(found)), 4))
+    print(f"  {size:3d} px {precision}: model {row['model_only_images_per_second']:6.1f} img/s, featurize "
+          f"{row['featurize_warm_images_per_second']:6.1f} img/s ({row['fraction_of_ceiling']:.2f} of it), knn_accuracy "
+          f"{row['knn_accuracy']:.3f}, hard {row['knn_accuracy_hard']:.3f} (k={row['k']})", flush=True)
     return row
+
+
+def cpu_flags() -> str:
+    from fruits.core.quantization import cpu_has_vnni
+
+    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    wide = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    return f"{os.cpu_count()} cores, {wide}, {'with' if cpu_has_vnni() else 'no'} VNNI"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument("--precisions", nargs="*", default=list(PRECISIONS))
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. pca.k=50 or data.test_per_label=16")
     args = parser.parse_args()
     cfg = load_config([f"env.paths.root={ROOT}", *DATA, *args.overrides])
     sample.run(cfg)
     spark = get_session(cfg)
-    rows = [one_size(spark, size, args.overrides) for size in args.sizes]
+    rows = [one_size(spark, size, precision, args.overrides) for size in args.sizes for precision in args.precisions]
     spark.stop()
+    machine = cpu_flags()
+    for row in rows:
+        row["cpu"] = machine
     lines = [f"{rows[0]['train_images']} Training and {rows[0]['test_images']} Test photos (real Fruits-360 photos of "
              f"the demo's sample; hard protocol: {rows[0]['hard_queries']} photos of the fruits' other films), "
-             f"weights: {rows[0]['weights']}", "",
-             "| input size | model only (img/s) | featurize warm (img/s) | knn_accuracy (95 % interval) | "
-             "knn_accuracy_hard (95 % interval) |", "|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['input_size']} | {r['model_only_images_per_second']} | {r['featurize_warm_images_per_second']} | "
+             f"weights: {rows[0]['weights']}; {machine}", "",
+             "| input size | precision | model only (img/s) | featurize warm (img/s) | fraction of ceiling | "
+             "knn_accuracy (95 % interval) | knn_accuracy_hard (95 % interval) | cosine to fp32 (median, min) |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['input_size']} | {r['precision']} | {r['model_only_images_per_second']} | "
+              f"{r['featurize_warm_images_per_second']} | {r['fraction_of_ceiling']} | "
               f"{r['knn_accuracy']} ({interval(r['knn_accuracy_interval_95'])}) | {r['knn_accuracy_hard']} "
-              f"({interval(r['knn_accuracy_hard_interval_95'])}) |" for r in rows]
+              f"({interval(r['knn_accuracy_hard_interval_95'])}) | "
+              f"{cosine_cell(r)} |"
+              for r in rows]
     print(write_results("bench_sizes", rows, lines))
 
 

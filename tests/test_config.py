@@ -103,8 +103,10 @@ def test_derived_settings_follow_an_override(tmp_path):
 
 
 def test_bad_values_are_refused_with_the_setting_named():
-    with pytest.raises(ConfigError, match="model.input_size=100"):
-        validate(compose(["model.input_size=100"]))
+    for size in (63, 225):
+        with pytest.raises(ConfigError, match=f"model.input_size={size} is not supported: use a size from 64 to 224"):
+            validate(compose([f"model.input_size={size}"]))
+    assert validate(compose(["model.input_size=100"])).model.input_size == 100  # Fruits-360's own size
     with pytest.raises(ConfigError, match="pca.variance=1.5"):
         validate(compose(["pca.variance=1.5"]))
 

@@ -45,7 +45,7 @@ SETTINGS = [
     ("storage region", ["storage=s3", "storage.region=us-east-1"], r"storage.region=us-east-1 is outside the EU"),
     ("cluster region", ["cluster.region=ap-south-1"], r"cluster.region=ap-south-1 is outside the EU"),
     ("unknown layout", ["data.layout=zip"], r"data.layout=zip is not one of files, parquet"),
-    ("input size", ["model.input_size=100"], r"model.input_size=100 is not supported"),
+    ("input size", ["model.input_size=48"], r"model.input_size=48 is not supported: use a size from 64 to 224 px"),
     ("empty bucket name", ["storage=s3", "storage.bucket=''"], r"storage.bucket is empty"),
     ("no accuracy query", ["identify.accuracy_queries=0"], r"identify.accuracy_queries=0 must be at least 1"),
     ("abstain rate of 1", ["identify.abstain_known_rate=1.0"], r"identify.abstain_known_rate=1.0 must be a share in \[0, 1\)"),

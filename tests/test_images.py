@@ -92,3 +92,15 @@ def test_a_batch_is_scaled_to_the_same_bits_as_each_image_alone():
     assert batch.dtype == np.float32 and batch.shape == (5, 32, 32, 3)
     assert np.array_equal(batch, np.stack(one_by_one))
     assert np.array_equal(prepare(contents[2], 32), one_by_one[2])
+
+
+def test_a_real_photo_at_its_own_100_px_is_not_resampled():
+    """model.input_size=100: a Fruits-360 photo goes to the model with its own pixels, no resize."""
+    from fruits.core.config import PROJECT_ROOT
+    from fruits.core.images import pixels
+
+    content = (PROJECT_ROOT / "samples/fruits360/Test/Banana 1/r_50_100.jpg").read_bytes()
+    own = np.asarray(Image.open(io.BytesIO(content)).convert("RGB"))
+    assert own.shape == (100, 100, 3)
+    np.testing.assert_array_equal(pixels(content, 100), own)
+    assert not np.array_equal(pixels(content, 96), own[:96, :96])  # another size is resampled

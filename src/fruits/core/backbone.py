@@ -141,11 +141,14 @@ def extract_in_batches(extract, images: np.ndarray, batch_size: int) -> np.ndarr
     return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, FEATURE_DIM), np.float32)
 
 
-def model_identity(weights_file: str | Path, input_size: int, alpha: float, engine: str = "tensorflow") -> str:
+def model_identity(weights_file: str | Path, input_size: int, alpha: float, engine: str = "tensorflow",
+                   precision: str = "fp32") -> str:
     """What identifies the features a model makes (and its extractor in a worker): architecture, the
-    weights' checksum, input size, width, engine. Rows made by another identity are recomputed. (Not the
-    ONNX file's checksum: tf2onnx's bytes differ between two exports of the same weights.)"""
-    return f"mobilenetv2/{sha256_file(weights_file)}/{input_size}/{alpha}/{engine}"
+    weights' checksum, input size, width, engine, precision (int8 only: fp32 rows keep the identity they
+    had before precision existed). Rows made by another identity are recomputed. (Not the ONNX file's
+    checksum: tf2onnx's bytes differ between two exports of the same weights.)"""
+    identity = f"mobilenetv2/{sha256_file(weights_file)}/{input_size}/{alpha}/{engine}"
+    return identity if precision == "fp32" else f"{identity}/{precision}"
 
 
 def check_weights_file(weights: str | Path, provenance_file: str | Path) -> None:
@@ -172,9 +175,10 @@ def check_weights_file(weights: str | Path, provenance_file: str | Path) -> None
                           "the file is corrupt or was replaced; re-run the weights stage")
 
 
-def verified_onnx(onnx: str | Path, weights: str | Path, provenance_file: str | Path) -> Path:
-    """The ONNX graph, checked to be the weights stage's export of exactly these weights (its provenance
-    records both checksums), so that what it computes is labelled with the right weights."""
+def verified_onnx(onnx: str | Path, weights: str | Path, provenance_file: str | Path, precision: str = "fp32") -> Path:
+    """The ONNX graph, checked to be the weights stage's export of exactly these weights at this precision
+    (its provenance records both checksums and the precision), so that what it computes is labelled with
+    the right weights."""
     import json
 
     onnx, provenance_file = Path(onnx), Path(provenance_file)
@@ -183,4 +187,7 @@ def verified_onnx(onnx: str | Path, weights: str | Path, provenance_file: str | 
             provenance.get("onnx_sha256") != sha256_file(onnx):
         raise FileNotFoundError(f"{onnx} is missing or not the export of {weights} (per {provenance_file}): "
                                 "re-run the weights stage (python -m fruits.stages.weights), or use model.engine=tensorflow")
+    if provenance.get("precision", "fp32") != precision:
+        raise FileNotFoundError(f"{onnx} is the {provenance.get('precision', 'fp32')} graph (per {provenance_file}), "
+                                f"not model.precision={precision}: re-run the weights stage")
     return onnx

@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from fruits.core import backbone
 from fruits.core.errors import ConfigError
+from fruits.core.quantization import check_precision
 
 Extractor = Callable[[np.ndarray], np.ndarray]
 
@@ -30,6 +31,7 @@ class TensorFlow:
     name = "tensorflow"
 
     def check(self, cfg: DictConfig) -> None:
+        check_precision(str(cfg.model.precision), self.name)
         backbone.check_weights_file(cfg.env.paths.weights, cfg.env.paths.provenance)
 
     def payload(self, cfg: DictConfig) -> list[np.ndarray]:
@@ -44,12 +46,15 @@ class OnnxRuntime:
     name = "onnxruntime"
 
     def check(self, cfg: DictConfig) -> None:
+        check_precision(str(cfg.model.precision), self.name)
         backbone.check_weights_file(cfg.env.paths.weights, cfg.env.paths.provenance)
-        backbone.verified_onnx(cfg.env.paths.onnx, cfg.env.paths.weights, cfg.env.paths.provenance)
+        backbone.verified_onnx(cfg.env.paths.onnx, cfg.env.paths.weights, cfg.env.paths.provenance,
+                               str(cfg.model.precision))
 
     def payload(self, cfg: DictConfig) -> bytes:
         paths = cfg.env.paths
-        return Path(backbone.verified_onnx(paths.onnx, paths.weights, paths.provenance)).read_bytes()
+        return Path(backbone.verified_onnx(paths.onnx, paths.weights, paths.provenance,
+                                           str(cfg.model.precision))).read_bytes()
 
     def build(self, payload: bytes, input_size: int, alpha: float, threads: int) -> Extractor:
         return backbone.make_onnx_extractor(payload, threads)
@@ -67,7 +72,8 @@ def engine(name: str):
 
 def model_identity(cfg: DictConfig) -> str:
     """What identifies the features this config's model makes (rows of another identity are recomputed)."""
-    return backbone.model_identity(cfg.env.paths.weights, cfg.model.input_size, cfg.model.alpha, cfg.model.engine)
+    return backbone.model_identity(cfg.env.paths.weights, cfg.model.input_size, cfg.model.alpha, cfg.model.engine,
+                                   str(cfg.model.precision))
 
 
 def cached_extractor(key: str, payload: Callable[[], object], name: str, input_size: int, alpha: float,

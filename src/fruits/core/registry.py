@@ -82,7 +82,7 @@ WEIGHTS = Stage(
 )
 FEATURIZE = Stage(
     "featurize",
-    params=("model.input_size", "model.alpha", "model.engine", "featurize", "data.extensions", "data.layout",
+    params=("model.input_size", "model.alpha", "model.engine", "model.precision", "featurize", "data.extensions", "data.layout",
             "env.spark", "env.paths.images", "env.paths.shards", "env.paths.shard_index", "env.paths.onnx",
             "env.paths.weights", "env.paths.provenance", "env.paths.features", "env.paths.rejects",
             "env.paths.featurize_metrics", "env.paths.featurize_diagnostics"),

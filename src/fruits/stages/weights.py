@@ -35,6 +35,7 @@ from fruits.core.config import offline_weights_allowed, stage_config
 from fruits.core.images import RejectedImage, prepare
 from fruits.core.storage import atomic_output, copy_file, write_json
 from fruits.core.logs import run_command
+from fruits.core.quantization import check_precision, cpu_has_vnni, quantize
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,13 @@ def imagenet_backbone(input_size: int, alpha: float):
 
 def calibration_images(cfg: DictConfig) -> tuple[np.ndarray, str]:
     """The photos of model.calibration_source, model-ready, for the batch-norm recalibration of random
-    weights, and the sha256 of their contents (recorded in the provenance). Never the sample's images:
+    weights and the int8 ranges, and the sha256 of their contents (recorded in the provenance). Never the sample's images:
     DVC watches this folder as the stage's input, and new images in the sample must not make new weights."""
     folder = Path(cfg.model.calibration_source)
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower().lstrip(".") in cfg.data.extensions)
     if not files:
-        raise WeightsUnavailable(f"model.weights=random needs calibration photos: model.calibration_source={folder} "
-                                 "holds no image")
+        raise WeightsUnavailable(f"model.weights=random and model.precision=int8 calibrate on photos: "
+                                 f"model.calibration_source={folder} holds no image")
     # An even spread over the labels, deterministic.
     chosen = files[:: max(1, len(files) // cfg.model.calibration_images)][: cfg.model.calibration_images]
     batch, digest = [], hashlib.sha256()
@@ -217,9 +218,16 @@ def transform(provenance: dict, staged: Path, cfg: DictConfig) -> tuple[Path, di
 
     size, alpha = cfg.model.input_size, cfg.model.alpha
     onnx = staged.with_name(Path(cfg.env.paths.onnx).name)
-    onnx.write_bytes(export_onnx(load_weight_arrays(staged, size, alpha), size, alpha, cfg.model.onnx_opset))
+    graph = export_onnx(load_weight_arrays(staged, size, alpha), size, alpha, cfg.model.onnx_opset)
+    precision = {"precision": "fp32"}
+    if cfg.model.precision == "int8":  # the engine's graph is the int8 one; the .h5 keeps the fp32 weights
+        photos, digest = calibration_images(cfg)
+        vnni = cpu_has_vnni()
+        graph, precision = quantize(graph, photos, reduce_range=not vnni)
+        precision.update(calibration_sha256=digest, cpu_vnni=vnni)
+    onnx.write_bytes(graph)
     return onnx, {"architecture": "MobileNetV2", "include_top": False, "pooling": "avg", "input_size": size,
-                  "alpha": alpha, "feature_dim": FEATURE_DIM, **provenance, "sha256": sha256_file(staged),
+                  "alpha": alpha, "feature_dim": FEATURE_DIM, **provenance, **precision, "sha256": sha256_file(staged),
                   "file": str(cfg.env.paths.weights), "onnx_sha256": sha256_file(onnx), "onnx_file": str(cfg.env.paths.onnx),
                   "onnx_exporter": f"tf2onnx {tf2onnx.__version__}, opset {cfg.model.onnx_opset}",
                   "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -234,13 +242,15 @@ def load(staged: Path, onnx: Path, provenance: dict, cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> dict:
+    check_precision(str(cfg.model.precision), str(cfg.model.engine))  # before any download or export
     target = Path(cfg.env.paths.weights)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as staging:
         staged, found = extract(cfg, Path(staging))
         onnx, provenance = transform(found, staged, cfg)
         load(staged, onnx, provenance, cfg)
-    log.info("weights %s (%s), provenance %s", provenance["file"], provenance["source"], cfg.env.paths.provenance)
+    log.info("weights %s (%s), %s graph %s, provenance %s", provenance["file"], provenance["source"],
+             provenance["precision"], provenance["onnx_file"], cfg.env.paths.provenance)
     if provenance.get("warning"):
         log.warning(provenance["warning"])
     return provenance
