@@ -90,6 +90,18 @@ def test_a_cluster_outside_the_eu_is_refused(tmp_path):
         cluster.create(cfg)
 
 
+def test_a_cluster_of_another_kind_recorded_is_never_forgotten(tmp_path):
+    """`make cluster CLUSTER=standalone` while an EMR cluster is recorded (or the other way round) is refused
+    before anything starts: the record, the only way to stop that cluster, stays."""
+    from fruits.cloud import state as cluster_state
+
+    cfg = emr_cfg(tmp_path, "cluster=standalone")
+    cluster_state.write(cfg, cluster_state.EmrCluster(cluster_id="j-RUNNING", region="eu-west-3"))
+    with pytest.raises(ConfigError, match=r"cluster.kind=standalone: a cluster of kind emr is recorded in .*j-RUNNING.*make cluster-down"):
+        cluster.create(cfg)
+    assert cluster_state.read(cfg) == cluster_state.EmrCluster(cluster_id="j-RUNNING", region="eu-west-3")
+
+
 def test_step_failure_reports_reason_and_log():
     emr = boto3.client("emr", region_name="eu-west-3", aws_access_key_id="x", aws_secret_access_key="x")
     with Stubber(emr) as stub:

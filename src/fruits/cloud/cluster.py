@@ -19,6 +19,7 @@ from fruits.cloud import state as cluster_state
 from fruits.cloud.emr import check_definition, run_job_flow_request
 from fruits.core import logs
 from fruits.core.config import load_config
+from fruits.core.errors import ConfigError
 from fruits.core.logs import run_command
 
 
@@ -26,7 +27,11 @@ def create(cfg: DictConfig) -> str:
     """Bucket, artifacts, cluster (or the running one), state file. Returns the cluster id (EMR) or the
     master's URL (standalone)."""
     check_definition(cfg)
-    record = backend.of_kind(str(cfg.cluster.kind)).create(cfg)
+    recorded, kind = cluster_state.read(cfg), str(cfg.cluster.kind)
+    if recorded is not None and recorded.kind != kind:  # its record would be overwritten: the cluster forgotten
+        raise ConfigError(f"cluster.kind={kind}: a cluster of kind {recorded.kind} is recorded in {cluster_state.path(cfg)} "
+                          f"({recorded}); stop it first with `make cluster-down`")
+    record = backend.of_kind(kind).create(cfg)
     return record.cluster_id if isinstance(record, cluster_state.EmrCluster) else record.master
 
 
