@@ -58,7 +58,7 @@ def compose_unresolved(overrides: Sequence[str] = (), config_dir: Path | None = 
         with initialize_config_dir(str(folder), version_base=None):
             return hydra_compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(f"overrides {list(overrides)}: {err}") from None
+        raise ConfigError(f"overrides {list(overrides)}: {' '.join(str(err).split())}") from None  # one line
 
 
 def compose(overrides: Sequence[str] = (), config_dir: Path | None = None) -> DictConfig:
@@ -135,21 +135,11 @@ def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
     is never ignored) on a composed config: the config is Hydra's primary config for this one call."""
     import tempfile
 
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
     if not overrides:
         return cfg
     with tempfile.TemporaryDirectory(prefix="fruits-config-") as folder:
         (Path(folder) / "config.yaml").write_text(OmegaConf.to_yaml(cfg))  # interpolations kept
-        try:
-            with initialize_config_dir(folder, version_base=None):
-                return hydra_compose(config_name="config", overrides=list(overrides))
-        except (HydraException, OmegaConfBaseException) as err:
-            said = " ".join(str(err).split())
-            raise ConfigError(f"overrides {list(overrides)}: {said}") from None
+        return compose_unresolved(overrides, Path(folder))
 
 
 def read_params(params_file: str | Path | None) -> DictConfig | None:
