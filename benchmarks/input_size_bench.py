@@ -103,10 +103,10 @@ def one_size(spark, size: int, precision: str, overrides: list[str]) -> dict:
     return row
 
 
-def cpu_flags() -> str:
-    from fruits.core.quantization import cpu_has_vnni
+def machine() -> str:
+    from fruits.core.quantization import cpu_flags, cpu_has_vnni
 
-    flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    flags = cpu_flags()
     wide = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
     return f"{os.cpu_count()} cores, {wide}, {'with' if cpu_has_vnni() else 'no'} VNNI"
 
@@ -122,12 +122,12 @@ def main() -> None:
     spark = get_session(cfg)
     rows = [one_size(spark, size, precision, args.overrides) for size in args.sizes for precision in args.precisions]
     spark.stop()
-    machine = cpu_flags()
+    cpu = machine()
     for row in rows:
-        row["cpu"] = machine
+        row["cpu"] = cpu
     lines = [f"{rows[0]['train_images']} Training and {rows[0]['test_images']} Test photos (real Fruits-360 photos of "
              f"the demo's sample; hard protocol: {rows[0]['hard_queries']} photos of the fruits' other films), "
-             f"weights: {rows[0]['weights']}; {machine}", "",
+             f"weights: {rows[0]['weights']}; {cpu}", "",
              "| input size | precision | model only (img/s) | featurize warm (img/s) | fraction of ceiling | "
              "knn_accuracy (95 % interval) | knn_accuracy_hard (95 % interval) | cosine to fp32 (median, min) |",
              "|---:|---|---:|---:|---:|---:|---:|---:|"]

@@ -30,9 +30,8 @@ def create(cfg: DictConfig) -> str:
     recorded, kind = cluster_state.read(cfg), str(cfg.cluster.kind)
     if recorded is not None and recorded.kind != kind:  # its record would be overwritten: the cluster forgotten
         raise ConfigError(f"cluster.kind={kind}: a cluster of kind {recorded.kind} is recorded in {cluster_state.path(cfg)} "
-                          f"({recorded}); stop it first with `make cluster-down`")
-    record = backend.of_kind(kind).create(cfg)
-    return record.cluster_id if isinstance(record, cluster_state.EmrCluster) else record.master
+                          f"({recorded.address}); stop it first with `make cluster-down`")
+    return backend.of_kind(kind).create(cfg).address
 
 
 def status(cfg: DictConfig) -> dict:

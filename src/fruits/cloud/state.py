@@ -31,6 +31,10 @@ class EmrCluster:
     region: str
     kind: str = "emr"
 
+    @property
+    def address(self) -> str:
+        return self.cluster_id
+
 
 @dataclass(frozen=True)
 class StandaloneCluster:
@@ -46,6 +50,10 @@ class StandaloneCluster:
     pids: dict[str, int] = field(default_factory=dict)  # master, worker-1 … (each its process group's leader)
     start_seconds: float | None = None
     kind: str = "standalone"
+
+    @property
+    def address(self) -> str:
+        return self.master
 
     @property
     def logs(self) -> Path:

@@ -25,14 +25,18 @@ def check_precision(precision: str, engine: str) -> None:
                           f"ONNX graph); model.engine={engine} runs fp32")
 
 
-def cpu_has_vnni(cpuinfo: str | None = None) -> bool:
+def cpu_flags() -> list[str]:
+    """This CPU's flags (/proc/cpuinfo), none where it cannot be read."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+
+
+def cpu_has_vnni() -> bool:
     """The CPU's flags name VNNI (the int8 dot-product instructions onnxruntime's int8 kernels use)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags()
     return "avx512_vnni" in flags or "avx_vnni" in flags
 
 
