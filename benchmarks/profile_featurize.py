@@ -31,6 +31,7 @@ ROOT = Path("bench/profile")
 ACTIVITIES = (
     ("idle: a worker waiting for the JVM to send rows", ("read_int (serializers.py",)),
     ("idle: the daemon (it only forks workers)", ("daemon.py",)),
+    ("importing modules (a worker's first task)", ("<frozen importlib", "<frozen zipimport>")),
     ("model (onnxruntime)", ("onnxruntime",)),
     ("model (TensorFlow)", ("tensorflow", "keras")),
     ("decode + resize (Pillow)", ("PIL", "fruits/core/images.py")),
@@ -39,7 +40,15 @@ ACTIVITIES = (
 )
 
 
+# Spark's worker calls importlib.invalidate_caches() at each task's start: on Python 3.11 every
+# zipimporter then re-reads its archive's whole directory (pyspark.zip, py4j's zip and spark-core's jar
+# are on the workers' PYTHONPATH), whatever frame is at the leaf.
+TASK_START = ("task start: Python re-reads the zip archives on PYTHONPATH", "invalidate_caches (importlib")
+
+
 def activity(stack: list[str]) -> str:
+    if any(TASK_START[1] in frame for frame in stack):
+        return TASK_START[0]
     for frame in reversed(stack):  # from the leaf up: the innermost known library names the activity
         for name, markers in ACTIVITIES:
             if any(marker in frame for marker in markers):

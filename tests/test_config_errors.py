@@ -52,6 +52,8 @@ SETTINGS = [
     ("a negative rate on the curve", ["identify.abstain_rates=[0.1,-0.2]"], r"identify.abstain_rates\[1\]=-0.2 must be a share"),
     ("hard protocol arc of 0", ["identify.hard_protocol.training_arc=0"], r"identify.hard_protocol.training_arc=0 must be a share of the fruit's turn"),
     ("no index poll", ["identify.index_poll_seconds=0"], r"identify.index_poll_seconds=0 must be a positive number"),
+    ("no model thread", ["featurize.threads=0"], r"featurize.threads=0 must be a number of threads \(1 or more\), or null"),
+    ("threads in words", ["featurize.threads=two"], r"featurize.threads=two must be a number of threads"),
 ]
 
 

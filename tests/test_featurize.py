@@ -37,6 +37,26 @@ def test_featurize_batch_keeps_order_and_rejects_in_place():
     np.testing.assert_allclose(out["features"][0], [1.0, 1.0, 1.0])
 
 
+def test_each_photo_gets_its_own_pixels_whatever_is_rejected_beside_it():
+    """Photos are decoded into the rows of one batch array reused from batch to batch: a reject in
+    between neither shifts nor leaves stale pixels, and each vector is that of the photo alone."""
+    from fruits.core.images import prepare
+
+    def png(shade):
+        out = io.BytesIO()
+        Image.new("RGB", (10 + shade % 7, 12), (shade, 255 - shade, 40)).save(out, "PNG")
+        return out.getvalue()
+
+    contents = [png(10), b"junk", png(60), png(110), b"", png(160), png(210)]
+    paths = [f"file:/d/Test/Fig/{i}.png" for i in range(len(contents))]
+    out = featurize.featurize_batch(lambda batch: batch.reshape(len(batch), -1), paths, contents, 16, batch_size=3)
+    for content, vector, reason in zip(contents, out["features"], out["reject_reason"], strict=True):
+        if content in (b"junk", b""):
+            assert vector is None and reason
+        else:
+            np.testing.assert_array_equal(vector, prepare(content, 16).ravel())
+
+
 def arrow_images(rows: int):
     import pyarrow as pa
 

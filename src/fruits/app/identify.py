@@ -155,7 +155,7 @@ class Identifier:
         self.model = engines.model_identity(cfg)
         engine.check(cfg)  # the payload featurize broadcasts: the checked ONNX bytes, or the weight arrays
         self.extract = engines.cached_extractor(self.model, lambda: engine.payload(cfg), engine.name, size, alpha,
-                                                cfg.featurize.threads)
+                                                cfg.featurize.threads or 1)
         self.cfg, self.input_size = cfg, size
         self.current = load_snapshot(cfg)  # at start, a pair that does not answer together is an error
         self.refused: tuple | None = None  # the files of the last pair refused by refresh

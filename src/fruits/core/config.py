@@ -233,6 +233,10 @@ def validate(cfg: DictConfig) -> DictConfig:
                           "(Fruits-360 photos are 100 px: 100 needs no resize)")
     if cfg.featurize.batch_size < 1:
         raise ConfigError(f"featurize.batch_size={cfg.featurize.batch_size} must be at least 1")
+    threads = cfg.featurize.threads
+    if threads is not None and not (isinstance(threads, int) and threads >= 1):
+        raise ConfigError(f"featurize.threads={threads} must be a number of threads (1 or more), or null for the "
+                          "cores each Spark task owns (spark.task.cpus)")
     if not cfg.featurize.progress_seconds > 0:
         raise ConfigError(f"featurize.progress_seconds={cfg.featurize.progress_seconds} must be a positive number of seconds")
     k, variance = cfg.pca.k, cfg.pca.variance

@@ -123,11 +123,14 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def resized(image: Image.Image, size: int) -> Image.Image:
+    """size x size (bilinear); a photo that already has that size is not resampled."""
+    return image if image.size == (size, size) else image.resize((size, size), Image.Resampling.BILINEAR)
+
+
 def to_pixels(image: Image.Image, size: int) -> np.ndarray:
     """Resized to size x size: uint8 pixels, HWC."""
-    if image.size != (size, size):
-        image = image.resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(image)
+    return np.asarray(resized(image, size))
 
 
 def to_model_input(pixels: np.ndarray) -> np.ndarray:
@@ -139,6 +142,12 @@ def to_model_input(pixels: np.ndarray) -> np.ndarray:
     array /= 127.5
     array -= 1.0
     return array
+
+
+def decode_into(row: np.ndarray, content: bytes | None) -> None:
+    """Bytes decoded and resized into row, one (size, size, 3) uint8 row of a batch array, in place;
+    raises RejectedImage (row is then left as it was)."""
+    row[...] = resized(decode_image(content), row.shape[0])
 
 
 def pixels(content: bytes | None, size: int) -> np.ndarray:

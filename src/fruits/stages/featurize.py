@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 from fruits.core import engines, increments, listing, tables
 from fruits.core.config import stage_config
 from fruits.core.errors import ConfigError
-from fruits.core.images import RejectedImage, parse_image_path, pixels, to_model_input
+from fruits.core.images import RejectedImage, decode_into, parse_image_path, to_model_input
 from fruits.core.increments import ROW_IDENTITY
 from fruits.core.spark import PidCounts, Progress, get_session, session_settings
 from fruits.core.storage import filesystem, iter_files, write_record
@@ -60,26 +60,27 @@ def featurize_batch(
     """One Arrow batch -> split, label, features (None if rejected), reject_reason (None if not).
 
     Decodes and predicts batch_size images at a time, so memory stays bounded whatever the Arrow
-    batch size.
+    batch size. Each photo is decoded into its row of one batch array (no per-photo arrays to stack).
     """
     rows = len(paths)
     splits: list[str | None] = [None] * rows
     labels: list[str | None] = [None] * rows
     features: list[np.ndarray | None] = [None] * rows
     reasons: list[str | None] = [None] * rows
+    batch = np.empty((min(batch_size, rows), input_size, input_size, 3), np.uint8)
     for start in range(0, rows, batch_size):
-        good, arrays = [], []
+        good = []
         for i in range(start, min(start + batch_size, rows)):
             try:
                 splits[i], labels[i] = parse_image_path(paths[i])
-                arrays.append(pixels(contents[i], input_size))
+                decode_into(batch[len(good)], contents[i])
                 good.append(i)
             except RejectedImage as err:
                 reasons[i] = str(err)
             except Exception as err:  # anything unforeseen is a reject with its reason, not a lost file
                 reasons[i] = f"unexpected {type(err).__name__}: {err}"
-        if arrays:
-            vectors = extract(to_model_input(np.stack(arrays)))
+        if good:
+            vectors = extract(to_model_input(batch[: len(good)]))
             for i, vector in zip(good, vectors, strict=True):
                 features[i] = vector
     return pd.DataFrame({"split": splits, "label": labels, "features": features, "reject_reason": reasons})
@@ -127,14 +128,16 @@ def to_arrow(images, result: pd.DataFrame):
 
 def build_udf(broadcast_weights, identity: str, cfg: DictConfig, builds_accumulator=None):
     """The Arrow function for mapInArrow: batches of INPUT_COLUMNS -> result_schema(); the model is
-    cached per worker process."""
+    cached per worker process, with featurize.threads threads (null: the cores its task owns)."""
     input_size, alpha, engine = cfg.model.input_size, cfg.model.alpha, cfg.model.engine
     batch_size, threads = cfg.featurize.batch_size, cfg.featurize.threads
 
     def model():
+        from pyspark import TaskContext
+
         builds_before = engines.BUILD_COUNT.get(identity, 0)
         extract = engines.cached_extractor(identity, lambda: broadcast_weights.value, engine, input_size, alpha,
-                                           threads)
+                                           threads or TaskContext.get().cpus())
         if builds_accumulator is not None:
             builds_accumulator.add({os.getpid(): engines.BUILD_COUNT[identity] - builds_before})
         return extract
