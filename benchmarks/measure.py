@@ -71,6 +71,10 @@ def write_results(name: str, data, lines: list[str]) -> str:
     return text
 
 
+# A bench's models folder per input size and precision (resolved by the config): weights made at one
+# point are never taken for another's (the engine's check would refuse them).
+MODELS_PER_POINT = "${model.input_size}px-${model.precision}"
+
 ROTATIONS = [(angle, mirror) for mirror in (False, True) for angle in (0, 90, 180, 270)]
 
 
@@ -108,7 +112,8 @@ def bench_sample(per_label: int, *overrides: str):
     from fruits.core.config import load_config
     from fruits.stages import weights
 
-    cfg = load_config(["data.root=bench/sample", "env.paths.root=bench", *overrides])
+    cfg = load_config(["data.root=bench/sample", "env.paths.root=bench", f"env.paths.models=bench/models/{MODELS_PER_POINT}",
+                       *overrides])
     files = sorted(rotated_real_photos(Path(cfg.data.source), Path(cfg.data.root), per_label))
     if not Path(cfg.env.paths.onnx).exists():
         weights.run(cfg)

@@ -25,6 +25,7 @@ import psutil
 from omegaconf import OmegaConf
 
 from fruits.core.config import load_config
+from measure import MODELS_PER_POINT
 
 ROOT = Path("bench/profile")
 # What a worker's stack is doing, by the first matching frame from the top of the stack (leaf first).
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="config overrides, e.g. model.engine=tensorflow")
     args = parser.parse_args()
     cfg = load_config(["data.root=bench/sample",
-                       f"env.paths.root={ROOT}", "env.paths.models=bench/models", *args.overrides])
+                       f"env.paths.root={ROOT}", f"env.paths.models=bench/models/{MODELS_PER_POINT}", *args.overrides])
     if not Path(cfg.data.root).exists() or not Path(cfg.env.paths.onnx).exists():
         raise SystemExit("run `make bench` first: it makes bench/sample (the real photos, turned) and the weights this profile uses")
     for table in (cfg.env.paths.features, cfg.env.paths.rejects):

@@ -31,7 +31,7 @@ from fruits.core import tables
 from fruits.core.config import load_config
 from fruits.core.costs import describe_growth, fit_line, predict_emr, predict_serverless
 from fruits.stages import sample, weights
-from measure import run_stage
+from measure import MODELS_PER_POINT, run_stage
 
 ROOT = Path("bench/scale")
 STAGES = ("ingest", "featurize", "pca", "index", "report")
@@ -44,7 +44,7 @@ LABELS = 10
 def config(count: int, overrides: list[str]):
     train = round(count * 0.8 / LABELS)
     return load_config([f"data.root={ROOT}/images-{count}", f"env.paths.root={ROOT}/{count}",
-                        f"env.paths.models={ROOT}/models", f"data.train_per_label={train}",
+                        f"env.paths.models={ROOT}/models/{MODELS_PER_POINT}", f"data.train_per_label={train}",
                         f"data.test_per_label={count // LABELS - train}", *overrides])
 
 
@@ -210,7 +210,7 @@ def main() -> None:
     else:
         cores = os.cpu_count()
         setup = (f"{cores} cores ({platform.processor() or platform.machine()}), master {cfg.env.spark.master}, "
-                 f"engine {cfg.model.engine}, {cfg.model.input_size} px, each stage its own process (as under DVC)")
+                 f"engine {cfg.model.engine}, {cfg.model.input_size} px {cfg.model.precision}, each stage its own process (as under DVC)")
         print(setup, flush=True)
         runs = [row for count in args.counts for row in one_count(count, args.overrides)]
         pca_row = synthetic_pca(args.pca_rows, 1280, args.overrides)
