@@ -43,7 +43,9 @@ LABELS = 10
 
 def config(count: int, overrides: list[str]):
     train = round(count * 0.8 / LABELS)
+    # Drawn images: the real sample has 88 photos per label, far fewer than the counts measured here.
     return load_config([f"data.root={ROOT}/images-{count}", f"env.paths.root={ROOT}/{count}",
+                        "data.source=conf/data/sources/generate.yaml",
                         f"env.paths.models={ROOT}/models/{MODELS_PER_POINT}", f"data.train_per_label={train}",
                         f"data.test_per_label={count // LABELS - train}", *overrides])
 
@@ -53,6 +55,10 @@ def one_count(count: int, overrides: list[str]) -> list[dict]:
     if len(list(Path(cfg.data.root).glob("*/*/*.jpg"))) != count:
         shutil.rmtree(cfg.data.root, ignore_errors=True)
         sample.run(cfg)
+    drawn = len(list(Path(cfg.data.root).glob("*/*/*.jpg")))
+    if drawn != count:  # a fit over the wrong counts would predict nonsense for 10M images
+        raise SystemExit(f"{cfg.data.root} holds {drawn} images, not {count}: the sample stage cannot draw that many "
+                         f"from data.source={cfg.data.source}")
     if not Path(cfg.env.paths.onnx).exists():
         weights.run(cfg)
     for table in (cfg.env.paths.features, cfg.env.paths.rejects, cfg.env.paths.pca_vectors):
