@@ -219,3 +219,17 @@ def test_every_file_of_a_messy_source_is_accounted_for_from_the_source_to_the_re
     markdown = report.run(tiny_cfg, spark)[1].read_text()
     assert "15 source files = 12 featurized + 1 rejected + 2 ignored + 0 left out of the subset" in markdown
     assert "| Training/Kiwi/.DS_Store | system file |" in markdown
+
+
+def test_the_critique_names_the_input_size_and_precision_and_whether_the_bench_chose_them():
+    from fruits.core.critique import input_choice
+
+    bench = {"choice": {"input_size": 100, "precision": "int8", "speedup": 4.79, "knn_accuracy_hard": 0.954348,
+                        "reference_knn_accuracy_hard": 0.943478, "rule": "the fastest within 1 point of 224 px fp32"}}
+    chosen = input_choice(bench, 100, "int8")
+    assert chosen.startswith("The model runs at 100 px int8 (model.input_size, model.precision).")
+    assert "picked 100 px int8: 4.79x the featurize rate, hard accuracy 95.4% against 94.3%" in chosen
+    assert "Not the measured choice" not in chosen
+    other = input_choice(bench, 224, "fp32")
+    assert other.startswith("The model runs at 224 px fp32") and "Not the measured choice: make bench-sizes' rule" in other
+    assert "has not been run" in input_choice(None, 224, "fp32")

@@ -178,3 +178,19 @@ def source_accounting(manifest: dict, featurize_m: dict) -> str | None:
         return f"Every file of the source is accounted for: {manifest['source_files']} source files = {terms}."
     return (f"FILES UNACCOUNTED FOR: the source held {manifest['source_files']} files, but {terms} = {accounted}: "
             "the features were made from other images than the source's (re-run dvc repro).")
+
+
+def input_choice(bench: dict | None, input_size: int, precision: str) -> str:
+    """Which input size and precision the model runs at, and why: make bench-sizes' rule and its numbers
+    (bench: reports/bench_sizes.json, None when it was never run)."""
+    running = f"The model runs at {input_size} px {precision} (model.input_size, model.precision)."
+    choice = (bench or {}).get("choice")
+    if not choice:
+        return f"{running} make bench-sizes, which measures the sizes and precisions on real photos, has not been run."
+    picked = (choice["input_size"], choice["precision"])
+    measured = (f"make bench-sizes' rule ({choice['rule']}) picked {picked[0]} px {picked[1]}: {choice['speedup']}x "
+                f"the featurize rate, hard accuracy {choice['knn_accuracy_hard']:.1%} against "
+                f"{choice['reference_knn_accuracy_hard']:.1%}.")
+    if picked == (input_size, precision):
+        return f"{running} {measured}"
+    return f"{running} Not the measured choice: {measured}"

@@ -129,7 +129,7 @@ INDEX = Stage(
 REPORT_INPUTS = ("env.paths.features", "env.paths.rejects", "env.paths.pca_vectors", "env.paths.provenance",
                  "env.paths.ingest_diagnostics", "env.paths.featurize_diagnostics", "env.paths.pca_diagnostics",
                  "env.paths.pca_variance", "env.paths.index_diagnostics", "env.paths.knn_curve", "env.paths.abstain_curve",
-                 "report.scale_fits")
+                 "report.scale_fits", "report.size_choice")
 REPORT_OUTPUTS = ("env.paths.report_html", "env.paths.report_md", "env.paths.variance_plot",
                   "env.paths.scatter_plot")
 

@@ -21,7 +21,8 @@ from fruits.core.config import stage_config
 from fruits.core.costs import alternatives, emr_estimate, s3_reads
 from fruits.core.images import TEST, TRAINING
 from fruits.core.measures import percent
-from fruits.core.critique import answered_test_images, critique, right_share, scale_predictions, source_accounting
+from fruits.core.critique import (answered_test_images, critique, input_choice, right_share, scale_predictions,
+                                  source_accounting)
 from fruits.core.storage import filesystem
 from fruits.core.registry import params_of
 from fruits.core.rendering import Section, plot_scatter, plot_variance, render_html, render_markdown
@@ -52,6 +53,12 @@ def scale_fits(cfg: DictConfig) -> dict | None:
     if "per_pair_s" in scale["fits"].get("index", {}):
         scale["fits"]["index"]["accuracy_queries"] = cfg.identify.accuracy_queries
     return scale
+
+
+def size_choice(cfg: DictConfig) -> dict | None:
+    """make bench-sizes' results and the choice its rule made (None if it was not run)."""
+    path = Path(cfg.report.size_choice)
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def thumbnails(index_m: dict, cfg: DictConfig) -> dict[str, bytes | None]:
@@ -90,6 +97,7 @@ def extract(spark, cfg: DictConfig) -> dict:
         "provenance": read_json(paths.provenance),
         "manifest": read_json(paths.ingest_diagnostics),
         "scale": scale_fits(cfg),
+        "sizes": size_choice(cfg),
         "counts": [(r["label"], r["split"], r["count"]) for r in counts],
         "rejects": [(r["reject_reason"], r["count"]) for r in rejects],
         "points": [(float(p[0]), float(p[1]), p[2]) for p in points],
@@ -254,8 +262,10 @@ def critique_section(facts: dict, cfg: DictConfig) -> Section:
         options = alternatives(images, per_core, cluster)
         for option in options[2:] if scale is not None else options:  # with fits, the EMR rows are above
             rows.append([f"{images:,}", option["option"], f"{option['hours']:.2f}", f"${option['usd']:.2f}", option["note"]])
-    return Section("Critique", [("p", line) for line in critique(featurize_m, facts["pca"], facts["provenance"], cluster,
-                                                                 facts["cores"], scale, cfg.report, facts["index"])]
+    lines = [input_choice(facts.get("sizes"), cfg.model.input_size, str(cfg.model.precision)),
+             *critique(featurize_m, facts["pca"], facts["provenance"], cluster, facts["cores"], scale, cfg.report,
+                       facts["index"])]
+    return Section("Critique", [("p", line) for line in lines]
                    + [("table", ["images", "option", "hours", "cost", "note"], rows)])
 
 
