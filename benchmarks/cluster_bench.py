@@ -25,6 +25,7 @@ from fruits.cloud import state as cluster_state
 from fruits.core import tables
 from fruits.core.config import PROJECT_ROOT, load_config
 from fruits.stages import ingest
+from fruits.core.storage import Storage
 
 REPORTS = PROJECT_ROOT / "reports"
 
@@ -95,7 +96,7 @@ def cluster_pipeline(local_cfg, per_label: int, workdir: Path) -> dict:
             shutil.copy2(path, cfg.env.paths[key])
         for stage in ("featurize", "pca", "index", "report"):
             result["stages_s"][f"{stage} (step)"] = timed(lambda: steps.submit(cfg, stage))
-        result["featurized"] = tables.row_count(locations.keyed(cfg).env.paths.features, cfg)
+        result["featurized"] = tables.row_count(locations.keyed(cfg).env.paths.features, Storage.of(cfg))
         result["local_on_s3_featurize_s"] = local_featurize_on_s3(cfg, local_cfg, running)
         result["node_env_mib"] = folder_mib(Path(running.python).parents[2])
         result["s3a_jars_mib"] = folder_mib(Path(running.run_dir) / "jars")

@@ -237,7 +237,7 @@ def spark_runs(files: list[Path], cfg, values: dict, rounds: int) -> tuple[list[
             tf_cfg = engine_cfg
             broadcast, _ = featurize.broadcast_weights(spark, tf_cfg)
             spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(cfg.featurize.batch_size))
-            images = listing.contents(listing.image_files(spark, tf_cfg))
+            images = listing.contents(listing.image_files(spark, tf_cfg.env.paths.images, tf_cfg.data.extensions))
             udf = naive_udf(broadcast, tf_cfg)
             results.append(timed("spark naive tensorflow (rebuild/batch)", len(files),
                                  lambda: images.select(udf("content")).write.mode("overwrite").format("noop").save()))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from fruits.core.config import load_config
 from fruits.core.spark import get_session
-from fruits.core.storage import iter_files
+from fruits.core.storage import Storage, iter_files
 from fruits.stages import featurize, sample, weights
 from fruits.core.listing import image_files, walk
 from fruits.core.listing import listing as listing_rows
@@ -76,8 +76,8 @@ def listing(spark, counts: list[int]) -> list[dict]:
         cfg = load_config([f"data.root={folder}"])
         with PeakRss() as rss:
             started = time.perf_counter()
-            listed = listing_rows(image_files(spark, cfg)).count()
-            unreadable = walk(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions)).unreadable
+            listed = listing_rows(image_files(spark, cfg.env.paths.images, cfg.data.extensions)).count()
+            unreadable = walk(iter_files(cfg.env.paths.images, Storage.of(cfg), cfg.data.extensions)).unreadable
             seconds = time.perf_counter() - started
         rows.append({"files": count, "listed_by_spark": listed, "skipped_by_spark": len(unreadable),
                      "seconds": round(seconds, 2), "driver_python_peak_rss_mib": round(rss.peak_python / 2**20),

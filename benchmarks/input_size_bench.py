@@ -32,6 +32,7 @@ from pathlib import Path
 from fruits.core.config import load_config
 from fruits.core.spark import get_session
 from fruits.stages import featurize, index, pca, sample, weights
+from fruits.core.storage import Storage
 
 from featurize_bench import ceiling
 from measure import rotated_real_photos, write_results
@@ -60,7 +61,7 @@ def cosines(cfg, reference) -> list[float]:
     from fruits.core import tables
 
     def by_path(c):
-        frame = tables.arrow_dataset(c.env.paths.features, c).to_table(columns=["path", "features"]).to_pandas()
+        frame = tables.arrow_dataset(c.env.paths.features, Storage.of(c)).to_table(columns=["path", "features"]).to_pandas()
         return dict(zip(frame["path"], frame["features"]))
 
     ours, theirs = by_path(cfg), by_path(reference)
@@ -133,7 +134,7 @@ def float16_cosine_min(cfg) -> float:
 
     from fruits.core import tables
 
-    frame = tables.arrow_dataset(cfg.env.paths.features, cfg).to_table(columns=["features"]).to_pandas()
+    frame = tables.arrow_dataset(cfg.env.paths.features, Storage.of(cfg)).to_table(columns=["features"]).to_pandas()
     a = np.stack(frame["features"]).astype(np.float32)
     b = a.astype(np.float16).astype(np.float32)
     return float(((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())

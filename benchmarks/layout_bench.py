@@ -70,7 +70,7 @@ def main() -> None:
     shards = sorted(Path(cfg.env.paths.shards).glob(SHARD_GLOB))
     rows = []
     for _ in range(2):  # the second round is warm (page cache, JVM): the one reported
-        rows = [read("files", image_reader(spark, cfg).load(cfg.data.root).select("path", "content"), args.images),
+        rows = [read("files", image_reader(spark, cfg.data.extensions).load(cfg.data.root).select("path", "content"), args.images),
                 read("parquet", spark.read.parquet(f"{cfg.env.paths.shards}/{SHARD_GLOB}").select("path", "content"),
                      len(shards))]
     mean_bytes = packed["bytes"] / packed["images"]

@@ -31,6 +31,7 @@ from fruits.core import tables
 from fruits.core.config import load_config
 from fruits.core.costs import describe_growth, fit_line, predict_emr, predict_serverless
 from fruits.stages import sample, weights
+from fruits.core.storage import Storage
 from measure import MODELS_PER_POINT, run_stage
 
 ROOT = Path("bench/scale")
@@ -103,7 +104,7 @@ def synthetic_pca(rows: int, dimension: int, overrides: list[str]) -> dict:
             "features": pa.FixedSizeListArray.from_arrays(pa.array(vectors.ravel()), dimension).cast(pa.list_(pa.float32())),
         })
         pq.write_table(table, folder / f"part-{start // chunk:05d}.parquet")
-    tables.commit(cfg.env.paths.features, version, cfg)
+    tables.commit(cfg.env.paths.features, version, Storage.of(cfg))
     params = Path(cfg.env.paths.root) / "params.yaml"
     OmegaConf.save(cfg, params)
     row = {"rows": rows, "dimension": dimension, **run_stage("pca", params)}

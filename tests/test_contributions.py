@@ -13,6 +13,7 @@ from PIL.ExifTags import IFD
 from fruits.app.contributions import BadContribution, ContributionStore, clean_photo, normalise_label
 from fruits.core.config import PROJECT_ROOT
 from fruits.core.errors import ConfigError
+from fruits.core.storage import Storage
 
 from helpers.project import make_cfg
 from helpers.data import phone_photo
@@ -188,7 +189,7 @@ def test_an_approved_photo_is_featurized_alone_answered_with_its_label_then_eras
     ingest.run(cfg)
     run = featurize.run(cfg, spark)["run"]
     assert (run["deleted"], run["computed"]) == (1, 0), run
-    paths = [row["path"] for row in tables.read(spark, cfg.env.paths.features, cfg).select("path").collect()]
+    paths = [row["path"] for row in tables.read(spark, cfg.env.paths.features, Storage.of(cfg)).select("path").collect()]
     assert len(paths) == 32 and not [path for path in paths if record["id"] in path]
     pca.run(cfg, spark)
     index.run(cfg, spark)

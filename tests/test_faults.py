@@ -15,17 +15,18 @@ from omegaconf import OmegaConf
 from fruits.core import tables
 from fruits.core.projection import checked_projection_sha256, load_projection
 from fruits.stages import featurize, index, pca
+from fruits.core.storage import Storage
 
 from helpers.project import kill_midway, make_cfg
 from helpers.data import synthetic_features, write_features
 
 
 def vectors_of(spark, cfg) -> dict[str, list[float]]:
-    return {row["path"]: list(row["pca"]) for row in tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()}
+    return {row["path"]: list(row["pca"]) for row in tables.read(spark, cfg.env.paths.pca_vectors, Storage.of(cfg)).collect()}
 
 
 def uncommitted(uri: str, cfg) -> list[str]:
-    committed = tables.committed_version(uri, cfg)
+    committed = tables.committed_version(uri, Storage.of(cfg))
     return [p.name for p in Path(uri).glob("v-*") if p.name != committed] if Path(uri).exists() else []
 
 
@@ -94,14 +95,14 @@ def test_a_worker_that_crashes_midway_is_retried_without_duplicate_or_missing_ro
     metrics = json.loads(Path(tiny_cfg.env.paths.featurize_diagnostics).read_text())
     assert metrics["images"] == metrics["featurized"] == 32 and metrics["partitions"] == 8
 
-    rows = tables.read(spark, tiny_cfg.env.paths.features, tiny_cfg).select("path", "features").collect()
+    rows = tables.read(spark, tiny_cfg.env.paths.features, Storage.of(tiny_cfg)).select("path", "features").collect()
     assert len(rows) == len({row["path"] for row in rows}) == 32
     reference = make_cfg(tmp_path / "reference")
     reference.data.root = tiny_cfg.data.root
     for key in ("images", "weights", "onnx", "provenance"):
         reference.env.paths[key] = tiny_cfg.env.paths[key]
     featurize.run(reference, spark)
-    expected = {row["path"]: row["features"] for row in tables.read(spark, reference.env.paths.features, reference).collect()}
+    expected = {row["path"]: row["features"] for row in tables.read(spark, reference.env.paths.features, Storage.of(reference)).collect()}
     assert expected.keys() == {row["path"] for row in rows}
     for row in rows:
         np.testing.assert_allclose(row["features"], expected[row["path"]], rtol=1e-5, atol=1e-5)

@@ -12,6 +12,7 @@ from PIL import Image
 from fruits.core import backbone, increments, listing, tables
 from fruits.stages import featurize, weights
 from fruits.stages.sample import draw_fruit
+from fruits.core.storage import Storage
 
 from helpers.project import TINY_SIZE, make_cfg, reference_features
 
@@ -152,7 +153,7 @@ def test_plan_keeps_unchanged_reads_new_or_touched_and_finds_deleted(spark):
 # --- the Spark job ---------------------------------------------------------------------------------
 
 def read_features(spark, cfg):
-    rows = tables.read(spark, cfg.env.paths.features, cfg).orderBy("path").collect()
+    rows = tables.read(spark, cfg.env.paths.features, Storage.of(cfg)).orderBy("path").collect()
     return {row["path"]: row for row in rows}
 
 
@@ -243,7 +244,7 @@ def test_bad_files_are_rejected_with_a_reason_and_nothing_is_lost(spark, tiny_cf
 
     metrics = featurize.run(tiny_cfg, spark)
     rows = read_features(spark, tiny_cfg)
-    rejects = {Path(r["path"]).name: r["reject_reason"] for r in tables.read(spark, tiny_cfg.env.paths.rejects, tiny_cfg).collect()}
+    rejects = {Path(r["path"]).name: r["reject_reason"] for r in tables.read(spark, tiny_cfg.env.paths.rejects, Storage.of(tiny_cfg)).collect()}
     assert metrics["images"] == 11 == metrics["featurized"] + metrics["rejected"]
     assert {Path(p).name for p in rows} == {"é 1.jpg", "cmyk.jpg", "gray.jpg", "alpha.png", "palette.png", "UPPER.JPG"}
     assert rejects["empty.jpg"] == "empty file"
@@ -309,5 +310,5 @@ def test_odd_names_are_read_literally(spark, tmp_path):
     (tmp_path / "Training" / "Kiwi" / "a1.jpg").write_bytes(b"decoy: a[1] as a pattern would match me")
     cfg = make_cfg(tmp_path / "out", f"data.root={tmp_path}")
     paths = [f"Training/Kiwi/{name}" for name in names]
-    read = {row["path"]: row["checksum"] for row in listing.read_contents(spark, cfg, paths).collect()}
+    read = {row["path"]: row["checksum"] for row in listing.read_contents(spark, cfg.env.paths.images, paths).collect()}
     assert set(read) == set(paths)

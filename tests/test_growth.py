@@ -10,6 +10,7 @@ import pytest
 from fruits.core import backbone, tables
 from fruits.stages import featurize, ingest, weights
 from fruits.stages.sample import draw_fruit
+from fruits.core.storage import Storage
 
 from helpers.project import TINY_SIZE, kill_midway, make_cfg
 
@@ -36,8 +37,8 @@ def growing(tiny_cfg, tmp_path):
 
 
 def read_tables(spark, cfg):
-    features = {r["path"]: r for r in tables.read(spark, cfg.env.paths.features, cfg).collect()}
-    rejects = {r["path"]: r["reject_reason"] for r in tables.read(spark, cfg.env.paths.rejects, cfg).collect()}
+    features = {r["path"]: r for r in tables.read(spark, cfg.env.paths.features, Storage.of(cfg)).collect()}
+    rejects = {r["path"]: r["reject_reason"] for r in tables.read(spark, cfg.env.paths.rejects, Storage.of(cfg)).collect()}
     return features, rejects
 
 
@@ -49,7 +50,7 @@ def full_run(spark, cfg, root: Path):
 
 
 def rejects_files(cfg) -> list[str]:
-    version = Path(tables.version_uri(cfg.env.paths.rejects, cfg))
+    version = Path(tables.version_uri(cfg.env.paths.rejects, Storage.of(cfg)))
     return sorted(p.name for p in version.iterdir() if not p.name.startswith((".", "_")))
 
 
@@ -186,7 +187,7 @@ def test_parquet_shards_grow_by_new_shards_and_give_the_same_features(spark, gro
 
 def uncommitted_versions(cfg) -> list[str]:
     table = Path(cfg.env.paths.features)
-    committed = tables.committed_version(str(table), cfg)
+    committed = tables.committed_version(str(table), Storage.of(cfg))
     return [p.name for p in table.glob("v-*") if p.name != committed] if table.exists() else []
 
 

@@ -19,6 +19,7 @@ from fruits.core.config import compose
 from fruits.core.neighbours import ExactIndex, HnswIndex, NeighbourIndex, nearest_outside, recall_at, vote
 from fruits.core import measures
 from fruits.stages import index
+from fruits.core.storage import Storage
 
 from helpers.project import TINY_LABELS
 
@@ -83,7 +84,7 @@ def test_a_card_file_with_a_card_missing_a_field_is_refused(tmp_path):
 @pytest.mark.network
 def test_a_photo_s_vector_equals_the_pipeline_s_vector_for_the_same_image(spark, app_cfg):
     identifier = identify.Identifier(app_cfg)
-    rows = tables.read(spark, app_cfg.env.paths.pca_vectors, app_cfg).orderBy("path").collect()
+    rows = tables.read(spark, app_cfg.env.paths.pca_vectors, Storage.of(app_cfg)).orderBy("path").collect()
     for row in rows[:6]:
         photo = (Path(app_cfg.env.paths.images) / row["path"]).read_bytes()
         np.testing.assert_allclose(identifier.vector(photo), row["pca"], rtol=1e-5, atol=1e-5)
@@ -131,7 +132,7 @@ def direct_accuracy(train: list, test: list, components: int, neighbours: int) -
 
 
 def split_rows(spark, cfg) -> tuple[list, list]:
-    rows = tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()
+    rows = tables.read(spark, cfg.env.paths.pca_vectors, Storage.of(cfg)).collect()
     return [r for r in rows if r["split"] == "Training"], [r for r in rows if r["split"] == "Test"]
 
 

@@ -7,6 +7,7 @@ import pytest
 from fruits.core import tables
 from fruits.core.projection import Projection, load_projection, save_projection
 from fruits.stages import pca
+from fruits.core.storage import Storage
 from helpers.data import synthetic_features, write_features
 
 from helpers.project import make_cfg
@@ -49,7 +50,7 @@ def test_spark_pca_matches_numpy_svd(spark, tmp_path, standardize, scale):
     assert metrics["explained_variance_at_k"] == pytest.approx(explained[:4].sum(), rel=1e-6)
     assert metrics["rows_fitted"] == 45 and metrics["rows_projected"] == 60 and metrics["k"] == 4
 
-    projected = tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()
+    projected = tables.read(spark, cfg.env.paths.pca_vectors, Storage.of(cfg)).collect()
     order = np.argsort([int(r["path"].rsplit("/", 1)[1][:-4]) for r in projected])
     actual = np.array([projected[i]["pca"] for i in order])
     inputs = (features - mean) / std if standardize else features  # Spark's PCA itself does not centre
@@ -77,7 +78,7 @@ def test_the_projection_artifact_gives_spark_mls_own_vectors(spark, tmp_path, st
     assert projection.k == expected_k and projection.dimension == 30
 
     # Spark ML's own transform, fitted independently with k components.
-    table = tables.read(spark, cfg.env.paths.features, cfg).withColumn("v", array_to_vector(F.col("features")))
+    table = tables.read(spark, cfg.env.paths.features, Storage.of(cfg)).withColumn("v", array_to_vector(F.col("features")))
     train, column = table.where(F.col("split") == "Training"), "v"
     if standardize:
         scaler = StandardScaler(inputCol="v", outputCol="s", withMean=True, withStd=True).fit(train)
@@ -89,7 +90,7 @@ def test_the_projection_artifact_gives_spark_mls_own_vectors(spark, tmp_path, st
     signs = np.sign(model.pc.toArray()[np.abs(projection.components).argmax(axis=0), np.arange(expected_k)])
     np.testing.assert_allclose(numpy_vectors, spark_vectors * signs, rtol=1e-6, atol=1e-6 * np.abs(spark_vectors).max())
     # And the pipeline's own vectors are those.
-    written = {r["path"]: r["pca"] for r in tables.read(spark, cfg.env.paths.pca_vectors, cfg).collect()}
+    written = {r["path"]: r["pca"] for r in tables.read(spark, cfg.env.paths.pca_vectors, Storage.of(cfg)).collect()}
     np.testing.assert_allclose(np.array([written[r["path"]] for r in rows]), numpy_vectors, rtol=1e-9, atol=1e-9)
     assert json.loads(Path(cfg.env.paths.pca_metrics).read_text())["k"] == expected_k
 

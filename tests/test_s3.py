@@ -16,6 +16,7 @@ import pytest
 from fruits.cloud import bucket
 from fruits.stages import ingest, sample
 from fruits.core.errors import ConfigError
+from fruits.core.storage import Storage
 
 from helpers.clones import repo_env, run
 from helpers.project import make_cfg
@@ -113,7 +114,7 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     # Interrupted after 10 uploads.
     from fruits.core.storage import filesystem
 
-    fs, _ = filesystem(cfg.storage.uris.raw, cfg)  # fsspec caches it: ingest gets this very instance
+    fs, _ = filesystem(cfg.storage.uris.raw, Storage.of(cfg))  # fsspec caches it: ingest gets this very instance
     real_put, calls = fs.put_file, {"n": 0}
 
     def flaky_put(lpath, rpath, **kwargs):
@@ -158,7 +159,7 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     assert refilled["remote_listing_sha256"] != again["remote_listing_sha256"]
 
     # Idempotent under either encryption, from the listing alone (no object's metadata read).
-    listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
+    listed = ingest.list_files(cfg.data.root, Storage.of(cfg), ["jpg"])
     rerun = ingest.upload(cfg, listed, ingest.content_md5s(listed))
     assert rerun["uploaded"] == 0 and rerun["checked_metadata"] == 0
     # A changed file is uploaded again; so is an object someone replaced in S3 with the same size.
@@ -167,7 +168,7 @@ def test_ingest_uploads_once_then_skips_and_resumes_after_an_interruption(tmp_pa
     body = bytearray(local[2].read_bytes())
     body[-3] ^= 0xFF
     s3.put_object(Bucket=cfg.storage.bucket, Key=f"{cfg.storage.prefix}/raw/{replaced}", Body=bytes(body))
-    listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
+    listed = ingest.list_files(cfg.data.root, Storage.of(cfg), ["jpg"])
     result = ingest.upload(cfg, listed, ingest.content_md5s(listed))
     assert result["uploaded"] == 2
     assert object_md5s(s3_endpoint, cfg)[f"{cfg.storage.prefix}/raw/{replaced}"] == hashlib.md5(local[2].read_bytes()).hexdigest()
@@ -198,7 +199,7 @@ def test_approved_photos_in_the_bucket_join_the_raw_prefix_and_leave_it_when_era
     joined = ingest.run(cfg)
     copy = f"{cfg.storage.prefix}/raw/Training/Yuzu/contributed_{record['id']}.jpg"
     assert (joined["contributed_in_bucket"], joined["contributed_copied"], joined["remote_images"]) == (1, 1, 34)
-    fs, approved = filesystem(f"{contributions}/approved/Training/Yuzu/{record['id']}.jpg", cfg)
+    fs, approved = filesystem(f"{contributions}/approved/Training/Yuzu/{record['id']}.jpg", Storage.of(cfg))
     assert s3.get_object(Bucket=name, Key=copy)["Body"].read() == fs.cat_file(approved)
     assert s3.head_object(Bucket=name, Key=copy)["ServerSideEncryption"] == "AES256"
     again = ingest.run(cfg)
@@ -219,9 +220,9 @@ def test_an_unreadable_upload_record_costs_metadata_reads_not_uploads(tmp_path, 
     ingest.run(cfg)
     from fruits.core.storage import filesystem
 
-    fs, record = filesystem(cfg.storage.uris.uploads, cfg)
+    fs, record = filesystem(cfg.storage.uris.uploads, Storage.of(cfg))
     fs.pipe_file(record, b"{not json")
-    listed = ingest.list_files(cfg.data.root, cfg, ["jpg"])
+    listed = ingest.list_files(cfg.data.root, Storage.of(cfg), ["jpg"])
     rerun = ingest.upload(cfg, listed, ingest.content_md5s(listed))
     assert rerun["uploaded"] == 0 and rerun["checked_metadata"] == 32
 
@@ -311,7 +312,7 @@ def test_shards_in_s3_grow_by_new_objects_only(tmp_path, s3_endpoint):
 def fsspec_open(cfg, uri):
     from fruits.core.storage import filesystem
 
-    fs, path = filesystem(uri, cfg)
+    fs, path = filesystem(uri, Storage.of(cfg))
     return fs.open(path, "rb")
 
 

@@ -11,6 +11,7 @@ import pytest
 from fruits.cloud import bucket
 from fruits.core import tables
 from fruits.stages import featurize, ingest, pca
+from fruits.core.storage import Storage
 from helpers.data import jpeg
 
 from helpers.project import S3A_JARS, make_cfg
@@ -40,7 +41,7 @@ def s3_project(tmp_path, endpoint, tiny_cfg, *overrides):
 def features_by_image(spark, cfg) -> dict:
     """path (inside the images folder, local or S3 alike) -> (label, split, checksum, features) of the
     committed features table."""
-    return {r["path"]: r for r in tables.read(spark, cfg.env.paths.features, cfg).collect()}
+    return {r["path"]: r for r in tables.read(spark, cfg.env.paths.features, Storage.of(cfg)).collect()}
 
 
 def assert_same_features(got: dict, expected: dict) -> None:
@@ -86,7 +87,7 @@ def test_incremental_featurize_and_pca_on_s3_equal_a_run_from_scratch(spark, tmp
                             "model_changed_or_first_run": False}
     assert grown["images"] == 34 == grown["featurized"] + grown["rejected"]
     assert table_keys(s3_endpoint, cfg, cfg.env.paths.features) == \
-        {tables.COMMIT_FILE, tables.committed_version(cfg.env.paths.features, cfg)}  # old version gone
+        {tables.COMMIT_FILE, tables.committed_version(cfg.env.paths.features, Storage.of(cfg))}  # old version gone
 
     scratch = s3_project(tmp_path / "scratch", s3_endpoint, tiny_cfg)
     scratch.env.paths.images = cfg.env.paths.images
@@ -96,7 +97,7 @@ def test_incremental_featurize_and_pca_on_s3_equal_a_run_from_scratch(spark, tmp
 
     metrics = pca.run(cfg, spark)
     assert metrics["rows_projected"] == 34
-    assert tables.read(spark, cfg.env.paths.pca_vectors, cfg).count() == 34
+    assert tables.read(spark, cfg.env.paths.pca_vectors, Storage.of(cfg)).count() == 34
 
 
 def test_featurize_reads_shards_in_s3_and_computes_only_a_new_shard(spark, tmp_path, s3_endpoint, tiny_cfg):

@@ -30,6 +30,7 @@ from fruits.cloud import state as cluster_state
 from fruits.core import tables
 from fruits.core.config import PROJECT_ROOT, compose
 from fruits.stages import featurize, index, ingest, pca
+from fruits.core.storage import Storage
 
 from helpers.project import TINY_LABELS, TINY_SIZE, kill_midway
 from helpers.data import jpeg
@@ -205,7 +206,7 @@ def local_run(on_cluster, spark, tmp_path_factory):
 
 
 def by_image(cfg, uri: str, column: str) -> dict:
-    frame = tables.arrow_dataset(uri, cfg).to_table().to_pandas()
+    frame = tables.arrow_dataset(uri, Storage.of(cfg)).to_table().to_pandas()
     return {"/".join(path.split("/")[-3:]): np.asarray(vector) for path, vector in zip(frame["path"], frame[column])}
 
 
@@ -294,11 +295,11 @@ def test_images_added_after_a_killed_driver_are_featurized_incrementally(on_clus
     params = workdir / "emr-params.yaml"
     OmegaConf.save(cfg, params)
     features = locations.keyed(cfg).env.paths.features  # images added: the same table grows
-    before = tables.row_count(features, cfg)
+    before = tables.row_count(features, Storage.of(cfg))
     user = cfg.cluster.standalone.user
     kill_midway([sys.executable, "-m", "fruits.cloud.steps", "featurize", "--params", str(params)],
                 lambda: python_worker_running(user))
-    assert tables.row_count(features, cfg) == before == 32  # the last commit, whole
+    assert tables.row_count(features, Storage.of(cfg)) == before == 32  # the last commit, whole
     steps.submit(cfg, "featurize")
     run = json.loads((workdir / cfg.env.paths.featurize_metrics).read_text())["run"]
     assert (run["computed"], run["reused"]) == (4, 32), run

@@ -11,6 +11,7 @@ import numpy as np
 
 from PIL import Image, ImageCms
 from PIL.ExifTags import IFD
+from fruits.core.storage import Storage
 
 
 def jpeg(label: str, seed: int) -> bytes:
@@ -40,7 +41,7 @@ def write_features(spark, cfg, features: np.ndarray, train_rows: int) -> None:
         for i in range(len(features))
     ]
     df = spark.createDataFrame(rows, "path string, label string, split string, features array<float>")
-    tables.write(df, cfg.env.paths.features, cfg)
+    tables.write(df, cfg.env.paths.features, Storage.of(cfg))
 
 
 def png_claiming(width: int, height: int) -> bytes:

@@ -35,7 +35,7 @@ from omegaconf import DictConfig
 from fruits.core.config import load_config
 from fruits.core.errors import ConfigError
 from fruits.core.images import TRAINING, RejectedImage, as_jpeg, pixels_only
-from fruits.core.storage import atomic_output, filesystem
+from fruits.core.storage import Storage, atomic_output, filesystem
 
 SPLIT = TRAINING  # contributed photos enlarge what the index answers from
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
@@ -83,7 +83,7 @@ class ContributionStore:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.root = str(cfg.env.paths.contributions).rstrip("/")
-        self.fs, self.base = filesystem(self.root, cfg)
+        self.fs, self.base = filesystem(self.root, Storage.of(cfg))
         self.base = self.base.rstrip("/")
         approved = str(cfg.env.paths.approved).rstrip("/")  # what the sample stage reads
         if not approved.startswith(f"{self.root}/"):
@@ -99,7 +99,7 @@ class ContributionStore:
         return f"{area}/{SPLIT}/{label}/{contribution_id}.jpg"
 
     def write(self, relative: str, data: bytes) -> None:
-        with atomic_output(f"{self.root}/{relative}", self.cfg) as partial:
+        with atomic_output(f"{self.root}/{relative}", Storage.of(self.cfg)) as partial:
             partial.write_bytes(data)
 
     def remove(self, relative: str) -> None:

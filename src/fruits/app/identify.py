@@ -28,7 +28,7 @@ from fruits.app.answer import Answer
 from fruits.core import engines, logs
 from fruits.core.config import load_config
 from fruits.core.images import RejectedImage, as_jpeg, pixels_only, prepare
-from fruits.core.storage import filesystem
+from fruits.core.storage import Storage, filesystem
 from fruits.core.neighbours import NeighbourIndex, build_search, vote
 from fruits.core.projection import Projection, read_projection
 from fruits.core.logs import run_command
@@ -191,7 +191,7 @@ class Identifier:
         RejectedImage for a file there that is not a readable image."""
         if path not in self.current.paths:  # never a path the index does not hold: no traversal, no listing
             raise FileNotFoundError(path)
-        fs, root = filesystem(self.cfg.env.paths.images, self.cfg)
+        fs, root = filesystem(self.cfg.env.paths.images, Storage.of(self.cfg))
         with fs.open(f"{root.rstrip('/')}/{path}", "rb") as stream:
             return as_jpeg(pixels_only(stream.read()), self.cfg.contributions.thumbnail_px)
 

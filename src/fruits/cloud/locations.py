@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fruits.core import logs, registry
 from fruits.core.config import load_config
-from fruits.core.storage import filesystem, is_s3
+from fruits.core.storage import Storage, filesystem, is_s3
 from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ def unreferenced(cfg: DictConfig, named: dict[str, set[str]]) -> list[str]:
         base = str(OmegaConf.select(cfg, output))
         if not is_s3(base):
             continue
-        fs, root = filesystem(base, cfg)
+        fs, root = filesystem(base, Storage.of(cfg))
         if not fs.exists(root):
             continue
         # The folders that hold objects (a listing with a delimiter can also name folders whose objects
@@ -138,7 +138,7 @@ def gc(cfg: DictConfig, params_file: str, lock_file: str, apply: bool) -> list[s
     stale = unreferenced(cfg, referenced(params_file, lock_file))
     for uri in stale:
         if apply:
-            fs, path = filesystem(uri, cfg)
+            fs, path = filesystem(uri, Storage.of(cfg))
             fs.rm(path, recursive=True)
         print(("deleted " if apply else "would delete ") + uri)
     if not apply and stale:

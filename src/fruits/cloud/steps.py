@@ -24,7 +24,7 @@ from fruits.core import logs, registry
 from fruits.core.config import load_config
 from fruits.core.errors import NoCluster
 from fruits.core.ids import stamped_id
-from fruits.core.storage import copy_file, filesystem
+from fruits.core.storage import Storage, copy_file, filesystem
 from fruits.core.logs import run_command
 
 def stage_files(cfg: DictConfig, name: str) -> tuple[list[str], list[str]]:
@@ -42,20 +42,21 @@ def in_run_folder(run_uri: str, part: str, relative: str) -> str:
 
 
 def prepare_run(cfg: DictConfig, stage: str, run_uri: str) -> None:
-    fs, root = filesystem(run_uri, cfg)
+    store = Storage.of(cfg)
+    fs, root = filesystem(run_uri, store)
     fs.makedirs(root, exist_ok=True)
     with fs.open(f"{root}/params.yaml", "w") as stream:
         stream.write(OmegaConf.to_yaml(cfg))
     inputs, _ = stage_files(cfg, stage)
     for relative in inputs:
         if os.path.exists(relative):
-            copy_file(relative, in_run_folder(run_uri, "inputs", relative), cfg)
+            copy_file(relative, in_run_folder(run_uri, "inputs", relative), store)
 
 
 def fetch_outputs(cfg: DictConfig, stage: str, run_uri: str) -> None:
     _, outputs = stage_files(cfg, stage)
     for relative in outputs:
-        copy_file(in_run_folder(run_uri, "outputs", relative), relative, cfg)
+        copy_file(in_run_folder(run_uri, "outputs", relative), relative, Storage.of(cfg))
 
 
 def run_on_cluster(stage: str, run_uri: str) -> None:
@@ -66,15 +67,16 @@ def run_on_cluster(stage: str, run_uri: str) -> None:
     with fsspec.open(f"{run_uri}/params.yaml", "rb") as stream, open("params.yaml", "wb") as out:
         out.write(stream.read())
     cfg = load_config([], "params.yaml")
-    fs, _ = filesystem(run_uri, cfg)
+    store = Storage.of(cfg)
+    fs, _ = filesystem(run_uri, store)
     inputs, outputs = stage_files(cfg, stage)
     for relative in inputs:
         source = in_run_folder(run_uri, "inputs", relative)
-        if fs.exists(filesystem(source, cfg)[1]):
-            copy_file(source, relative, cfg)
+        if fs.exists(filesystem(source, store)[1]):
+            copy_file(source, relative, store)
     importlib.import_module(registry.stage(stage).module).run(cfg)
     for relative in outputs:
-        copy_file(relative, in_run_folder(run_uri, "outputs", relative), cfg)
+        copy_file(relative, in_run_folder(run_uri, "outputs", relative), store)
 
 
 def submit(cfg: DictConfig, stage: str) -> None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from omegaconf import DictConfig
 
 from fruits.core import tables
 from fruits.core.listing import contents, read_contents, shard_contents
+from fruits.core.storage import Storage
 
 # What identifies an input's row besides its path: what it contained, when it was listed, what computed it.
 ROW_IDENTITY = ["checksum", "size", "modified", "model"]
@@ -39,19 +39,19 @@ class Previous(NamedTuple):
     rows: object
 
 
-def read_previous(spark, cfg: DictConfig, pair: TablePair, identity: str) -> Previous | None:
+def read_previous(spark, store: Storage, pair: TablePair, identity: str) -> Previous | None:
     """The last run's tables (Previous), if it used this identity; None otherwise (first run, another model, or tables written before rows had an identity).
 
     Both tables must be the versions one run committed: a run killed between its two commits is
     treated as no previous run (everything is recomputed; nothing wrong is reused)."""
     from pyspark.sql import functions as F
 
-    versions = {tables.committed_version(path, cfg) for path in (pair.results, pair.rejects)}
+    versions = {tables.committed_version(path, store) for path in (pair.results, pair.rejects)}
     if len(versions) != 1 or None in versions:
         return None
     previous = []
     for path, columns in ((pair.results, pair.result_columns), (pair.rejects, pair.reject_columns)):
-        table = tables.read(spark, path, cfg)
+        table = tables.read(spark, path, store)
         if not set(columns) <= set(table.columns):
             return None  # written before rows carried their identity: start afresh
         previous.append(table)
@@ -94,30 +94,31 @@ class RunPlan(NamedTuple):
     computing: int  # how many images go through the model
 
 
-def plan_run(spark, cfg: DictConfig, images, listing, listed: int, previous) -> RunPlan:
+def plan_run(spark, folder: str, images, listing, listed: int, previous) -> RunPlan:
     """What this run reuses and what it computes, from the listing (of `listed` rows) and the previous
-    rows (None: none). images: the binaryFile frame the listing comes from; None for shards."""
+    rows (None: none). images: the binaryFile frame the listing comes from; None for shards. folder:
+    where contents are read, the images folder (env.paths.images) or for shards env.paths.shards."""
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
     nothing, shards = listing.limit(0).select("path"), images is None
     if previous is None:  # first run or a new model: every image, read once
-        everything = shard_contents(spark, cfg, listing) if shards else contents(images)
+        everything = shard_contents(spark, folder, listing) if shards else contents(images)
         return RunPlan(nothing, everything, 0, 0, None, listed)
     if shards:  # the index knows every checksum: nothing is read to compare
         before = previous.select("path", "checksum")
         kept = listing.join(before, ["path", "checksum"], "left_semi").select("path")
         fresh = listing.join(before, ["path", "checksum"], "left_anti")
-        return RunPlan(kept, shard_contents(spark, cfg, fresh), before.join(listing, "path", "left_anti").count(),
+        return RunPlan(kept, shard_contents(spark, folder, fresh), before.join(listing, "path", "left_anti").count(),
                        fresh.join(before, "path", "left_semi").count(), None, fresh.count())
     kept, candidates, deleted = plan(listing, previous)
     # Only what changed by size or date is read and checksummed: for a growth run, a short list.
-    hashed = (read_contents(spark, cfg, [row["path"] for row in candidates.select("path").collect()])
+    hashed = (read_contents(spark, folder, [row["path"] for row in candidates.select("path").collect()])
               .select("path", "checksum").join(candidates, "path").persist(StorageLevel.MEMORY_AND_DISK))
     touched = hashed.where(F.col("checksum") == F.col("previous_checksum")).select("path")  # same content
     fresh = hashed.where(F.col("previous_checksum").isNull() | (F.col("checksum") != F.col("previous_checksum")))
     fresh_paths = [row["path"] for row in fresh.select("path").collect()]
-    return RunPlan(kept.unionByName(touched), read_contents(spark, cfg, fresh_paths), deleted.count(),
+    return RunPlan(kept.unionByName(touched), read_contents(spark, folder, fresh_paths), deleted.count(),
                    fresh.where(F.col("previous_checksum").isNotNull()).count(), hashed, len(fresh_paths))
 
 

@@ -16,7 +16,6 @@ import os
 import re
 from typing import NamedTuple
 
-from omegaconf import DictConfig
 
 from fruits.core.storage import SHARD_GLOB
 
@@ -29,18 +28,19 @@ def image_glob(extensions) -> str:
     return "*.{" + ",".join(names) + "}"
 
 
-def image_reader(spark, cfg: DictConfig):
+def image_reader(spark, extensions):
+    """Spark's binaryFile reader of the files below a folder whose extension is one of extensions."""
     return (spark.read.format("binaryFile")
             .option("recursiveFileLookup", "true")
-            .option("pathGlobFilter", image_glob(cfg.data.extensions)))
+            .option("pathGlobFilter", image_glob(extensions)))
 
 
-def image_files(spark, cfg: DictConfig):
-    """Every image file under env.paths.images (recursively), as Spark's binaryFile source finds them,
-    each path relative to that folder. Spark lists the folder here, once (on S3, one LIST per 1,000
+def image_files(spark, images: str, extensions):
+    """Every image file under images (env.paths.images; recursively), as Spark's binaryFile source finds
+    them, each path relative to that folder. Spark lists the folder here, once (on S3, one LIST per 1,000
     objects): the listing and a full read both come from this frame; the contents are read only when a
     plan uses them."""
-    return relative_paths(image_reader(spark, cfg).load(cfg.env.paths.images), listed_root(str(cfg.env.paths.images)))
+    return relative_paths(image_reader(spark, extensions).load(images), listed_root(str(images)))
 
 
 SCHEME = r"^[a-zA-Z][a-zA-Z0-9+.-]*:(//)?"  # file:/a, file:///a, s3://b/k, s3a://b/k: dropped before comparing
@@ -76,18 +76,20 @@ def listing(images):
     return images.select("path", F.col("length").alias("size"), F.col("modificationTime").alias("modified"))
 
 
-def extract_shard_index(spark, cfg: DictConfig):
-    """data.layout=parquet: the listing is ingest's shard index (path, size, checksum; no date)."""
+def extract_shard_index(spark, shard_index: str):
+    """data.layout=parquet: the listing is ingest's shard index (env.paths.shard_index: path, size,
+    checksum; no date)."""
     from pyspark.sql import functions as F
 
-    return spark.read.parquet(cfg.env.paths.shard_index).select(
+    return spark.read.parquet(shard_index).select(
         "path", "size", F.lit(None).cast("timestamp").alias("modified"), "checksum")
 
 
-def shard_contents(spark, cfg: DictConfig, wanted):
-    """path, content, checksum, size, modified of the wanted listing rows, from the shards: old versions
-    of a changed image stay in their shard, the checksum picks the current one."""
-    shards = spark.read.parquet(f"{cfg.env.paths.shards}/{SHARD_GLOB}").select("path", "content", "checksum")
+def shard_contents(spark, shards: str, wanted):
+    """path, content, checksum, size, modified of the wanted listing rows, from the shards folder
+    (env.paths.shards): old versions of a changed image stay in their shard, the checksum picks the
+    current one."""
+    shards = spark.read.parquet(f"{shards}/{SHARD_GLOB}").select("path", "content", "checksum")
     return shards.join(wanted.select("path", "checksum", "size", "modified"), ["path", "checksum"])
 
 
@@ -100,13 +102,13 @@ def contents(images):
                          F.col("length").alias("size"), F.col("modificationTime").alias("modified"))
 
 
-def read_contents(spark, cfg: DictConfig, paths: list[str]):
-    """contents() of the given image files (paths relative to env.paths.images)."""
+def read_contents(spark, images: str, paths: list[str]):
+    """contents() of the given image files (paths relative to images, env.paths.images)."""
     if not paths:
         return spark.createDataFrame([], "path string, content binary, checksum string, size long, modified timestamp")
-    images = str(cfg.env.paths.images).rstrip("/")
-    files = spark.read.format("binaryFile").load([escape_glob(f"{images}/{path}") for path in paths])
-    return contents(relative_paths(files, listed_root(str(cfg.env.paths.images))))
+    folder = str(images).rstrip("/")
+    files = spark.read.format("binaryFile").load([escape_glob(f"{folder}/{path}") for path in paths])
+    return contents(relative_paths(files, listed_root(str(images))))
 
 
 def escape_glob(uri: str) -> str:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from fruits.core import tables
-from fruits.core.storage import atomic_output, file_digest
+from fruits.core.storage import Storage, atomic_output, file_digest
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def read_projection(content: bytes) -> Projection:
 def checked_projection_sha256(cfg) -> str:
     """The projection file's checksum, checked to be the one the committed PCA vectors were made with
     (else a pca run was killed between writing the two: re-run pca)."""
-    record = tables.commit_record(cfg.env.paths.pca_vectors, cfg) or {}
+    record = tables.commit_record(cfg.env.paths.pca_vectors, Storage.of(cfg)) or {}
     path = Path(cfg.env.paths.pca_projection)
     actual = file_digest(path) if path.exists() else None
     if actual is None or record.get("projection_sha256", actual) != actual:

@@ -35,28 +35,41 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(stream, algorithm).hexdigest()
 
 
-def filesystem(uri: str, cfg: DictConfig):
+class Storage(NamedTuple):
+    """How to reach the project's files: what the storage settings say about S3 (local paths need none
+    of it). Functions that read or write files take this, not the whole config."""
+    region: str | None = None  # storage.region: every S3 client's, checked to be in the EU before any call
+    endpoint_url: str | None = None  # storage.endpoint_url: another S3 endpoint (a stand-in), or None for AWS
+    kms_key_id: str | None = None  # storage.kms_key_id: SSE-KMS for the objects the project writes, or None
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> Storage:
+        settings = cfg.storage
+        return cls(settings.get("region"), settings.get("endpoint_url") or None, settings.get("kms_key_id") or None)
+
+
+def filesystem(uri: str, store: Storage):
     """(fsspec filesystem, path inside it) for a local path or an s3:// URI.
 
-    S3 clients take the region (validated as EU by fruits.config) and the optional endpoint from config.
+    S3 clients take the region (checked to be in the EU) and the optional endpoint of store.
     """
     import fsspec
 
     if is_s3(uri):
-        check_region("storage.region", cfg.storage.region)  # the GDPR guard, before any call
-        options = {"client_kwargs": {"region_name": cfg.storage.region}}
-        if cfg.storage.endpoint_url:
-            options["endpoint_url"] = cfg.storage.endpoint_url
+        check_region("storage.region", store.region)  # the GDPR guard, before any call
+        options = {"client_kwargs": {"region_name": store.region}}
+        if store.endpoint_url:
+            options["endpoint_url"] = store.endpoint_url
         fs = fsspec.filesystem("s3", **options)
         return fs, uri.split("://", 1)[1]
     return fsspec.filesystem("file"), local_path(uri)
 
 
-def object_encryption(cfg: DictConfig) -> dict[str, str]:
+def object_encryption(store: Storage) -> dict[str, str]:
     """Request options for objects the project writes: SSE-KMS with storage.kms_key_id when set (as
     the bucket default, stated on each object so that a bucket policy requiring it is met); none
     otherwise (the bucket's default SSE-S3 applies)."""
-    key = cfg.storage.get("kms_key_id")
+    key = store.kms_key_id
     return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key} if key else {}
 
 
@@ -73,12 +86,12 @@ class ListedFile(NamedTuple):
     modified: str | None = None  # S3 only: when the object was written (LastModified)
 
 
-def iter_files(uri: str, cfg: DictConfig, extensions):
+def iter_files(uri: str, store: Storage, extensions):
     """Every file under uri whose extension is one of extensions (any case), one at a time: memory does
     not grow with the number of files (one folder's listing at most)."""
     from fsspec.core import strip_protocol
 
-    fs, root = filesystem(uri, cfg)
+    fs, root = filesystem(uri, store)
     root = strip_protocol(uri if is_s3(uri) else root).rstrip("/")  # local: absolute, as fs.walk names files
     wanted = {e.lower() for e in extensions}
     scheme = "s3://" if is_s3(uri) else "file:"
@@ -92,16 +105,16 @@ def iter_files(uri: str, cfg: DictConfig, extensions):
                                  modified.isoformat() if modified is not None else None)
 
 
-def list_files(uri: str, cfg: DictConfig, extensions) -> list[ListedFile]:
+def list_files(uri: str, store: Storage, extensions) -> list[ListedFile]:
     """Every file under uri whose extension is one of extensions (any case), sorted by URI, in memory:
     for the driver-side work that needs them all at once (ingest's upload and manifest)."""
-    return sorted(iter_files(uri, cfg, extensions), key=lambda f: f.uri)
+    return sorted(iter_files(uri, store, extensions), key=lambda f: f.uri)
 
 
-def copy_file(source: str, destination: str, cfg: DictConfig) -> None:
+def copy_file(source: str, destination: str, store: Storage) -> None:
     """One file between local disk and S3 (either side), through the guarded filesystems."""
-    source_fs, source_path = filesystem(source, cfg)
-    destination_fs, destination_path = filesystem(destination, cfg)
+    source_fs, source_path = filesystem(source, store)
+    destination_fs, destination_path = filesystem(destination, store)
     if not is_s3(destination):  # S3 has no folders to create
         Path(destination_path).parent.mkdir(parents=True, exist_ok=True)
     with source_fs.open(source_path, "rb") as src, destination_fs.open(destination_path, "wb") as dst:
@@ -109,18 +122,18 @@ def copy_file(source: str, destination: str, cfg: DictConfig) -> None:
 
 
 @contextmanager
-def atomic_output(destination: str | Path, cfg: DictConfig | None = None) -> Iterator[Path]:
+def atomic_output(destination: str | Path, store: Storage | None = None) -> Iterator[Path]:
     """The one way the project writes a file whole: yields a local path beside the destination (same
     name ending, so writers that check it accept it), written by the caller; then a rename into place
     locally, one PUT on S3 (an object appears whole). A failed write leaves no partial file and the
-    previous file as it was. S3 destinations need cfg (the guarded filesystem)."""
+    previous file as it was. S3 destinations need store (the guarded filesystem)."""
     destination = str(destination)
     if is_s3(destination):
         with tempfile.TemporaryDirectory() as folder:
             partial = Path(folder) / destination.rsplit("/", 1)[-1]
             yield partial
-            fs, path = filesystem(destination, cfg)
-            fs.put_file(str(partial), path, **object_encryption(cfg))
+            fs, path = filesystem(destination, store)
+            fs.put_file(str(partial), path, **object_encryption(store))
         return
     path = Path(local_path(destination))
     path.parent.mkdir(parents=True, exist_ok=True)

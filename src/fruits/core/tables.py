@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 
 from fruits.core.ids import stamped_id
 from fruits.core.spark import session_settings
-from fruits.core.storage import filesystem, is_s3
+from fruits.core.storage import Storage, filesystem, is_s3
 
 COMMIT_FILE = "_commit.json"
 EMPTY_FILE = "part-00000-empty.parquet"  # the one file of a version written by write_empty_version
@@ -31,24 +31,24 @@ def _commit_path(path: str) -> str:
     return f"{path.rstrip('/')}/{COMMIT_FILE}"
 
 
-def commit_record(uri: str, cfg: DictConfig) -> dict | None:
+def commit_record(uri: str, store: Storage) -> dict | None:
     """The table's commit record (version, time, and the facts its writer committed with it), or None."""
-    fs, path = filesystem(uri, cfg)
+    fs, path = filesystem(uri, store)
     try:
         return json.loads(fs.cat_file(_commit_path(path)))
     except FileNotFoundError:
         return None
 
 
-def committed_version(uri: str, cfg: DictConfig) -> str | None:
+def committed_version(uri: str, store: Storage) -> str | None:
     """The name of the table's current version folder, or None if no run has committed one."""
-    record = commit_record(uri, cfg)
+    record = commit_record(uri, store)
     return None if record is None else record["version"]
 
 
-def version_uri(uri: str, cfg: DictConfig) -> str:
+def version_uri(uri: str, store: Storage) -> str:
     """The folder Spark reads: the committed version of the table at uri."""
-    version = committed_version(uri, cfg)
+    version = committed_version(uri, store)
     if version is None:
         raise NoTable(f"{uri} has no committed table ({COMMIT_FILE} is missing): run the stage that writes it "
                       "first (dvc repro); a run that was killed before committing left only data that is ignored")
@@ -60,35 +60,35 @@ def require(setting: str, cfg: DictConfig, stage: str) -> None:
     from omegaconf import OmegaConf
 
     uri = OmegaConf.select(cfg, setting)
-    if committed_version(uri, cfg) is None:
+    if committed_version(uri, Storage.of(cfg)) is None:
         raise NoTable(f"{setting}={uri} has no committed table: run the {stage} stage first (dvc repro)")
 
 
-def read(spark, uri: str, cfg: DictConfig):
+def read(spark, uri: str, store: Storage):
     """The committed version of the table, as a Spark DataFrame."""
-    return spark.read.parquet(version_uri(uri, cfg))
+    return spark.read.parquet(version_uri(uri, store))
 
 
-def arrow_dataset(uri: str, cfg: DictConfig):
+def arrow_dataset(uri: str, store: Storage):
     """The committed version as a pyarrow dataset, for reads on the driver that need no Spark job
     (it skips '_' and '.' names, as Spark does)."""
     import pyarrow.dataset as ds
 
-    fs, path = filesystem(version_uri(uri, cfg), cfg)
+    fs, path = filesystem(version_uri(uri, store), store)
     return ds.dataset(path, format="parquet", filesystem=fs)
 
 
-def row_count(uri: str, cfg: DictConfig) -> int:
+def row_count(uri: str, store: Storage) -> int:
     """Rows of the committed version, from the Parquet footers alone."""
-    return arrow_dataset(uri, cfg).count_rows()
+    return arrow_dataset(uri, store).count_rows()
 
 
-def value_counts(uri: str, column: str, cfg: DictConfig) -> dict:
+def value_counts(uri: str, column: str, store: Storage) -> dict:
     """{value: rows} of one column of the committed version, read a batch at a time (bounded memory)."""
     import pyarrow.compute as pc
 
     counts: dict = {}
-    for batch in arrow_dataset(uri, cfg).to_batches(columns=[column]):
+    for batch in arrow_dataset(uri, store).to_batches(columns=[column]):
         for item in pc.value_counts(batch.column(0)).to_pylist():
             counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
     return counts
@@ -112,14 +112,14 @@ def write_version(frame, uri: str, version: str) -> None:
         writer.parquet(f"{uri.rstrip('/')}/{version}")
 
 
-def write_empty_version(schema, uri: str, version: str, cfg: DictConfig) -> None:
+def write_empty_version(schema, uri: str, version: str, store: Storage) -> None:
     """Write a version without rows, from the driver: what Spark writes for an empty frame (one
     Parquet file that holds the schema), without a Spark job (in featurize, the empty rejects job of
     a run with no rejects cost 0.2-0.3 s of a 10 s run). schema: the frame's Spark schema."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(uri, cfg)
+    fs, path = filesystem(uri, store)
     folder = f"{path.rstrip('/')}/{version}"
     fs.makedirs(folder, exist_ok=True)
     fields = [pa.field(field.name, arrow_type(field.dataType), field.nullable) for field in schema.fields]
@@ -166,10 +166,10 @@ def float_array_columns(schema) -> list[str]:
             if isinstance(field.dataType, ArrayType) and isinstance(field.dataType.elementType, (FloatType, DoubleType))]
 
 
-def commit(uri: str, version: str, cfg: DictConfig, facts: dict | None = None) -> None:
+def commit(uri: str, version: str, store: Storage, facts: dict | None = None) -> None:
     """Make a fully written version the table's current one, then drop the others. facts: what else
     this version goes with (e.g. the checksum of a file written beside it), committed in the same step."""
-    fs, path = filesystem(uri, cfg)
+    fs, path = filesystem(uri, store)
     record = json.dumps({"version": version, "committed": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                          **(facts or {})})
     if is_s3(uri):
@@ -178,26 +178,26 @@ def commit(uri: str, version: str, cfg: DictConfig, facts: dict | None = None) -
         staged = f"{path.rstrip('/')}/_commit.next"  # a rename within one folder is atomic
         fs.pipe_file(staged, record.encode())
         fs.mv(staged, _commit_path(path))
-    clean(uri, cfg)
+    clean(uri, store)
 
 
-def write(frame, uri: str, cfg: DictConfig) -> str:
+def write(frame, uri: str, store: Storage) -> str:
     """Write frame as the table's new version and commit it. Returns the version name."""
     version = new_version()
     write_version(frame, uri, version)
-    commit(uri, version, cfg)
+    commit(uri, version, store)
     return version
 
 
-def clean(uri: str, cfg: DictConfig) -> list[str]:
+def clean(uri: str, store: Storage) -> list[str]:
     """Delete everything in the table folder but the commit file and the committed version: versions a
     killed run left half-written or a finished run superseded, and files of an older layout. Returns
     the names deleted."""
-    fs, path = filesystem(uri, cfg)
+    fs, path = filesystem(uri, store)
     fs.invalidate_cache(path)  # Spark writes beside this client: its cached listing may be stale
     if not fs.exists(path):
         return []
-    keep = {COMMIT_FILE, committed_version(uri, cfg)}
+    keep = {COMMIT_FILE, committed_version(uri, store)}
     removed = []
     for entry in fs.ls(path, detail=False):
         name = entry.rstrip("/").rsplit("/", 1)[-1]

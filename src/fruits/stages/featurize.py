@@ -30,7 +30,7 @@ from fruits.core.errors import ConfigError
 from fruits.core.images import RejectedImage, decode_into, parse_image_path, to_model_input
 from fruits.core.increments import ROW_IDENTITY
 from fruits.core.spark import PidCounts, Progress, get_session, session_settings
-from fruits.core.storage import filesystem, iter_files, write_record
+from fruits.core.storage import Storage, filesystem, iter_files, write_record
 from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,13 @@ def load(features, rejects, cfg: DictConfig, feature_rows: int, no_rejects: bool
     version = tables.new_version()
     cores = features.sparkSession.sparkContext.defaultParallelism
     tables.write_version(features.coalesce(feature_files(feature_rows, cores)), cfg.env.paths.features, version)
+    store = Storage.of(cfg)
     if no_rejects:  # the usual run: a Spark job would only write the schema
-        tables.write_empty_version(rejects.schema, cfg.env.paths.rejects, version, cfg)
+        tables.write_empty_version(rejects.schema, cfg.env.paths.rejects, version, store)
     else:  # rejects are few: one wave of tasks, not one (mostly empty) file per model partition
         tables.write_version(rejects.coalesce(cores), cfg.env.paths.rejects, version)
     for path in (cfg.env.paths.features, cfg.env.paths.rejects):
-        tables.commit(path, version, cfg)
+        tables.commit(path, version, store)
     return version
 
 
@@ -200,12 +201,13 @@ def broadcast_weights(spark, cfg: DictConfig):
 def check_inputs(cfg: DictConfig) -> None:
     """Before Spark starts: the images (or shards) and the model files this run needs, each error naming
     its setting and what to do."""
+    store = Storage.of(cfg)
     if cfg.data.layout == "parquet":
-        fs, shard_index = filesystem(cfg.env.paths.shard_index, cfg)
+        fs, shard_index = filesystem(cfg.env.paths.shard_index, store)
         if not fs.exists(shard_index):
             raise ConfigError(f"env.paths.shard_index={cfg.env.paths.shard_index} not found: data.layout=parquet "
                               "needs ingest's shards (python -m fruits.stages.ingest)")
-    elif next(iter_files(cfg.env.paths.images, cfg, cfg.data.extensions), None) is None:
+    elif next(iter_files(cfg.env.paths.images, store, cfg.data.extensions), None) is None:
         raise ConfigError(f"env.paths.images={cfg.env.paths.images} (from data.root) is missing or holds no "
                           f"{'/'.join(cfg.data.extensions)} image: run the sample or ingest stage, or set data.root")
     engines.engine(cfg.model.engine).check(cfg)
@@ -272,15 +274,15 @@ def extract(spark, cfg: DictConfig, identity: str) -> Inputs:
     released by run."""
     from pyspark import StorageLevel
 
-    shards = cfg.data.layout == "parquet"
-    images = None if shards else listing.image_files(spark, cfg)
-    listed_rows = (listing.extract_shard_index(spark, cfg) if shards else listing.listing(images)).persist(
+    shards, paths, store = cfg.data.layout == "parquet", cfg.env.paths, Storage.of(cfg)
+    images = None if shards else listing.image_files(spark, paths.images, cfg.data.extensions)
+    listed_rows = (listing.extract_shard_index(spark, paths.shard_index) if shards else listing.listing(images)).persist(
         StorageLevel.MEMORY_AND_DISK)
     walked = listing.Walk([], 0, 0, 0) if shards else listing.walk(  # shards hold every file ingest saw
-        iter_files(cfg.env.paths.images, cfg, cfg.data.extensions))
-    previous = increments.read_previous(spark, cfg, table_pair(cfg), identity)
+        iter_files(paths.images, store, cfg.data.extensions))
+    previous = increments.read_previous(spark, store, table_pair(cfg), identity)
     sizes = size_listing(spark, cfg, listed_rows, walked, previous is None, shards)
-    work = increments.plan_run(spark, cfg, images, listed_rows,
+    work = increments.plan_run(spark, paths.shards if shards else paths.images, images, listed_rows,
                                walked.readable if sizes.images is None else sizes.images,
                                previous.rows if previous else None)
     return Inputs(images, listed_rows, walked, previous, sizes, work._replace(
@@ -307,7 +309,7 @@ def compute_and_commit(spark, cfg: DictConfig, inputs: Inputs, computed, identit
         [(path, reason, None, None, None, identity) for path, reason in unreadable],
         "path string, reject_reason string, checksum string, size long, modified timestamp, model string")
     # No rejects now and none to keep: the rejects table is written without a Spark job.
-    no_rejects = rejected_now == 0 and (previous is None or tables.row_count(cfg.env.paths.rejects, cfg) == 0)
+    no_rejects = rejected_now == 0 and (previous is None or tables.row_count(cfg.env.paths.rejects, Storage.of(cfg)) == 0)
     version = load(features, rejects.unionByName(unreadable_rows), cfg, computed_count + reused_count, no_rejects)
     listed = computed_count if sizes.images is None else sizes.images  # a first run: what went through the model
     return Outcome(listed, reused_count, computed_count, rejected_now, partitions, version, identity)
@@ -315,7 +317,7 @@ def compute_and_commit(spark, cfg: DictConfig, inputs: Inputs, computed, identit
 
 def clean_tables(cfg: DictConfig) -> None:
     for table in (cfg.env.paths.features, cfg.env.paths.rejects):
-        if removed := tables.clean(table, cfg):
+        if removed := tables.clean(table, Storage.of(cfg)):
             log.warning("featurize: removed %s from %s (left by an interrupted run or an older layout)",
                         ", ".join(removed), table)
 
@@ -340,8 +342,9 @@ def run(cfg: DictConfig, spark=None) -> dict:
             if frame is not None:
                 frame.unpersist()
     # What was committed, read back: the accounting checks the tables, not the plan.
-    committed = Committed(tables.row_count(cfg.env.paths.features, cfg),
-                          tables.value_counts(cfg.env.paths.rejects, "reject_reason", cfg))
+    store = Storage.of(cfg)
+    committed = Committed(tables.row_count(cfg.env.paths.features, store),
+                          tables.value_counts(cfg.env.paths.rejects, "reject_reason", store))
     check_accounting(outcome.listed + len(inputs.walked.unreadable), committed.featurized, sum(committed.reasons.values()))
     provenance_file = Path(cfg.env.paths.provenance)
     provenance = json.loads(provenance_file.read_text()) if provenance_file.exists() else {}

@@ -62,7 +62,7 @@ from fruits.core.measures import (
 from fruits.core.neighbours import ExactIndex, NeighbourIndex, nearest_outside, vote
 from fruits.core.projection import checked_projection_sha256
 from fruits.core.spark import get_session
-from fruits.core.storage import atomic_output, write_record
+from fruits.core.storage import Storage, atomic_output, write_record
 from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ NEIGHBOURS_SHOWN = 3  # nearest Training images kept beside each wrong answer (t
 
 def extract(spark, cfg: DictConfig):
     """The PCA vectors: path, label, split, pca."""
-    return tables.read(spark, cfg.env.paths.pca_vectors, cfg)
+    return tables.read(spark, cfg.env.paths.pca_vectors, Storage.of(cfg))
 
 
 def build_index(training, projection_sha256: str = "") -> NeighbourIndex:

@@ -35,6 +35,7 @@ from fruits.core.registry import SAMPLE_MANIFEST
 from fruits.core.storage import (
     ROW_GROUP_IMAGES,
     ListedFile,
+    Storage,
     atomic_output,
     file_digest,
     filesystem,
@@ -119,18 +120,19 @@ def read_uploads(fs, path: str) -> dict[str, dict]:
 def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> dict:
     """Upload what is missing or differs, in parallel with a progress bar; verify the count at the end."""
     destination = cfg.storage.uris.raw
-    fs, root = filesystem(destination, cfg)
+    store = Storage.of(cfg)
+    fs, root = filesystem(destination, store)
     require_bucket(client("s3", cfg), cfg.storage.bucket)  # never write into a non-EU (or missing) bucket
-    _, record_path = filesystem(cfg.storage.uris.uploads, cfg)
+    _, record_path = filesystem(cfg.storage.uris.uploads, store)
     fs.invalidate_cache()  # a listing cached earlier in this process may predate others' changes
-    remote = list_files(destination, cfg, cfg.data.extensions) if fs.exists(root) else []
+    remote = list_files(destination, store, cfg.data.extensions) if fs.exists(root) else []
     pending, unsure = to_upload(local, remote, md5s, read_uploads(fs, record_path))
     if unsure:  # one HEAD each: after an interrupted run, the objects it uploaded before the record
         with ThreadPoolExecutor(max_workers=UPLOAD_THREADS) as pool:
             stored = list(pool.map(lambda f: fs.metadata(f"{root}/{f.relative}").get(MD5_METADATA), unsure))
         pending += [file for file, md5 in zip(unsure, stored, strict=True) if md5 != md5s[file.relative]]
     log.info("ingest: %d of %d files to upload to %s", len(pending), len(local), destination)
-    put_options = object_encryption(cfg)
+    put_options = object_encryption(store)
 
     def put(file: ListedFile) -> None:
         fs.put_file(local_path(file.uri), f"{root}/{file.relative}",
@@ -141,7 +143,7 @@ def upload(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> di
             pass
     contributed = sync_contributed(cfg, fs, root, {f.relative for f in local}, remote)
     fs.invalidate_cache()
-    uploaded = list_files(destination, cfg, cfg.data.extensions)
+    uploaded = list_files(destination, store, cfg.data.extensions)
     missing = {f.relative for f in local} - {f.relative for f in uploaded}
     if missing:
         raise RuntimeError(f"ingest: {len(missing)} file(s) missing in {destination} after upload, e.g. {sorted(missing)[:3]}")
@@ -162,8 +164,9 @@ def sync_contributed(cfg: DictConfig, fs, root: str, local: set[str], remote: li
     approved = str(cfg.env.paths.approved).rstrip("/")
     wanted: dict[str, ListedFile] = {}
     fs.invalidate_cache()  # the app may have approved or erased photos since this process listed
-    if is_s3(approved) and fs.exists(filesystem(approved, cfg)[1]):
-        for photo in list_files(approved, cfg, cfg.data.extensions):
+    store = Storage.of(cfg)
+    if is_s3(approved) and fs.exists(filesystem(approved, store)[1]):
+        for photo in list_files(approved, store, cfg.data.extensions):
             folder, _, name = photo.relative.rpartition("/")
             if folder.count("/") == 1:  # <split>/<label>, as the store writes them
                 wanted[f"{folder}/{CONTRIBUTED_PREFIX}{name}"] = photo
@@ -172,9 +175,9 @@ def sync_contributed(cfg: DictConfig, fs, root: str, local: set[str], remote: li
               if relative not in there or there[relative].size != photo.size]
     erased = sorted(set(there) - set(wanted) - local)
     for relative in copies:
-        content = fs.cat_file(filesystem(wanted[relative].uri, cfg)[1])
+        content = fs.cat_file(filesystem(wanted[relative].uri, store)[1])
         fs.pipe_file(f"{root}/{relative}", content, Metadata={MD5_METADATA: hashlib.md5(content).hexdigest()},
-                     **object_encryption(cfg))
+                     **object_encryption(store))
     for relative in erased:
         fs.rm_file(f"{root}/{relative}")
     if copies or erased:
@@ -213,7 +216,7 @@ def read_index(cfg: DictConfig) -> dict[str, tuple[str, int, str, str | None]]:
     """{image path: (checksum, size, shard, md5)} of the images the shards hold now; empty before the first."""
     import pyarrow.parquet as pq
 
-    fs, index = filesystem(cfg.env.paths.shard_index, cfg)
+    fs, index = filesystem(cfg.env.paths.shard_index, Storage.of(cfg))
     fs.invalidate_cache()  # s3fs keeps listings across calls: the index may be newer than they are
     if not fs.exists(index):
         return {}
@@ -228,10 +231,11 @@ def write_parquet(table, destination: str, cfg: DictConfig, replace: bool = True
     overwrite an existing file."""
     import pyarrow.parquet as pq
 
-    fs, path = filesystem(destination, cfg)
+    store = Storage.of(cfg)
+    fs, path = filesystem(destination, store)
     if not replace and fs.exists(path):
         raise FileExistsError(f"{destination} exists already: a shard is never rewritten")
-    with atomic_output(destination, cfg) as partial:
+    with atomic_output(destination, store) as partial:
         pq.write_table(table, partial, row_group_size=ROW_GROUP_IMAGES)
 
 
@@ -291,7 +295,7 @@ def pack(cfg: DictConfig, local: list[ListedFile], md5s: dict[str, str]) -> dict
 
 def extract(cfg: DictConfig) -> tuple[list[ListedFile], dict[str, str], dict]:
     """The image files under data.root, their MD5s, and where they come from (the sample's manifest)."""
-    local = list_files(cfg.data.root, cfg, cfg.data.extensions)
+    local = list_files(cfg.data.root, Storage.of(cfg), cfg.data.extensions)
     if not local:
         raise ConfigError(f"data.root={cfg.data.root} is missing or holds no {'/'.join(cfg.data.extensions)} "
                           "image: run the sample stage (make sample) or set data.root")

@@ -24,7 +24,7 @@ from fruits.core.errors import ConfigError
 from fruits.core.images import TRAINING
 from fruits.core.projection import Projection, save_projection
 from fruits.core.spark import get_session
-from fruits.core.storage import file_digest, write_record, write_text
+from fruits.core.storage import Storage, file_digest, write_record, write_text
 from fruits.core.logs import run_command
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def choose_k(explained: np.ndarray, k: int | None, variance: float | None) -> tu
 
 def extract(spark, cfg: DictConfig):
     """The featurize output: path, label, split, features."""
-    return tables.read(spark, cfg.env.paths.features, cfg)
+    return tables.read(spark, cfg.env.paths.features, Storage.of(cfg))
 
 
 def fit_full_spectrum(train, standardize: bool):
@@ -130,7 +130,7 @@ def load(vectors, projection: Projection, curve, cfg: DictConfig) -> str:
     writer.writerow(["component", "explained_variance", "cumulative_explained_variance"])
     writer.writerows([component, f"{share:.8g}", f"{cumulative:.8g}"] for component, share, cumulative in curve)
     write_text(cfg.env.paths.pca_variance, text.getvalue())
-    tables.commit(cfg.env.paths.pca_vectors, version, cfg, {"projection_sha256": file_digest(saved)})
+    tables.commit(cfg.env.paths.pca_vectors, version, Storage.of(cfg), {"projection_sha256": file_digest(saved)})
     return version
 
 
@@ -171,7 +171,7 @@ def run(cfg: DictConfig, spark=None) -> dict:
         "components_for_95pct": int(np.searchsorted(cumulative, 0.95) + 1),
         "dimension": len(explained),
         "rows_fitted": rows_fitted,
-        "rows_projected": tables.read(spark, cfg.env.paths.pca_vectors, cfg).count(),
+        "rows_projected": tables.read(spark, cfg.env.paths.pca_vectors, Storage.of(cfg)).count(),
         "standardize": bool(cfg.pca.standardize),
         "version": version,
         "seconds": round(time.perf_counter() - started, 3),

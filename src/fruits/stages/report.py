@@ -23,7 +23,7 @@ from fruits.core.images import TEST, TRAINING
 from fruits.core.measures import percent
 from fruits.core.critique import (answered_test_images, critique, input_choice, right_share, scale_predictions,
                                   source_accounting)
-from fruits.core.storage import filesystem
+from fruits.core.storage import Storage, filesystem
 from fruits.core.registry import params_of
 from fruits.core.rendering import Section, plot_scatter, plot_variance, render_html, render_markdown
 from fruits.core.spark import get_session
@@ -63,7 +63,7 @@ def size_choice(cfg: DictConfig) -> dict | None:
 
 def thumbnails(index_m: dict, cfg: DictConfig) -> dict[str, bytes | None]:
     """The bytes of the photos the report shows beside the wrong answers (None: gone since the index stage)."""
-    fs, root = filesystem(str(cfg.env.paths.images), cfg)
+    fs, root = filesystem(str(cfg.env.paths.images), Storage.of(cfg))
     wanted = {path for key in ("wrong_answers", "wrong_answers_hard") for wrong in index_m.get(key, [])[:WRONG_SHOWN]
               for path in (wrong["path"], *wrong["neighbours"])}
     found = {}
@@ -80,10 +80,11 @@ def extract(spark, cfg: DictConfig) -> dict:
     from pyspark.sql import functions as F
 
     paths = cfg.env.paths
-    features = tables.read(spark, paths.features, cfg)
+    store = Storage.of(cfg)
+    features = tables.read(spark, paths.features, store)
     counts = features.groupBy("split", "label").count().orderBy("label", "split").collect()
-    rejects = tables.read(spark, paths.rejects, cfg).groupBy("reject_reason").count().collect()
-    vectors = tables.read(spark, paths.pca_vectors, cfg)
+    rejects = tables.read(spark, paths.rejects, store).groupBy("reject_reason").count().collect()
+    vectors = tables.read(spark, paths.pca_vectors, store)
     total = vectors.count()
     fraction = min(1.0, cfg.report.scatter_points / max(1, total))
     sample = vectors.sample(fraction=fraction, seed=0).limit(cfg.report.scatter_points)

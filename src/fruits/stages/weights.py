@@ -33,7 +33,7 @@ from fruits.core.backbone import (
 )
 from fruits.core.config import offline_weights_allowed, stage_config
 from fruits.core.images import RejectedImage, prepare
-from fruits.core.storage import atomic_output, copy_file, write_json
+from fruits.core.storage import Storage, atomic_output, copy_file, write_json
 from fruits.core.logs import run_command
 from fruits.core.quantization import check_precision, cpu_has_vnni, quantize
 
@@ -200,7 +200,7 @@ def extract(cfg: DictConfig, staging: Path) -> tuple[Path, dict]:
         save_weights(model, staged)
     else:  # a saved file, from a local path or an s3:// URI (region-guarded like every S3 access)
         try:
-            copy_file(choice, str(staged), cfg)
+            copy_file(choice, str(staged), Storage.of(cfg))
         except FileNotFoundError as err:
             raise WeightsUnavailable(f"model.weights={choice}: file not found") from err
         try:
