@@ -55,7 +55,7 @@ def cluster_cfg(workdir: Path, endpoint: str, tiny_cfg):
         "env=emr", "storage=s3", "cluster=standalone", f"storage.endpoint_url={endpoint}",
         f"storage.bucket=fruits-cluster-{uuid.uuid4().hex[:10]}", "env.allow_offline_weights=true",
         f"data.labels=[{','.join(TINY_LABELS)}]", f"model.input_size={TINY_SIZE}", "model.weights=random",
-        "model.calibration_images=24",
+        "model.calibration_images=24", "model.precision=fp32",  # the local pipeline's (make_cfg), which it must equal
         "featurize.batch_size=8", "featurize.images_per_partition=4",  # 8 tasks: a kill lands mid-job
         f"cluster.state_file={workdir / 'cluster-state.json'}",
         f"cluster.standalone.master_port={free_ports(1)}", f"cluster.standalone.ui_port={ui}",
