@@ -51,7 +51,7 @@ def test_a_pca_run_killed_while_it_writes_leaves_the_previous_outputs_and_the_ne
     assert vectors_of(spark, cfg) == before and Path(cfg.env.paths.pca_metrics).read_text() == metrics_before
     if Path(cfg.env.paths.pca_projection).read_bytes() != projection_before:
         with pytest.raises(tables.NoTable, match="not the projection the committed"):
-            checked_projection_sha256(cfg)
+            checked_projection_sha256(cfg.env.paths.pca_vectors, cfg.env.paths.pca_projection, Storage.of(cfg))
 
     resumed = pca.run(cfg, spark)
     assert resumed["k"] == 5 and not uncommitted(cfg.env.paths.pca_vectors, cfg)
@@ -61,7 +61,8 @@ def test_a_pca_run_killed_while_it_writes_leaves_the_previous_outputs_and_the_ne
     got, expected = vectors_of(spark, cfg), vectors_of(spark, fresh)
     assert got.keys() == expected.keys()
     np.testing.assert_allclose([got[p] for p in sorted(got)], [expected[p] for p in sorted(got)], rtol=1e-6, atol=1e-6)
-    checked_projection_sha256(cfg)  # the projection beside the vectors is theirs
+    # The projection beside the vectors is theirs.
+    checked_projection_sha256(cfg.env.paths.pca_vectors, cfg.env.paths.pca_projection, Storage.of(cfg))
 
 
 def test_the_index_refuses_a_projection_that_is_not_the_one_of_the_committed_vectors(spark, tmp_path):

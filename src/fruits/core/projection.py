@@ -61,11 +61,12 @@ def read_projection(content: bytes) -> Projection:
         return Projection(arrays["components"], arrays["shift"], arrays["factor"], arrays["explained_variance"])
 
 
-def checked_projection_sha256(cfg) -> str:
-    """The projection file's checksum, checked to be the one the committed PCA vectors were made with
-    (else a pca run was killed between writing the two: re-run pca)."""
-    record = tables.commit_record(cfg.env.paths.pca_vectors, Storage.of(cfg)) or {}
-    path = Path(cfg.env.paths.pca_projection)
+def checked_projection_sha256(vectors: str, projection: str | Path, store: Storage) -> str:
+    """The checksum of the projection file (env.paths.pca_projection), checked to be the one the
+    committed PCA vectors (env.paths.pca_vectors) were made with (else a pca run was killed between
+    writing the two: re-run pca)."""
+    record = tables.commit_record(vectors, store) or {}
+    path = Path(projection)
     actual = file_digest(path) if path.exists() else None
     if actual is None or record.get("projection_sha256", actual) != actual:
         raise tables.NoTable(f"env.paths.pca_projection={path} is not the projection the committed "

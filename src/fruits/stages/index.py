@@ -176,7 +176,9 @@ def write_csv(path: str, header: list[str], rows: list[list]) -> None:
 
 def run(cfg: DictConfig, spark=None) -> dict:
     tables.require("env.paths.pca_vectors", cfg, "pca")
-    projection_sha256 = checked_projection_sha256(cfg)  # the app projects photos with it: same run as the vectors
+    # The app projects photos with it: the same run as the vectors.
+    projection_sha256 = checked_projection_sha256(cfg.env.paths.pca_vectors, cfg.env.paths.pca_projection,
+                                                  Storage.of(cfg))
     spark = spark or get_session(cfg)
     started, settings = time.perf_counter(), cfg.identify
     vectors = extract(spark, cfg)
