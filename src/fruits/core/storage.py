@@ -7,8 +7,9 @@ import json
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,17 +36,28 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(stream, algorithm).hexdigest()
 
 
-class Storage(NamedTuple):
-    """How to reach the project's files: what the storage settings say about S3 (local paths need none
-    of it). Functions that read or write files take this, not the whole config."""
-    region: str | None = None  # storage.region: every S3 client's, checked to be in the EU before any call
-    endpoint_url: str | None = None  # storage.endpoint_url: another S3 endpoint (a stand-in), or None for AWS
-    kms_key_id: str | None = None  # storage.kms_key_id: SSE-KMS for the objects the project writes, or None
+@dataclass(frozen=True)
+class Storage:
+    """How to reach the project's files: the storage settings that S3 needs, read only when an S3 URI
+    needs them (a stage on local files reads none, so its DVC params need not list them). Functions
+    that read or write files take this, not the whole config."""
+    settings: Mapping = field(default_factory=dict)  # the storage group: region, endpoint_url, kms_key_id
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Storage:
-        settings = cfg.storage
-        return cls(settings.get("region"), settings.get("endpoint_url") or None, settings.get("kms_key_id") or None)
+        return cls(cfg.storage)
+
+    @property
+    def region(self) -> str | None:  # every S3 client's, checked to be in the EU before any call
+        return self.settings.get("region")
+
+    @property
+    def endpoint_url(self) -> str | None:  # another S3 endpoint (a stand-in), or None for AWS
+        return self.settings.get("endpoint_url") or None
+
+    @property
+    def kms_key_id(self) -> str | None:  # SSE-KMS for the objects the project writes, or None
+        return self.settings.get("kms_key_id") or None
 
 
 def filesystem(uri: str, store: Storage):
