@@ -54,6 +54,13 @@ def interval(values) -> str:
     return f"{values[0]:.3f}-{values[1]:.3f}" if values else "-"
 
 
+def row_cosines(a, b):
+    """The cosine of each row of a to the same row of b."""
+    import numpy as np
+
+    return (a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
 def cosines(cfg, reference) -> list[float]:
     """Per photo, the cosine of its features to those of the reference config (same photos, fp32)."""
     import numpy as np
@@ -67,7 +74,7 @@ def cosines(cfg, reference) -> list[float]:
     ours, theirs = by_path(cfg), by_path(reference)
     a = np.stack([np.asarray(ours[p]) for p in sorted(ours)])
     b = np.stack([np.asarray(theirs[p]) for p in sorted(ours)])
-    return ((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).tolist()
+    return row_cosines(a, b).tolist()
 
 
 def point_config(size: int, precision: str, overrides: list[str]):
@@ -137,7 +144,7 @@ def float16_cosine_min(cfg) -> float:
     frame = tables.arrow_dataset(cfg.env.paths.features, Storage.of(cfg)).to_table(columns=["features"]).to_pandas()
     a = np.stack(frame["features"]).astype(np.float32)
     b = a.astype(np.float16).astype(np.float32)
-    return float(((a * b).sum(axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+    return float(row_cosines(a, b).min())
 
 
 def choose(rows: list[dict]) -> dict | None:

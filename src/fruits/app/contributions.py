@@ -81,9 +81,9 @@ class ContributionStore:
     """The contributions folder (local or S3), through the project's guarded filesystem."""
 
     def __init__(self, cfg: DictConfig):
-        self.cfg = cfg
+        self.cfg, self.store = cfg, Storage.of(cfg)
         self.root = str(cfg.env.paths.contributions).rstrip("/")
-        self.fs, self.base = filesystem(self.root, Storage.of(cfg))
+        self.fs, self.base = filesystem(self.root, self.store)
         self.base = self.base.rstrip("/")
         approved = str(cfg.env.paths.approved).rstrip("/")  # what the sample stage reads
         if not approved.startswith(f"{self.root}/"):
@@ -99,7 +99,7 @@ class ContributionStore:
         return f"{area}/{SPLIT}/{label}/{contribution_id}.jpg"
 
     def write(self, relative: str, data: bytes) -> None:
-        with atomic_output(f"{self.root}/{relative}", Storage.of(self.cfg)) as partial:
+        with atomic_output(f"{self.root}/{relative}", self.store) as partial:
             partial.write_bytes(data)
 
     def remove(self, relative: str) -> None:

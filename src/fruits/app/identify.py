@@ -156,7 +156,7 @@ class Identifier:
         engine.check(cfg)  # the payload featurize broadcasts: the checked ONNX bytes, or the weight arrays
         self.extract = engines.cached_extractor(self.model, lambda: engine.payload(cfg), engine.name, size, alpha,
                                                 cfg.featurize.threads or 1)
-        self.cfg, self.input_size = cfg, size
+        self.cfg, self.input_size, self.store = cfg, size, Storage.of(cfg)
         self.current = load_snapshot(cfg)  # at start, a pair that does not answer together is an error
         self.refused: tuple | None = None  # the files of the last pair refused by refresh
         self.cards = Cards.load(cfg.identify.cards)
@@ -191,7 +191,7 @@ class Identifier:
         RejectedImage for a file there that is not a readable image."""
         if path not in self.current.paths:  # never a path the index does not hold: no traversal, no listing
             raise FileNotFoundError(path)
-        fs, root = filesystem(self.cfg.env.paths.images, Storage.of(self.cfg))
+        fs, root = filesystem(self.cfg.env.paths.images, self.store)
         with fs.open(f"{root.rstrip('/')}/{path}", "rb") as stream:
             return as_jpeg(pixels_only(stream.read()), self.cfg.contributions.thumbnail_px)
 

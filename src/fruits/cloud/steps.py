@@ -55,8 +55,9 @@ def prepare_run(cfg: DictConfig, stage: str, run_uri: str) -> None:
 
 def fetch_outputs(cfg: DictConfig, stage: str, run_uri: str) -> None:
     _, outputs = stage_files(cfg, stage)
+    store = Storage.of(cfg)
     for relative in outputs:
-        copy_file(in_run_folder(run_uri, "outputs", relative), relative, Storage.of(cfg))
+        copy_file(in_run_folder(run_uri, "outputs", relative), relative, store)
 
 
 def run_on_cluster(stage: str, run_uri: str) -> None:

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -41,7 +41,7 @@ class Storage:
     """How to reach the project's files: the storage settings that S3 needs, read only when an S3 URI
     needs them (a stage on local files reads none, so its DVC params need not list them). Functions
     that read or write files take this, not the whole config."""
-    settings: Mapping = field(default_factory=dict)  # the storage group: region, endpoint_url, kms_key_id
+    settings: Mapping  # the storage group: region, endpoint_url, kms_key_id
 
     @classmethod
     def of(cls, cfg: DictConfig) -> Storage:

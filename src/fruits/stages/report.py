@@ -43,22 +43,21 @@ def read_json(path: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def bench_results(path: str | Path) -> dict | None:
+    """A committed benchmark's results, None if that benchmark was never run."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def scale_fits(cfg: DictConfig) -> dict | None:
     """make bench-scale's fits (None if it was not run), with the index stage's query cap of this config,
     as the prices are: the predictions are for the pipeline as configured."""
-    path = Path(cfg.report.scale_fits)
-    if not path.exists():
+    scale = bench_results(cfg.report.scale_fits)
+    if scale is None:
         return None
-    scale = json.loads(path.read_text())
     if "per_pair_s" in scale["fits"].get("index", {}):
         scale["fits"]["index"]["accuracy_queries"] = cfg.identify.accuracy_queries
     return scale
-
-
-def size_choice(cfg: DictConfig) -> dict | None:
-    """make bench-sizes' results and the choice its rule made (None if it was not run)."""
-    path = Path(cfg.report.size_choice)
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def thumbnails(index_m: dict, cfg: DictConfig) -> dict[str, bytes | None]:
@@ -98,7 +97,7 @@ def extract(spark, cfg: DictConfig) -> dict:
         "provenance": read_json(paths.provenance),
         "manifest": read_json(paths.ingest_diagnostics),
         "scale": scale_fits(cfg),
-        "sizes": size_choice(cfg),
+        "sizes": bench_results(cfg.report.size_choice),  # make bench-sizes: its choice of size and precision
         "counts": [(r["label"], r["split"], r["count"]) for r in counts],
         "rejects": [(r["reject_reason"], r["count"]) for r in rejects],
         "points": [(float(p[0]), float(p[1]), p[2]) for p in points],
