@@ -41,7 +41,7 @@ $(STAMP): requirements/*.txt pyproject.toml
 
 install: $(STAMP) jvm-archive ## Create the virtual environment, install the pinned dependencies, archive Spark's classes
 
-jvm-archive: $(STAMP) ## Archive the classes Spark's JVM loads (JDK AppCDS, .cache/jvm): every stage's JVM starts ~2.5 s sooner
+jvm-archive: $(STAMP) ## Archive the classes Spark's JVM loads (JDK AppCDS, ~/.cache/fruits/jvm): every stage's JVM starts ~2.5 s sooner
 	$(PY) -m fruits.tooling.jvm_archive
 
 # Tests only: local Spark reads s3:// through Hadoop's S3A connector (EMR has its own, EMRFS). Its jars
@@ -168,10 +168,10 @@ secrets: $(STAMP) ## Scan every tracked file for secrets (detect-secrets; known 
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -n $(TEST_WORKERS) --dist loadscope
 
-test: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the secret scan, then the whole test suite (slow tests included) on TEST_WORKERS=2 processes
+test: $(STAMP) jvm-archive s3a-jars lint-imports secrets ## Archive Spark's classes (once per machine), run the layer contracts and the secret scan, then the whole test suite (slow tests included) on TEST_WORKERS=2 processes
 	$(PYTEST) --durations=25
 
-test-fast: $(STAMP) s3a-jars lint-imports secrets ## Run the layer contracts and the tests that are neither slow nor reach a registry
+test-fast: $(STAMP) jvm-archive s3a-jars lint-imports secrets ## As test, but only the tests that are neither slow nor reach a registry
 	$(PYTEST) -m "not slow and not network"
 
 bench: $(STAMP) jvm-archive ## Featurize speed: single process vs Spark vs the naive recipe (reports/bench.md)

@@ -60,7 +60,7 @@ def class_archive(cfg: DictConfig) -> Path | None:
     for part in (java, *sorted((spark_home / "jars").glob("*.jar"))):
         stat = part.stat()
         identity.update(f"{part.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
-    return Path(folder) / f"spark-{identity.hexdigest()[:16]}.jsa"
+    return Path(folder).expanduser() / f"spark-{identity.hexdigest()[:16]}.jsa"
 
 
 def archive_option(cfg: DictConfig) -> str | None:
