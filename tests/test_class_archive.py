@@ -44,6 +44,19 @@ def test_no_archive_when_the_env_names_no_folder(tmp_path):
     assert spark_setup.class_archive(cfg) is None and spark_setup.archive_option(cfg) is None
 
 
+def test_every_workspace_of_the_machine_maps_the_same_archive(tmp_path, monkeypatch):
+    """The default folder is the user's cache, not one of the checkout: a clone or a queued experiment
+    (which DVC runs in a workspace of its own) finds the archive that `make jvm-archive` built."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    archives = set()
+    for workspace in ("checkout", "clone", ".dvc/tmp/exps/tmp123"):
+        (tmp_path / workspace).mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / workspace)
+        archives.add(spark_setup.class_archive(make_cfg(tmp_path / workspace)))
+    (archive,) = archives
+    assert archive.is_absolute() and archive.parent == tmp_path / "home" / ".cache" / "fruits" / "jvm"
+
+
 @pytest.mark.slow
 def test_a_built_archive_is_what_the_next_jvm_maps_spark_from(tmp_path):
     folder = tmp_path / "jvm"
