@@ -45,7 +45,9 @@ def spark(tmp_path_factory, s3_address):
     workdir = tmp_path_factory.mktemp("s3a")
     with open_dict(cfg):
         cfg.env.spark.conf.update(s3a_settings(s3_address.endpoint, s3_address.certificate, workdir))
-    session = get_session(cfg)
+    # Its JVM starts as the local featurize stage's does (C1 JIT only): most of what it runs is featurize,
+    # and in short JVMs C2's compiling costs more CPU than it saves (test-fast: 180-183 s against 189-217 s).
+    session = get_session(cfg, cfg.env.spark.get("featurize_java_options"))
     yield session
     session.stop()
 
