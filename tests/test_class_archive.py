@@ -1,6 +1,7 @@
 """Spark's JVM class archive: fruits.core.spark maps it (class_archive, archive_option), fruits.tooling.jvm_archive
 builds it."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -57,14 +58,32 @@ def test_every_workspace_of_the_machine_maps_the_same_archive(tmp_path, monkeypa
     assert archive.is_absolute() and archive.parent == tmp_path / "home" / ".cache" / "fruits" / "jvm"
 
 
+def test_a_new_build_removes_the_archives_of_a_spark_or_jdk_that_is_gone(tmp_path):
+    """The machine's archive folder is shared by every checkout: an archive whose virtual environment
+    (its Spark) or JDK was deleted can never be mapped again, and goes at the next build."""
+    from fruits.tooling.jvm_archive import remove_orphans
+
+    folder, java = tmp_path / "jvm", tmp_path / "java"
+    folder.mkdir()
+    java.write_bytes(b"jdk")
+    kept, gone_venv, gone_jdk = fake_spark_home(tmp_path / "kept"), tmp_path / "deleted-venv", tmp_path / "old-jdk"
+    owners = {"spark-aaaa": (java, kept), "spark-bbbb": (java, gone_venv), "spark-cccc": (gone_jdk, kept)}
+    for name, (jdk, home) in owners.items():
+        (folder / f"{name}.jsa").write_bytes(b"archive")
+        (folder / f"{name}.json").write_text(json.dumps({"java": str(jdk), "spark_home": str(home)}))
+    (folder / "spark-dddd.jsa").write_bytes(b"archive")  # no record (built before records): left alone
+
+    assert sorted(p.name for p in remove_orphans(folder)) == ["spark-bbbb.jsa", "spark-cccc.jsa"]
+    assert sorted(p.name for p in folder.iterdir()) == ["spark-aaaa.jsa", "spark-aaaa.json", "spark-dddd.jsa"]
+
 @pytest.mark.slow
 def test_a_built_archive_is_what_the_next_jvm_maps_spark_from(tmp_path):
     folder = tmp_path / "jvm"
     built = subprocess.run([sys.executable, "-m", "fruits.tooling.jvm_archive", f"env.paths.class_archives={folder}"],
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
-    archives = list(folder.iterdir())
-    assert len(archives) == 1 and archives[0].suffix == ".jsa"  # renamed when complete: no partial file left
+    archives = list(folder.glob("*.jsa"))
+    assert sorted(p.name for p in folder.iterdir()) == [archives[0].name, archives[0].with_suffix(".json").name]  # no partial file left
     assert archives[0].stat().st_size > 10 * 2**20
 
     # -Xshare:on: the JVM refuses to start if it cannot map the archive, instead of quietly loading.

@@ -44,20 +44,24 @@ def session_conf(spark_cfg: DictConfig, java_options: str | None = None) -> dict
     return conf
 
 
+def spark_home() -> Path:
+    """The Spark that spark-submit runs: $SPARK_HOME, else pyspark's own (the virtual environment's)."""
+    import pyspark
+
+    return Path(os.environ.get("SPARK_HOME") or Path(pyspark.__file__).parent)
+
+
 def class_archive(cfg: DictConfig) -> Path | None:
     """This machine's class archive for Spark's JVM (env.paths.class_archives; None when unset): named
     after the JDK and Spark's jars, so an upgrade of either looks for a new one and never maps a stale
     one (the JVM would refuse it, with a warning, and load every class again)."""
     import hashlib
 
-    import pyspark
-
     folder, java = cfg.env.paths.get("class_archives"), java_binary()
     if not folder or java is None:
         return None
-    spark_home = Path(os.environ.get("SPARK_HOME") or Path(pyspark.__file__).parent)  # as spark-submit finds it
     identity = hashlib.sha256()
-    for part in (java, *sorted((spark_home / "jars").glob("*.jar"))):
+    for part in (java, *sorted((spark_home() / "jars").glob("*.jar"))):
         stat = part.stat()
         identity.update(f"{part.name} {stat.st_size} {stat.st_mtime_ns}\n".encode())
     return Path(folder).expanduser() / f"spark-{identity.hexdigest()[:16]}.jsa"

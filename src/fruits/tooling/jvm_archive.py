@@ -4,6 +4,7 @@ an archive that exists; this module writes it. spark-submit runs this same file 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -14,7 +15,7 @@ from omegaconf import DictConfig
 from fruits.core import logs
 from fruits.core.config import load_config
 from fruits.core.errors import ConfigError
-from fruits.core.spark import class_archive
+from fruits.core.spark import class_archive, java_binary, spark_home
 from fruits.core.storage import atomic_output
 
 
@@ -57,7 +58,30 @@ def build_class_archive(cfg: DictConfig) -> Path:
         raise RuntimeError("spark-submit is not on PATH (pyspark installs it beside the interpreter)")
     with atomic_output(archive) as partial:  # a failed build leaves nothing a later JVM could map
         run_archive_workload(cfg, submit, partial)
+    owner_record(archive).write_text(json.dumps({"java": str(java_binary()), "spark_home": str(spark_home())}))
+    for orphan in remove_orphans(archive.parent):
+        print(f"removed {orphan.name}: its JDK or Spark is gone")
     return archive
+
+
+def owner_record(archive: Path) -> Path:
+    """Beside each archive, the JDK and the Spark it was built from (its name keeps only their hash)."""
+    return archive.with_suffix(".json")
+
+
+def remove_orphans(folder: Path) -> list[Path]:
+    """Delete the archives whose JDK or Spark is gone (a virtual environment or a JDK since removed): no
+    JVM can map them again, and each weighs ~180 MiB in a folder that every checkout of the machine shares.
+    An archive without its record is left alone."""
+    removed = []
+    for record in sorted(folder.glob("spark-*.json")):
+        owner = json.loads(record.read_text())
+        if not (Path(owner["java"]).exists() and (Path(owner["spark_home"]) / "jars").is_dir()):
+            archive = record.with_suffix(".jsa")
+            archive.unlink(missing_ok=True)
+            record.unlink()
+            removed.append(archive)
+    return removed
 
 
 def run_archive_workload(cfg: DictConfig, submit: str, partial: Path) -> None:
