@@ -76,6 +76,7 @@ def test_a_new_build_removes_the_archives_of_a_spark_or_jdk_that_is_gone(tmp_pat
     assert sorted(p.name for p in remove_orphans(folder)) == ["spark-bbbb.jsa", "spark-cccc.jsa"]
     assert sorted(p.name for p in folder.iterdir()) == ["spark-aaaa.jsa", "spark-aaaa.json", "spark-dddd.jsa"]
 
+
 @pytest.mark.slow
 def test_a_built_archive_is_what_the_next_jvm_maps_spark_from(tmp_path):
     folder = tmp_path / "jvm"
@@ -83,7 +84,8 @@ def test_a_built_archive_is_what_the_next_jvm_maps_spark_from(tmp_path):
                            cwd=REPO, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     archives = list(folder.glob("*.jsa"))
-    assert sorted(p.name for p in folder.iterdir()) == [archives[0].name, archives[0].with_suffix(".json").name]  # no partial file left
+    # renamed when complete (no partial file left), its record beside it
+    assert sorted(p.name for p in folder.iterdir()) == [archives[0].name, archives[0].with_suffix(".json").name]
     assert archives[0].stat().st_size > 10 * 2**20
 
     # -Xshare:on: the JVM refuses to start if it cannot map the archive, instead of quietly loading.

@@ -45,8 +45,7 @@ def read_json(path: str | Path) -> dict:
 
 def bench_results(path: str | Path) -> dict | None:
     """A committed benchmark's results, None if that benchmark was never run."""
-    path = Path(path)
-    return json.loads(path.read_text()) if path.exists() else None
+    return read_json(path) if Path(path).exists() else None
 
 
 def scale_fits(cfg: DictConfig) -> dict | None:
